@@ -1,0 +1,983 @@
+"""Data for drl-microscopy: the Texture-dSprites source, the weak-supervision pair sampler and the
+microscopy targets (design.md §2, §3; reference/anchor-official.md §4).
+
+Imports only numpy, PIL, scipy and the standard library, so the file can be copied into other projects.
+Images everywhere are numpy uint8 arrays (n, H, W, 3) RGB.
+
+Contents, top to bottom:
+  1. Texture-dSprites: factors, shape masks, colours, textures, rendering.
+  2. Weak supervision (Locatello et al. 2020, k = 1): `sample_factors`, `sample_pairs`.
+  3. Image reading: `load_image`, `pad_to_square`, resizing, a small LRU cache.
+  4. Targets: `ImageSet`, `Target`, `load_target` (image folders, splits, masks) and `synthetic-cells`.
+  5. Handcrafted features from masks: area, mean R/G/B, solidity.
+"""
+
+import colorsys
+import functools
+import hashlib
+import json
+import os
+import warnings
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+from PIL import Image, ImageOps
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+# =====================================================================================================
+# 1. Texture-dSprites (design §2)
+# =====================================================================================================
+
+FACTOR_NAMES = ("texture", "colour", "shape", "scale", "orientation")
+FACTOR_SIZES = (5, 7, 3, 6, 40)
+DATA_VERSION = "texture-dsprites-v1"  # bump whenever rendering changes (part of `.digest`)
+
+SHAPE_NAMES = ("square", "ellipse", "heart")
+# dSprites' latent values (Matthey et al. 2017): 6 scales linspace(0.5, 1, 6) and 40 orientations
+# linspace(0, 2π, 40).  NOTE: dSprites includes BOTH endpoints, so orientation 0 and 39 (0 and 2π) draw
+# the same image; we keep the dSprites values as they are (the factor grid stays the paper's).
+SCALES = np.linspace(0.5, 1.0, 6)
+ORIENTATIONS = np.linspace(0.0, 2 * np.pi, 40)
+PROCEDURAL_TEXTURES = ("grain", "stripes", "checker", "blobs", "dots")
+
+# dSprites' latents_classes columns: color, shape, scale, orientation, posX, posY (32 positions each,
+# values linspace(0, 1, 32)).  The grid has no exact centre (0.5): index 15 = 0.484, 16 = 0.516.
+# We take index 16 and then shift all masks by the one integer offset that puts the
+# mean centroid of the point-symmetric shapes (square, ellipse) nearest the image centre.
+DSPRITES_CENTRE = 16
+
+_SQUARE_SIDE = 0.30   # square side at scale 1, as a fraction of the image (≈ 19 px at 64, like dSprites)
+_SUPERSAMPLE = 4      # anti-aliasing: 4×4 samples per pixel
+
+
+def _lch_to_srgb(L, C, h_deg):
+    """CIELCh(ab) (D65) → sRGB in [0, 1] (clipped). Used for six hues of equal lightness L*."""
+    h = np.deg2rad(h_deg)
+    a, b = C * np.cos(h), C * np.sin(h)
+    fy = np.full_like(a, (L + 16) / 116)
+    fx, fz = fy + a / 500, fy - b / 200
+
+    def finv(t):
+        return np.where(t > 6 / 29, t ** 3, 3 * (6 / 29) ** 2 * (t - 4 / 29))
+
+    xyz = np.stack([0.95047 * finv(fx), 1.0 * finv(fy), 1.08883 * finv(fz)], -1)
+    m = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+    lin = xyz @ m.T
+    srgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.clip(lin, 0, None) ** (1 / 2.4) - 0.055)
+    return np.clip(srgb, 0.0, 1.0)
+
+
+def texture_colours():
+    """(7, 3) float: white, then six hues of equal CIELAB lightness L* = 70 (chroma 40, hue 5° + 60°k).
+
+    The official code uses seaborn's husl_palette(6, l=.7); this is the same idea (equal lightness,
+    evenly spaced hues) computed without seaborn; all six are inside the sRGB gamut, so L* is exact."""
+    hues = 5.0 + 60.0 * np.arange(6)
+    return np.concatenate([np.ones((1, 3)), _lch_to_srgb(70.0, 40.0, hues)]).astype(np.float32)
+
+
+def procedural_textures(size=64):
+    """(5, size, size) float32 in [0.35, 1]: grain, stripes, checker, blobs, dots.
+
+    Five easy-to-tell grayscale textures; the minimum 0.35 keeps the shape visible everywhere.
+    Deterministic (fixed seed); the texture is fixed in image coordinates (not rotated with the shape)."""
+    rng = np.random.default_rng(20250)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    period = size / 8.0
+    grain = ndimage.gaussian_filter(rng.random((size, size)), 0.6, mode="wrap")
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * yy / period)
+    checker = ((np.floor(xx / (period / 2)) + np.floor(yy / (period / 2))) % 2).astype(np.float64)
+    blobs = ndimage.gaussian_filter(rng.standard_normal((size, size)), size / 16, mode="wrap")
+    dx = (xx % period) - period / 2
+    dy = (yy % period) - period / 2
+    dots = np.clip(period * 0.3 - np.hypot(dx, dy) + 0.5, 0, 1)  # anti-aliased discs, radius 0.3·period
+    out = []
+    for t in (grain, stripes, checker, blobs, dots):
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-12)
+        out.append(0.35 + 0.65 * t)
+    return np.stack(out).astype(np.float32)
+
+
+def _image_files(folder):
+    """Sorted non-hidden files in `folder` whose extension PIL knows."""
+    exts = _image_extensions()
+    return sorted(f for f in os.listdir(folder)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
+                  and os.path.isfile(os.path.join(folder, f)))
+
+
+@functools.lru_cache(maxsize=1)
+def _image_extensions():
+    return frozenset(e.lower() for e in Image.registered_extensions())
+
+
+def load_textures(folder, size=64):
+    """(5, size, size) float32 in [0, 1] from five grayscale images in `folder` (paper: Brodatz D11,
+    D40, D23, D109, D102). Any PIL format; converted to gray, centre-cropped to a square, resized
+    (antialiased bilinear). More than five: the first five in sorted order are used, with a warning."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"textures folder {folder} not found; give a folder with 5 grayscale "
+                                f"images (--textures DIR) or leave it out for procedural textures")
+    files = _image_files(folder)
+    if len(files) < 5:
+        raise ValueError(f"textures folder {folder} has {len(files)} images, need 5 grayscale images "
+                         f"(--textures DIR)")
+    if len(files) > 5:
+        warnings.warn(f"textures folder {folder} has {len(files)} images; using the first five in "
+                      f"sorted order: {', '.join(files[:5])}")
+    out = []
+    for f in files[:5]:
+        rgb = load_image(os.path.join(folder, f))
+        gray = np.asarray(Image.fromarray(rgb).convert("L"))
+        h, w = gray.shape
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        gray = gray[top:top + s, left:left + s]
+        gray = Image.fromarray(gray).resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(gray, dtype=np.float32) / 255.0)
+    return np.stack(out)
+
+
+def _shape_inside(shape, xs, ys, half):
+    """Inside test in the shape's own frame (y up, pixel units); `half` = half the square side."""
+    if shape == 0:  # square
+        return (np.abs(xs) <= half) & (np.abs(ys) <= half)
+    if shape == 1:  # ellipse, axes 1.2 × 0.6 of the square side (2:1, like dSprites' ellipse)
+        return (xs / (1.2 * half)) ** 2 + (ys / (0.6 * half)) ** 2 <= 1.0
+    # heart: (x² + y² − 1)³ − x² y³ ≤ 0, spans x ∈ [−1.139, 1.139], y ∈ [−1, 1.236];
+    # scaled to the square's width and centred on its bounding box.
+    k = 1.139 / half
+    hx, hy = xs * k, ys * k + 0.118
+    return (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
+
+
+@functools.lru_cache(maxsize=4)
+def procedural_masks(size=64):
+    """(3, 6, 40, size, size) float32 anti-aliased masks (4×4 supersampling), centred.
+
+    Orientation θ rotates the shape counter-clockwise on screen about the image centre."""
+    ss = _SUPERSAMPLE
+    n = size * ss
+    c = (np.arange(n) + 0.5) / ss - size / 2          # sub-pixel centres, pixel units, centre at 0
+    x, y_up = c[None, :], -c[:, None]                  # image rows go down; shape frame has y up
+    cos, sin = np.cos(ORIENTATIONS)[:, None, None], np.sin(ORIENTATIONS)[:, None, None]
+    xs = cos * x + sin * y_up                          # rotate the sampling grid by −θ
+    ys = -sin * x + cos * y_up
+    out = np.empty((3, 6, 40, size, size), np.float32)
+    for s in range(3):
+        for j, scale in enumerate(SCALES):
+            inside = _shape_inside(s, xs, ys, 0.5 * _SQUARE_SIDE * size * scale)
+            out[s, j] = inside.reshape(40, size, ss, size, ss).mean(axis=(2, 4))
+    out.setflags(write=False)
+    return out
+
+
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def _check_dsprites(path):
+    """Validate a dSprites npz without loading it; return its identity (CRC-32 and size of both arrays,
+    from the zip directory: content-based and free to read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dSprites file {path} not found; give the real "
+                                f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH) or "
+                                f"leave it out for procedural shapes")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"dSprites file {path} is not an .npz archive; give the real "
+                         f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        shapes = {}
+        ident = ";".join(f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()
+                         if i.filename in ("imgs.npy", "latents_classes.npy"))
+        for key in ("imgs", "latents_classes"):
+            if key + ".npy" not in names:
+                raise ValueError(f"dSprites file {path} has no '{key}' array (keys: "
+                                 f"{', '.join(sorted(n[:-4] for n in names))}); give the real "
+                                 f"dsprites_ndarray_*.npz (--dsprites PATH)")
+            with zf.open(key + ".npy") as f:
+                shape, fortran, dtype = _npy_header(f)
+            shapes[key] = (shape, fortran, dtype)
+    (ishape, ifortran, idtype), (lshape, _, _) = shapes["imgs"], shapes["latents_classes"]
+    if len(ishape) != 3 or ishape[1:] != (64, 64) or ifortran:
+        raise ValueError(f"dSprites file {path}: 'imgs' has shape {ishape}, expected (737280, 64, 64); "
+                         f"give the real dsprites_ndarray_*.npz (--dsprites PATH)")
+    if len(lshape) != 2 or lshape[1] != 6 or lshape[0] != ishape[0]:
+        raise ValueError(f"dSprites file {path}: 'latents_classes' has shape {lshape}, expected "
+                         f"({ishape[0]}, 6); give the real dsprites_ndarray_*.npz (--dsprites PATH)")
+    return ident
+
+
+def dsprites_masks(path, size=64):
+    """(3, 6, 40, size, size) float32 masks from the real dSprites npz, at the centre position.
+
+    Reads `latents_classes`, picks the 720 rows with colour 0 and posX = posY = 16, then streams only
+    those rows out of `imgs` (the 3 GB array is never held in memory). Masks are binary (dSprites has no
+    anti-aliasing); see DSPRITES_CENTRE for the centring."""
+    _check_dsprites(path)
+    with np.load(path, allow_pickle=False) as z:
+        lc = np.asarray(z["latents_classes"], dtype=np.int64)
+    sel = np.flatnonzero((lc[:, 0] == 0) & (lc[:, 4] == DSPRITES_CENTRE) & (lc[:, 5] == DSPRITES_CENTRE))
+    key = lc[sel, 1] * 240 + lc[sel, 2] * 40 + lc[sel, 3]
+    ok = (lc[sel, 1] < 3) & (lc[sel, 2] < 6) & (lc[sel, 3] < 40) & (lc[sel, 1:4] >= 0).all(1)
+    sel, key = sel[ok], key[ok]
+    rows = np.full(720, -1, np.int64)
+    rows[key[::-1]] = sel[::-1]  # first occurrence wins
+    if (rows < 0).any():
+        raise ValueError(f"dSprites file {path} lacks {int((rows < 0).sum())} of the 720 centre images "
+                         f"(colour 0, posX = posY = {DSPRITES_CENTRE}); give the real "
+                         f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
+    masks = np.empty((720, 64, 64), np.float32)
+    order = np.argsort(rows)
+    with zipfile.ZipFile(path) as zf, zf.open("imgs.npy") as f:
+        _, _, dtype = _npy_header(f)
+        start, rowbytes = f.tell(), 64 * 64 * dtype.itemsize
+        for k in order:  # increasing file offsets: forward seeks only
+            f.seek(start + int(rows[k]) * rowbytes)
+            img = np.frombuffer(f.read(rowbytes), dtype=dtype).reshape(64, 64)
+            masks[k] = img > 0
+    # Centre: shift all masks by one integer offset (square + ellipse centroids → image centre).
+    sym = masks[:480]
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    total = sym.sum()
+    if total == 0:
+        raise ValueError(f"dSprites file {path}: the centre images are empty; give the real "
+                         f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
+    cy, cx = (sym * yy).sum() / total, (sym * xx).sum() / total
+    dy, dx = int(np.round(32 - cy)), int(np.round(32 - cx))
+    masks = np.roll(masks, (dy, dx), axis=(1, 2))
+    if dy > 0:
+        masks[:, :dy] = 0
+    elif dy < 0:
+        masks[:, dy:] = 0
+    if dx > 0:
+        masks[:, :, :dx] = 0
+    elif dx < 0:
+        masks[:, :, dx:] = 0
+    if size != 64:
+        masks = np.stack([np.asarray(Image.fromarray(m, mode="F").resize((size, size), Image.BILINEAR))
+                          for m in masks])
+        masks = np.clip(masks, 0, 1)
+    return masks.reshape(3, 6, 40, size, size).astype(np.float32)
+
+
+class TextureDSprites:
+    """Texture-dSprites (design §2): texture 5 × colour 7 × shape 3 × scale 6 × orientation 40 =
+    25,200 centred 64×64 RGB images on black; image = mask × colour × texture.
+
+    textures: folder of five grayscale images (default: five procedural textures).
+    dsprites: path of the real dsprites_ndarray_*.npz (default: procedural shapes drawn like dSprites').
+    Shape masks are computed once, on first use; `render` is then array indexing and multiplication.
+    """
+
+    def __init__(self, textures=None, dsprites=None, size=64):
+        self.size = int(size)
+        self.factor_names = FACTOR_NAMES
+        self.factor_sizes = FACTOR_SIZES
+        self.factor_values = {"texture": np.arange(5), "colour": np.arange(7), "shape": np.arange(3),
+                              "scale": SCALES.copy(), "orientation": ORIENTATIONS.copy()}
+        self.textures_dir, self.dsprites_path = textures, dsprites
+        self.textures = (procedural_textures(self.size) if textures is None
+                         else load_textures(textures, self.size))          # (5, S, S) in [0, 1]
+        self.colours = texture_colours()                                    # (7, 3) in [0, 1]
+        # fail early on a wrong dSprites file; its masks are read lazily (first render)
+        self._dsprites_id = None if dsprites is None else _check_dsprites(dsprites)
+        self._masks = None
+        self._digest = None
+        # colour × texture × 255 for the 35 (texture, colour) pairs: (35, S, S, 3)
+        self._coltex = (self.textures[:, None, :, :, None] * self.colours[None, :, None, None, :]
+                        * 255.0).reshape(35, self.size, self.size, 3).astype(np.float32)
+        self._strides = np.array([int(np.prod(FACTOR_SIZES[k + 1:])) for k in range(5)], np.int64)
+
+    def __len__(self):
+        return int(np.prod(FACTOR_SIZES))
+
+    @property
+    def masks(self):
+        """(720, S, S) float32 shape masks, row = shape·240 + scale·40 + orientation."""
+        if self._masks is None:
+            m = (procedural_masks(self.size) if self.dsprites_path is None
+                 else dsprites_masks(self.dsprites_path, self.size))
+            self._masks = np.ascontiguousarray(m.reshape(720, self.size, self.size))
+        return self._masks
+
+    @property
+    def digest(self):
+        """sha256 over the version string, size, textures, colours and masks (used in cache keys).
+        With a dSprites file, its arrays' CRC-32s stand for the masks (no need to read 3 GB)."""
+        if self._digest is None:
+            h = hashlib.sha256(f"{DATA_VERSION}|{self.size}|{self._dsprites_id}".encode())
+            shapes = self.masks if self._dsprites_id is None else np.zeros(0, np.float32)
+            for a in (self.textures, self.colours, shapes):
+                h.update(np.ascontiguousarray(a, np.float32).tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def index_to_factors(self, idx):
+        """Mixed-radix decode, factors in FACTOR_NAMES order: (n,) → (n, 5) int64."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise ValueError(f"Texture-dSprites index out of range [0, {len(self)})")
+        return (idx[:, None] // self._strides) % np.asarray(FACTOR_SIZES, np.int64)
+
+    def factors_to_index(self, factors):
+        """Mixed-radix encode: (n, 5) → (n,) int64."""
+        f = self._check_factors(factors)
+        return f @ self._strides
+
+    def _check_factors(self, factors):
+        f = np.asarray(factors, dtype=np.int64)
+        f = f.reshape(1, -1) if f.ndim == 1 else f
+        if f.ndim != 2 or f.shape[1] != 5:
+            raise ValueError(f"factors must have shape (n, 5), got {np.shape(factors)}")
+        if f.size and ((f < 0).any() or (f >= np.asarray(FACTOR_SIZES)).any()):
+            raise ValueError(f"factor values out of range; sizes are {FACTOR_SIZES} ({FACTOR_NAMES})")
+        return f
+
+    def render(self, factors):
+        """(n, 5) int factors → uint8 (n, S, S, 3): mask × colour × texture, rounded."""
+        f = self._check_factors(factors)
+        m = self.masks[f[:, 2] * 240 + f[:, 3] * 40 + f[:, 4]]        # (n, S, S)
+        ct = self._coltex[f[:, 0] * 7 + f[:, 1]]                        # (n, S, S, 3), × 255
+        ct *= m[..., None]
+        ct += 0.5
+        return ct.astype(np.uint8)
+
+    def images(self, idx):
+        """uint8 (n, S, S, 3) images of the given flat indices."""
+        return self.render(self.index_to_factors(idx))
+
+
+# =====================================================================================================
+# 2. Weak supervision (Locatello et al. 2020, k = 1; design §2)
+# =====================================================================================================
+
+def sample_factors(factor_sizes, n, rng):
+    """(n, K) int64 factor values, each uniform over its range. `rng`: Generator or seed."""
+    rng = np.random.default_rng(rng)
+    sizes = np.asarray(factor_sizes, dtype=np.int64)
+    return rng.integers(0, sizes, size=(int(n), len(sizes)), dtype=np.int64)
+
+
+def sample_pairs(factor_sizes, n, rng):
+    """k = 1 pairs: v1 uniform; one factor chosen uniformly (among factors with ≥ 2 values); v2 = v1 with
+    that factor set to a uniformly drawn *different* value. Returns (f1, f2, changed (n,) int64).
+
+    (The official code may redraw the same value, giving no-op pairs; the design asks for a different one.)
+    """
+    rng = np.random.default_rng(rng)
+    sizes = np.asarray(factor_sizes, dtype=np.int64)
+    f1 = sample_factors(sizes, n, rng)
+    variable = np.flatnonzero(sizes >= 2)
+    if variable.size == 0:
+        raise ValueError(f"cannot make pairs: every factor has a single value (sizes {tuple(sizes)})")
+    changed = variable[rng.integers(0, variable.size, size=int(n))]
+    rows = np.arange(int(n))
+    shift = rng.integers(1, sizes[changed])            # 1 .. size−1: uniform over the other values
+    f2 = f1.copy()
+    f2[rows, changed] = (f1[rows, changed] + shift) % sizes[changed]
+    return f1, f2, changed.astype(np.int64)
+
+
+# =====================================================================================================
+# 3. Reading images: any PIL mode → uint8 RGB, pad to a centred square, resize
+# =====================================================================================================
+
+def load_image(path):
+    """Read any image PIL can open as uint8 (H, W, 3) RGB.
+
+    - 16-bit / 32-bit integer and float images (I;16, I, F) are scaled by their OWN maximum
+      (v · 255 / max, negatives → 0; an all-zero image stays 0): microscopy cameras rarely fill 16 bits.
+    - Alpha (RGBA, LA, PA, P with transparency) is composited over black, the padding colour.
+    - Everything else (L, 1, P, CMYK, YCbCr, ...) goes through PIL's convert("RGB"). PIL itself decodes
+      16-bit-per-channel colour PNGs (48/64-bit) to 8 bits by keeping the high byte (≈ v / 256).
+    - Multi-frame files (TIFF stacks): the first frame. EXIF orientation is applied.
+    Raises FileNotFoundError (missing) or ValueError naming the file (unreadable)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        msg = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {msg}); remove or replace it")
+
+
+def _to_rgb(img):
+    mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        a = np.asarray(img).astype(np.float64)
+        if a.ndim == 3:
+            a = a[..., 0]
+        a = np.clip(np.nan_to_num(a), 0, None)
+        mx = a.max() if a.size else 0.0
+        g = np.zeros(a.shape, np.uint8) if mx <= 0 else np.round(a * (255.0 / mx)).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA")).astype(np.uint16)
+        return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def pad_to_square(img):
+    """Zero-pad an (H, W) or (H, W, C) array to a centred square of side max(H, W) (aspect kept).
+    An odd leftover pixel goes to the bottom / right."""
+    img = np.asarray(img)
+    h, w = img.shape[:2]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    out = np.zeros((s, s) + img.shape[2:], img.dtype)
+    out[top:top + h, left:left + w] = img
+    return out
+
+
+def _resize_rgb(img, size):
+    """Pad to a square, then resize to size×size (bilinear; PIL antialiases when shrinking)."""
+    sq = pad_to_square(img)
+    if sq.shape[0] == size:
+        return sq
+    return np.asarray(Image.fromarray(sq).resize((size, size), Image.BILINEAR))
+
+
+def _resize_mask(mask, size):
+    """Pad to a square, then resize with nearest neighbour: bool (size, size)."""
+    sq = pad_to_square(mask.astype(np.uint8) * 255)
+    if sq.shape[0] != size:
+        sq = np.asarray(Image.fromarray(sq).resize((size, size), Image.NEAREST))
+    return sq > 127
+
+
+def _load_mask(path):
+    """Mask file → bool (H, W): any non-zero value (any colour channel) is foreground. Read without
+    the intensity scaling of `load_image`, so 16-bit label masks with small labels keep them."""
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+                a = np.asarray(img)
+                a = a[..., 0] if a.ndim == 3 else a
+            else:
+                a = np.asarray(img.convert("RGB")).max(axis=2)
+            return a > 0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        msg = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"cannot read mask {path} ({type(e).__name__}: {msg}); remove or replace it")
+
+
+# A small in-process LRU of decoded, padded and resized arrays (keyed per file, mtime and size).
+_CACHE = OrderedDict()
+_CACHE_LIMIT = 256 * 2 ** 20
+_cache_bytes = 0
+
+
+def _cached(key, make):
+    global _cache_bytes
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = make()
+    value.setflags(write=False)
+    _CACHE[key] = value
+    _cache_bytes += value.nbytes
+    while _cache_bytes > _CACHE_LIMIT and len(_CACHE) > 1:
+        _, old = _CACHE.popitem(last=False)
+        _cache_bytes -= old.nbytes
+    return value
+
+
+# =====================================================================================================
+# 4. Targets (design §3)
+# =====================================================================================================
+
+TARGETS = ("lensless", "whoi15", "vacuoles", "sipakmed", "synthetic-cells")
+SYNTHETIC_CLASSES = ("single", "multiple", "condensed", "negative")
+TEST_FRACTION = 0.2
+BAD_IMAGE_TOLERANCE = 0.01  # unreadable images: skipped with a warning below this fraction, else an error
+
+
+class ImageSet:
+    """A list of labelled images decoded on demand.
+
+    `.labels` (n,) int64, `.classes`, `.names` (ids: paths relative to the target folder),
+    `.images(idx, size)` → uint8 (n, size, size, 3) padded to a centred square and resized,
+    `.masks(idx, size)` → bool (n, size, size) or None, `.has_masks`, `.digest`, `.subset(idx)`.
+    Items are either files (`paths`, optional `mask_paths`) or in-memory arrays (`arrays`, `mask_arrays`).
+    """
+
+    def __init__(self, names, labels, classes, paths=None, mask_paths=None, arrays=None,
+                 mask_arrays=None, rows=None, stamp=""):
+        self.names = list(names)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.classes = list(classes)
+        self._paths, self._mask_paths = paths, mask_paths
+        self._arrays, self._mask_arrays = arrays, mask_arrays
+        self._rows = np.arange(len(self.names)) if rows is None else np.asarray(rows, np.int64)
+        self._stamp = stamp  # identity of the in-memory arrays (their digest)
+        self._digest = None
+
+    def __len__(self):
+        return len(self.names)
+
+    @property
+    def has_masks(self):
+        return self._mask_paths is not None or self._mask_arrays is not None
+
+    def _index(self, idx):
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise ValueError(f"image index out of range for a set of {len(self)} images")
+        return idx % max(len(self), 1)
+
+    def images(self, idx, size):
+        """uint8 (n, size, size, 3) RGB, padded to a centred square and resized."""
+        out = np.zeros((0, size, size, 3), np.uint8)
+        items = [self._image(int(i), int(size)) for i in self._index(idx)]
+        return np.stack(items) if items else out
+
+    def masks(self, idx, size):
+        """bool (n, size, size) masks padded and resized like the images (nearest), or None."""
+        if not self.has_masks:
+            return None
+        items = [self._mask(int(i), int(size)) for i in self._index(idx)]
+        return np.stack(items) if items else np.zeros((0, size, size), bool)
+
+    def _image(self, i, size):
+        if self._arrays is not None:
+            r = int(self._rows[i])
+            return _cached(("arr", self._stamp, r, size), lambda: _resize_rgb(self._arrays[r], size))
+        p = self._paths[i]
+        return _cached(("img", p, _mtime(p), size), lambda: _resize_rgb(load_image(p), size))
+
+    def _mask(self, i, size):
+        if self._mask_arrays is not None:
+            r = int(self._rows[i])
+            return _cached(("amask", self._stamp, r, size),
+                           lambda: _resize_mask(self._mask_arrays[r], size))
+        p = self._mask_paths[i]
+        return _cached(("mask", p, _mtime(p), size), lambda: _resize_mask(_load_mask(p), size))
+
+    def subset(self, idx):
+        """A new ImageSet with the items `idx` (same classes)."""
+        idx = self._index(idx)
+        pick = (lambda xs: None if xs is None else [xs[int(i)] for i in idx])
+        return ImageSet([self.names[int(i)] for i in idx], self.labels[idx], self.classes,
+                        paths=pick(self._paths), mask_paths=pick(self._mask_paths),
+                        arrays=self._arrays, mask_arrays=self._mask_arrays, rows=self._rows[idx],
+                        stamp=self._stamp)
+
+    @property
+    def digest(self):
+        """sha256 over names, labels, classes and each file's size + mtime (or the arrays' digest)."""
+        if self._digest is None:
+            h = hashlib.sha256(json.dumps([self.names, self.labels.tolist(), self.classes]).encode())
+            h.update(self._stamp.encode())
+            h.update(self._rows.tobytes() if self._arrays is not None else b"")
+            for p in (self._paths or []) + (self._mask_paths or []):
+                st = os.stat(p)
+                h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+class Target:
+    """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`,
+    `.native_split` (the folder had train/ and test/), `.path` (its folder, None when built in)."""
+
+    def __init__(self, name, classes, train, test, native_split=False, path=None):
+        self.name, self.classes, self.train, self.test = name, list(classes), train, test
+        self.native_split, self.path = native_split, path
+
+    @property
+    def digest(self):
+        return hashlib.sha256(f"{self.name}|{self.train.digest}|{self.test.digest}".encode()).hexdigest()
+
+    def __repr__(self):
+        return (f"Target({self.name!r}, classes={self.classes}, train={len(self.train)}, "
+                f"test={len(self.test)}, masks={self.train.has_masks})")
+
+
+def load_target(name, root=None, seed=0, split_file=None):
+    """Load a target by name (design §3).
+
+    Real targets live under `root` (default: env DRL_DATA, else ./data) as
+      <root>/<name>/train/<class>/<image> and <root>/<name>/test/<class>/<image>  (native split), or
+      <root>/<name>/<class>/<image>  (split here: 80/20 stratified, seeded by `seed`).
+    Optional masks mirror the image tree under <root>/<name>/masks/ (same relative path and stem,
+    any extension). `split_file` (JSON with "train" / "test" name lists) is written after a random split
+    and reused when it exists; if the images no longer match it, a ValueError says so (delete the file
+    to re-split). A native split ignores `split_file`. `synthetic-cells` is built in (no folder needed).
+    """
+    if name not in TARGETS:
+        raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
+    if name == "synthetic-cells":
+        return _synthetic_target(seed, split_file)
+    root = root or os.environ.get("DRL_DATA") or "./data"
+    where = (f"put the {name} images under {os.path.join(root, name)}/<class>/<image> "
+             f"(or train/ and test/ subfolders), see README 'Datasets', or set --data-root / DRL_DATA")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data root {root} not found; {where}")
+    tdir = os.path.join(root, name)
+    if not os.path.isdir(tdir):
+        raise FileNotFoundError(f"target folder {tdir} not found; {where}")
+
+    has_train, has_test = (os.path.isdir(os.path.join(tdir, p)) for p in ("train", "test"))
+    if has_train != has_test:
+        raise ValueError(f"{tdir} has a {'train' if has_train else 'test'}/ folder but no "
+                         f"{'test' if has_train else 'train'}/; a native split needs both (or neither)")
+    native = has_train and has_test
+    if native:
+        train_classes = _class_dirs(os.path.join(tdir, "train"))
+        test_classes = _class_dirs(os.path.join(tdir, "test"))
+        extra = sorted(set(test_classes) - set(train_classes))
+        if extra:
+            raise ValueError(f"{tdir}/test has classes not in train/: {', '.join(extra)}; "
+                             f"every test class needs training images")
+        classes = train_classes
+        groups = {"train": train_classes, "test": test_classes}
+    else:
+        classes = _class_dirs(tdir)
+        groups = {"": classes}
+    if not classes:
+        raise ValueError(f"no class folders in {tdir}; {where}")
+    if len(classes) < 2:
+        raise ValueError(f"{tdir} has a single class folder '{classes[0]}'; need at least two classes")
+
+    # Collect files: name = path relative to the target folder (posix).
+    names, labels = {"train": [], "test": [], "": []}, {"train": [], "test": [], "": []}
+    for part, cls_list in groups.items():
+        for c in cls_list:
+            cdir = os.path.join(tdir, part, c)
+            files = _image_files(cdir)
+            if not files:
+                raise ValueError(f"class folder {cdir} has no images; add images or remove the folder")
+            for f in files:
+                names[part].append("/".join(x for x in (part, c, f) if x))
+                labels[part].append(classes.index(c))
+
+    # Unreadable images: open each header (cheap; pixels are decoded lazily later).
+    all_names = names["train"] + names["test"] + names[""]
+    sizes, bad = {}, []
+    for n in all_names:
+        try:
+            with Image.open(os.path.join(tdir, n)) as im:
+                sizes[n] = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            bad.append(n)
+    if bad:
+        frac = len(bad) / len(all_names)
+        if frac >= BAD_IMAGE_TOLERANCE:
+            raise ValueError(f"{len(bad)} of {len(all_names)} images in {tdir} are unreadable "
+                             f"(first: {bad[0]}); fix or remove them")
+        warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(all_names)} in {tdir} "
+                      f"(< 1%): {', '.join(bad[:5])}")
+        bad_set = set(bad)
+        for part in names:
+            keep = [k for k, n in enumerate(names[part]) if n not in bad_set]
+            names[part] = [names[part][k] for k in keep]
+            labels[part] = [labels[part][k] for k in keep]
+        for c in range(len(classes)):
+            if not any(l == c for part in labels for l in labels[part]):
+                raise ValueError(f"class '{classes[c]}' in {tdir} has no readable images")
+
+    masks = _find_masks(tdir, all_names, sizes, set(bad))
+
+    def make(part_names, part_labels):
+        return ImageSet(part_names, part_labels, classes,
+                        paths=[os.path.join(tdir, n) for n in part_names],
+                        mask_paths=None if masks is None else [masks[n] for n in part_names])
+
+    if native:
+        train = make(names["train"], labels["train"])
+        test = make(names["test"], labels["test"])
+    else:
+        tr, te = _split(name, names[""], labels[""], seed, split_file, tdir)
+        train = make([names[""][k] for k in tr], [labels[""][k] for k in tr])
+        test = make([names[""][k] for k in te], [labels[""][k] for k in te])
+    return Target(name, classes, train, test, native_split=native, path=tdir)
+
+
+def _class_dirs(folder):
+    """Sorted non-hidden sub-folders, except masks/ (and train/ test/ which mark a native split)."""
+    return sorted(d for d in os.listdir(folder)
+                  if not d.startswith(".") and d not in ("masks", "train", "test")
+                  and os.path.isdir(os.path.join(folder, d)))
+
+
+def _find_masks(tdir, names, sizes, bad):
+    """{image name: mask path} when <tdir>/masks exists, else None. Every image needs a mask of the
+    same width × height (checked from the file headers)."""
+    mdir = os.path.join(tdir, "masks")
+    if not os.path.isdir(mdir):
+        return None
+    exts = _image_extensions()
+    listing = {}
+    out, missing = {}, []
+    for n in names:
+        if n in bad:
+            continue
+        sub, fname = os.path.split(n)
+        folder = os.path.join(mdir, sub)
+        if folder not in listing:
+            listing[folder] = {}
+            if os.path.isdir(folder):
+                for f in sorted(os.listdir(folder)):
+                    stem, ext = os.path.splitext(f)
+                    if ext.lower() in exts and not f.startswith("."):
+                        listing[folder].setdefault(stem, os.path.join(folder, f))
+        path = listing[folder].get(os.path.splitext(fname)[0])
+        if path is None:
+            missing.append(n)
+        else:
+            out[n] = path
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) in {tdir} have no mask under {mdir} (first: "
+                         f"{missing[0]}); masks must mirror the image tree (same path and name)")
+    for n, p in out.items():
+        try:
+            with Image.open(p) as im:
+                msize = im.size
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"cannot read mask {p} ({type(e).__name__}); fix or remove it")
+        if msize != sizes[n]:
+            raise ValueError(f"mask {p} is {msize[0]}x{msize[1]} but image {n} is "
+                             f"{sizes[n][0]}x{sizes[n][1]}; masks must match their images")
+    return out
+
+
+def _stratified_split(labels, seed):
+    """Per class (in label order): shuffle with one seeded generator, 20 % (rounded, ≥ 1 when the class
+    has ≥ 2 images) to test. Returns sorted index arrays (train, test)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = 0 if len(idx) < 2 else max(1, int(round(TEST_FRACTION * len(idx))))
+        test.extend(idx[:n_test])
+        train.extend(idx[n_test:])
+    return np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64))
+
+
+def _split(name, names, labels, seed, split_file, where):
+    """Stratified 80/20 split, saved to / reused from `split_file`."""
+    if split_file is not None and os.path.exists(split_file):
+        try:
+            with open(split_file) as f:
+                saved = json.load(f)
+            s_train, s_test = list(saved["train"]), list(saved["test"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"split file {split_file} is not a valid split ({e}); delete it to re-split")
+        current = set(names)
+        listed = set(s_train) | set(s_test)
+        if listed != current or set(s_train) & set(s_test):
+            new, gone = sorted(current - listed), sorted(listed - current)
+            example = (new or gone or sorted(set(s_train) & set(s_test)))[0]
+            raise ValueError(f"split file {split_file} does not match the images in {where} "
+                             f"({len(new)} new, {len(gone)} missing, e.g. {example}); "
+                             f"delete it to re-split")
+        pos = {n: k for k, n in enumerate(names)}
+        return (np.array([pos[n] for n in s_train], np.int64),
+                np.array([pos[n] for n in s_test], np.int64))
+    train, test = _stratified_split(labels, seed)
+    if split_file is not None:
+        _write_json(split_file, {"target": name, "seed": seed,
+                                 "train": [names[k] for k in train], "test": [names[k] for k in test]})
+    return train, test
+
+
+def _write_json(path, obj):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----- synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes -----------------
+
+def _hsv(h, s, v):
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v))
+
+
+def _smooth_noise(rng, size, sigma):
+    """Zero-mean, unit-std smooth noise (gaussian-filtered white noise)."""
+    n = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="reflect")
+    return (n - n.mean()) / max(n.std(), 1e-8)
+
+
+def _disc(xx, yy, cx, cy, r):
+    """Anti-aliased disc (≈ 1 px soft edge)."""
+    return np.clip(r - np.hypot(xx - cx, yy - cy) + 0.5, 0.0, 1.0)
+
+
+def _ring(xx, yy, cx, cy, r, width):
+    """Anti-aliased ring of radius r and given width (a vacuole membrane)."""
+    d = np.abs(np.hypot(xx - cx, yy - cy) - r)
+    return np.clip(width / 2 - d + 0.5, 0.0, 1.0)
+
+
+def _synthetic_cell(rng, label, size):
+    """One cell: (image float (S, S, 3) in [0, 1], mask bool (S, S)).
+
+    Morphology by class (like the yeast-vacuole morphotypes):
+      single    - one large round vacuole (bright membrane ring, medium lumen);
+      multiple  - 3 to 6 small vacuoles (small rings);
+      condensed - one small, bright, compact blob;
+      negative  - dead cell: shrunken, irregular outline, no vacuole, diffuse mottled staining.
+    Class-independent nuisances: cell size (mask area), elongation, orientation, hue and saturation with
+    a depth-like hue gradient, cytoplasm texture, pixel noise, and the mean intensity inside the cell
+    (drawn from one distribution for every class, so brightness alone does not tell the class)."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cx, cy = size / 2 + rng.uniform(-2, 2), size / 2 + rng.uniform(-2, 2)
+    radius = rng.uniform(0.17, 0.40) * size                        # cell size: the "scale" of a cell
+    irregular = 0.025
+    if label == 3:                                                 # negative: shrunken, irregular
+        radius *= rng.uniform(0.75, 0.95)
+        irregular = rng.uniform(0.07, 0.12)
+    elong = rng.uniform(1.0, 1.35)
+    a, b = radius * np.sqrt(elong), radius / np.sqrt(elong)
+    phi = rng.uniform(0, 2 * np.pi)                                # random orientation
+    u = np.cos(phi) * (xx - cx) + np.sin(phi) * (yy - cy)
+    v = -np.sin(phi) * (xx - cx) + np.cos(phi) * (yy - cy)
+    rho, theta = np.hypot(u / a, v / b), np.arctan2(v / b, u / a)
+    boundary = np.ones_like(theta)
+    for k in range(2, 6):                                          # wobbly outline
+        boundary += irregular * rng.uniform(0.5, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    body = np.clip((boundary - rho) * min(a, b) + 0.5, 0.0, 1.0)  # ≈ 1 px anti-aliased edge
+    mask = body >= 0.5
+
+    # cytoplasm: dim, textured
+    tex = _smooth_noise(rng, size, rng.uniform(1.0, 3.0))
+    inten = rng.uniform(0.25, 0.4) * (1 + rng.uniform(0.1, 0.25) * tex)
+    r_in = 0.8 * min(a, b)                                         # room inside the outline
+    if label == 0:                                                 # single large vacuole
+        off = rng.uniform(0, 0.12) * r_in
+        ang = rng.uniform(0, 2 * np.pi)
+        vx, vy = cx + off * np.cos(ang), cy + off * np.sin(ang)
+        rv = rng.uniform(0.6, 0.8) * r_in
+        lumen = _disc(xx, yy, vx, vy, rv)
+        inten = inten * (1 - lumen) + lumen * rng.uniform(0.45, 0.6)
+        inten = np.maximum(inten, _ring(xx, yy, vx, vy, rv, rng.uniform(1.5, 2.5)) * 1.0)
+    elif label == 1:                                               # several small vacuoles
+        for _ in range(rng.integers(3, 7)):
+            rv = rng.uniform(0.18, 0.28) * r_in
+            d, ang = (r_in - rv) * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)  # uniform in area
+            vx, vy = cx + d * np.cos(ang), cy + d * np.sin(ang)
+            lumen = _disc(xx, yy, vx, vy, rv)
+            inten = inten * (1 - lumen) + lumen * 0.5
+            inten = np.maximum(inten, _ring(xx, yy, vx, vy, rv, 1.3) * 0.95)
+    elif label == 2:                                               # one small bright compact blob
+        rv = rng.uniform(0.15, 0.25) * r_in
+        d, ang = rng.uniform(0, 0.4 * r_in), rng.uniform(0, 2 * np.pi)
+        vx, vy = cx + d * np.cos(ang), cy + d * np.sin(ang)
+        inten = np.maximum(inten, _disc(xx, yy, vx, vy, rv) * 1.0)
+    else:                                                          # negative: diffuse, mottled
+        inten = inten * (1 + 0.35 * _smooth_noise(rng, size, rng.uniform(3.0, 6.0)))
+    inten = np.clip(inten, 0, None) * body
+    # Mean intensity inside the cell: the same distribution for every class.
+    inten *= rng.uniform(0.3, 0.5) / max(inten[mask].mean(), 1e-6)
+    inten += rng.uniform(0.005, 0.03) * rng.standard_normal((size, size))  # pixel noise everywhere
+    inten = np.clip(inten, 0, 1)
+    # colour: hue/saturation jitter and a depth-like hue gradient across the cell
+    hue, sat = rng.uniform(0, 1), rng.uniform(0.3, 0.8)
+    c1, c2 = _hsv(hue, sat, 1.0), _hsv(hue + rng.uniform(0.05, 0.2), sat, 1.0)
+    g_ang = rng.uniform(0, 2 * np.pi)
+    t = np.clip(0.5 + (np.cos(g_ang) * (xx - cx) + np.sin(g_ang) * (yy - cy)) / (2.5 * radius), 0, 1)
+    colour = c1 * (1 - t[..., None]) + c2 * t[..., None]
+    img = np.clip(inten[..., None] * colour * rng.uniform(0.85, 1.15), 0, 1)
+    return img, mask
+
+
+@functools.lru_cache(maxsize=4)
+def make_synthetic_cells(n=1000, size=80, seed=0):
+    """The synthetic-cells images: (images uint8 (n, S, S, 3), masks bool (n, S, S), labels (n,)).
+
+    Balanced over SYNTHETIC_CLASSES (class order shuffled), deterministic from `seed`. Read-only arrays."""
+    rng = np.random.default_rng([int(seed), 0xCE115])
+    labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES)).astype(np.int64)
+    images = np.empty((n, size, size, 3), np.uint8)
+    masks = np.empty((n, size, size), bool)
+    for i, lab in enumerate(labels):
+        img, m = _synthetic_cell(rng, int(lab), size)
+        images[i] = np.round(img * 255)
+        masks[i] = m
+    for a in (images, masks, labels):
+        a.setflags(write=False)
+    return images, masks, labels
+
+
+def _synthetic_target(seed, split_file):
+    images, masks, labels = make_synthetic_cells(1000, 80, seed)
+    names = [f"{SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
+    stamp = hashlib.sha256(b"synthetic-cells-v1" + images.tobytes() + masks.tobytes()).hexdigest()
+    train, test = _split("synthetic-cells", names, labels, seed, split_file, "synthetic-cells")
+
+    def make(idx):
+        return ImageSet([names[k] for k in idx], labels[idx], SYNTHETIC_CLASSES, arrays=images,
+                        mask_arrays=masks, rows=idx, stamp=stamp)
+
+    return Target("synthetic-cells", SYNTHETIC_CLASSES, make(train), make(test))
+
+
+# =====================================================================================================
+# 5. Handcrafted features from masks (paper Fig. 6; anchor-official §6)
+# =====================================================================================================
+
+def handcrafted_features(images, masks):
+    """dict(area, mean_r, mean_g, mean_b, solidity), each (n,) float64.
+
+    area      = number of mask pixels;
+    mean_r/g/b = mean of each channel (0-255) over the mask pixels;
+    solidity  = area / convex-hull area, the hull taken over the pixel CORNERS of the mask (each pixel
+                is a unit square), so a filled rectangle has solidity exactly 1. Only the leftmost and
+                rightmost pixel of each row can be hull vertices, so the hull uses their corners
+                (exact, and fast). (The official code uses OpenCV's largest external contour, whose hull
+                runs through pixel centres; values differ slightly for small masks.)
+    Empty masks: area 0 and NaN for the others, with a warning."""
+    images = np.asarray(images)
+    masks = np.asarray(masks, dtype=bool)
+    if images.ndim != 4 or masks.shape != images.shape[:3]:
+        raise ValueError(f"handcrafted_features needs images (n, H, W, 3) and masks (n, H, W); got "
+                         f"{images.shape} and {masks.shape}")
+    n = len(images)
+    out = {k: np.full(n, np.nan) for k in ("area", "mean_r", "mean_g", "mean_b", "solidity")}
+    empty = 0
+    for i in range(n):
+        m = masks[i]
+        area = int(m.sum())
+        out["area"][i] = area
+        if area == 0:
+            empty += 1
+            continue
+        pix = images[i][m].astype(np.float64)
+        out["mean_r"][i], out["mean_g"][i], out["mean_b"][i] = pix.mean(axis=0)
+        rows = np.flatnonzero(m.any(axis=1))
+        left = m[rows].argmax(axis=1)
+        right = m.shape[1] - 1 - m[rows][:, ::-1].argmax(axis=1)
+        pts = np.concatenate([np.stack([rows, left], 1), np.stack([rows + 1, left], 1),
+                              np.stack([rows, right + 1], 1), np.stack([rows + 1, right + 1], 1)])
+        out["solidity"][i] = area / ConvexHull(pts.astype(np.float64)).volume  # 2-D volume = area
+    if empty:
+        warnings.warn(f"{empty} of {n} masks are empty; their colour and solidity features are NaN")
+    return out
