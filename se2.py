@@ -76,9 +76,9 @@ def rotate_kernels(weight, n_angles, matrix=None):
     One matrix product with the fixed operator of rotation_matrix (pass the layer's buffer as
     `matrix`; without it the operator is built on the fly), so gradients reach `weight` linearly.
     """
-    k = weight.shape[-1]
-    if weight.dim() < 2 or weight.shape[-2] != k:
+    if weight.dim() < 2 or weight.shape[-2] != weight.shape[-1]:
         raise ValueError(f"rotate_kernels needs square kernels (..., k, k), got shape {tuple(weight.shape)}")
+    k = weight.shape[-1]
     if matrix is None:
         matrix = rotation_matrix(k, n_angles, weight.dtype).to(weight.device)
     if matrix.shape != (n_angles * k * k, k * k):
@@ -149,7 +149,9 @@ class LiftingConv2d(nn.Module):
 #     y_{c',r}(p) = Σ_{c,s} Σ_q f_{c,s}(p + q) (R_θr k_{c',c,s-r})(q)
 #     For output orientation r, every θ-plane of the kernel is rotated by θ_r and the input-
 #     orientation axis is rolled by r. Both are folded into one expanded kernel, so a layer is a
-#     single conv2d from C·N to C'·N channels.
+#     single conv2d from C·N to C'·N channels. Cost: that of a plain conv2d with N·C' output maps
+#     (the expansion is ~1% of it) and the same as e2cnn's R2Conv on C_N-regular fields, which
+#     also expands its weights to a dense filter on every training call (measured, issue 5).
 # ---------------------------------------------------------------------------------------------
 
 class GroupConv2d(nn.Module):
@@ -270,16 +272,18 @@ class ProjectionConv2d(nn.Module):
 def inverse_transform_sample(p, u):
     """θ = C⁻¹(u) ∈ [0, 2π) for pmfs p (..., N) and uniform noise u (...) in [0, 1].
 
-    Bin i is the first with C_i = Σ_{m≤i} p_m ≥ u; inside it θ moves linearly from (i - ½)Δ to
-    (i + ½)Δ as u goes from C_{i-1} to C_i. Reparameterised: i is held constant, gradients reach p
-    through C_{i-1} and p_i. Equivariance holds in distribution (the CDF starts at bin 0).
+    Bin i is the first with C_i = Σ_{m≤i} p_m > u, so C_{i-1} ≤ u < C_i and an empty bin is never
+    drawn (not even for u = 0); inside it θ moves linearly from (i - ½)Δ to (i + ½)Δ as u goes from
+    C_{i-1} to C_i. Reparameterised: i is held constant, gradients reach p through C_{i-1} and p_i.
+    Equivariance holds in distribution (the CDF starts at bin 0).
     """
+    if p.dim() < 1 or u.shape != p.shape[:-1]:
+        raise ValueError(f"inverse_transform_sample needs p (..., N) and u of shape p.shape[:-1], got p {tuple(p.shape)} "
+                         f"and u {tuple(u.shape)}")
     n = p.shape[-1]
-    if u.shape != p.shape[:-1]:
-        raise ValueError(f"inverse_transform_sample needs u of shape {tuple(p.shape[:-1])} (p without its last axis), "
-                         f"got {tuple(u.shape)}")
     cdf = p.cumsum(-1)
-    i = torch.searchsorted(cdf.detach().contiguous(), u.detach().unsqueeze(-1).to(cdf.dtype)).clamp_(max=n - 1)
+    u_ = u.detach().unsqueeze(-1).to(cdf.dtype)
+    i = torch.searchsorted(cdf.detach().contiguous(), u_, right=True).clamp_(max=n - 1)  # right: C_i > u
     p_i = p.gather(-1, i).squeeze(-1)
     cdf_before = cdf.gather(-1, i).squeeze(-1) - p_i  # C_{i-1}
     within = ((u - cdf_before) / p_i.clamp_min(1e-12)).clamp(0.0, 1.0)  # position inside bin i
