@@ -286,14 +286,20 @@ def weights_digest(path):
 
 def preprocess_images(images, device="cpu", size=IMAGE_SIZE):
     """uint8 (b,H,W,3) RGB → float32 (b,3,size,size): /255, bilinear antialiased resize, ImageNet
-    mean/std (reference §B normalisation)."""
+    mean/std (reference §B normalisation).
+
+    Fast path (2.5× on 64→224; test_preprocess_fast_path_equals_plain): x/255 then (x − mean)/std is
+    one affine map per channel, and bilinear weights sum to 1, so it commutes with the resize and is
+    applied to the small image. Antialiasing only changes a downscale (for an upscale the antialiased
+    kernel IS the bilinear one, equal to 3e-15 in float64), so the plain, faster kernel upscales."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    x = x.permute(0, 3, 1, 2).contiguous().float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    if x.shape[-2:] != (size, size):
+        shrink = x.shape[-2] > size or x.shape[-1] > size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return x
 
 
 def feature_cache_key(**parts):
@@ -600,6 +606,12 @@ class ConvVAE(GaussianVAE):
         return F.binary_cross_entropy_with_logits(x_hat, x, reduction="none").flatten(1).sum(dim=1)
 
 
+def model_config(model):
+    """model.config plus the `kind` that build_model needs (se2.SE2VAE, a standalone module, has none)."""
+    import se2
+    return dict(model.config, kind="se2") if isinstance(model, se2.SE2VAE) else dict(model.config)
+
+
 def build_model(config):
     """Rebuild a model from its `config` dict (as stored in every checkpoint)."""
     config = dict(config)
@@ -660,7 +672,7 @@ class TrainingDiverged(ValueError):
     """A non-finite loss: the step is not applied and the last good checkpoint is kept."""
 
 
-def _check_config(path, saved, wanted):
+def check_config(path, saved, wanted):
     diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if diff:
         k = diff[0]
@@ -691,11 +703,11 @@ def fit(model, batch_fn, *, steps, beta, folder, config, paired, lr=1e-4, optimi
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r} (adam or adamw)")
-    config = dict(config, model=model.config)
+    config = dict(config, model=model_config(model))
     start = 0
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        _check_config(ckpt_path, ckpt["config"], config)
+        check_config(ckpt_path, ckpt["config"], config)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
@@ -780,3 +792,304 @@ def load_model(path, device="cpu"):
         raise ValueError(f"checkpoint {path} does not match its model configuration "
                          f"({type(e).__name__}); delete it and train again") from e
     return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Vectorised sweep: every seed × β of a sweep trained in one process with stacked weights (issue 6).
+#    Model m of the stack is the model `fit` trains alone for (seeds[m], betas[m]): same batches, same
+#    noise, same clipping, same Adam arithmetic, same checkpoints and logs, so either can resume the other.
+# ----------------------------------------------------------------------------------------------------------
+
+# Layers the stacked forward knows; anything else (BatchNorm, the SE(2,N) layers) is refused.
+_STACKABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.LeakyReLU, nn.Flatten, nn.Unflatten)
+# Adam runs over stacked tensors in slices of this many elements: its seven element-wise passes then stay in
+# the CPU cache instead of streaming the whole stack seven times (bitwise the same numbers; 48 instead of
+# 84 ms for four feature VAEs on one core in a micro-benchmark).
+_ADAM_CHUNK = 1 << 16
+
+
+def _check_stackable(models):
+    """All models one class (FeatureVAE or ConvVAE) and one config, built only from `_STACKABLE` layers."""
+    if not models:
+        raise ValueError("fit_parallel needs at least one model")
+    first = models[0]
+    if type(first) not in (FeatureVAE, ConvVAE):
+        raise ValueError(f"{type(first).__name__} cannot be trained with stacked weights (only FeatureVAE and "
+                         f"ConvVAE can; BatchNorm/SE(2,N) layers keep per-model state); drop --parallel-models")
+    for m in models:
+        if type(m) is not type(first) or m.config != first.config:
+            raise ValueError(f"fit_parallel needs models of one architecture, got {first.config} and {m.config}; "
+                             f"drop --parallel-models")
+        bad = [type(layer).__name__ for seq in (m.encoder, m.decoder) for layer in seq
+               if not isinstance(layer, _STACKABLE)]
+        if bad or any(True for _ in m.buffers()):
+            raise ValueError(f"layer {bad[0] if bad else 'with buffers'} cannot be stacked; drop --parallel-models")
+
+
+class _StackedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b for M models at once: x (M, n, in), W (M, out, in), b (M, out) or None.
+
+    Forward and backward call the batched GEMMs in the orientation nn.Linear's autograd uses for one model
+    (addmm with the bias as accumulator; ∂W = gyᵀ x, not (xᵀ gy)ᵀ as plain bmm autograd would), so every
+    model gets bitwise nn.Linear's numbers; with another orientation the GEMM kernels round differently.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)) if b is not None else torch.bmm(x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(gy, w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(gy.transpose(1, 2), x)
+        gb = gy.sum(dim=1) if ctx.has_bias else None
+        return gx, gw, gb
+
+
+def _stacked_sequential(seq, params, prefix, x):
+    """Run the nn.Sequential `seq` of M models at once: params[f'{prefix}.{i}.weight'] is (M, ...), x (M, n, ...)."""
+    for i, layer in enumerate(seq):
+        w, b = params.get(f"{prefix}.{i}.weight"), params.get(f"{prefix}.{i}.bias")
+        if isinstance(layer, nn.Linear):  # one batched GEMM for all models (vmap(F.linear) is not bitwise)
+            x = _StackedLinear.apply(x, w, b)
+        elif w is not None:
+            # Convolutions model by model: vmap would turn them into one grouped convolution, whose kernels
+            # round differently, and Adam amplifies that past 1e-5 within 20 steps. (unbind, not x[m]: its
+            # backward is one stack, not M scatters into zeros.)
+            ps = [dict(weight=wm) for wm in w.unbind(0)]
+            for pm, bm in zip(ps, b.unbind(0) if b is not None else []):
+                pm["bias"] = bm
+            x = torch.stack([torch.func.functional_call(layer, pm, (xm,)) for xm, pm in zip(x.unbind(0), ps)])
+        else:  # parameter-free: activations, Flatten, Unflatten
+            x = torch.vmap(layer)(x)
+    return x
+
+
+def _stacked_losses(model, params, batch, beta, noise, paired):
+    """GaussianVAE.loss / pair_loss for M models at once; batch tensors (M, n, ...), beta (M,); returns (M,)s.
+
+    Same operations as section 7 on the same per-model numbers: the (M, n) leading dims are flattened to
+    (M·n) wherever the section 5-7 functions reduce over the last dim only.
+    """
+    if paired:
+        x1, x2 = batch
+        M, n = x1.shape[:2]
+        x = torch.cat([x1, x2], dim=1)  # each model's batch is cat([x1, x2]), as in pair_loss
+        mu, logvar = _stacked_sequential(model.encoder, params, "encoder", x).chunk(2, dim=-1)
+        flat = lambda t: t.reshape(M * n, -1)  # noqa: E731
+        mu1, logvar1, mu2, logvar2, _ = ada_gvae_aggregate(flat(mu[:, :n]), flat(logvar[:, :n]),
+                                                           flat(mu[:, n:]), flat(logvar[:, n:]))
+        mu = torch.cat([mu1.view(M, n, -1), mu2.view(M, n, -1)], dim=1)
+        logvar = torch.cat([logvar1.view(M, n, -1), logvar2.view(M, n, -1)], dim=1)
+    else:
+        x = batch
+        M = x.shape[0]
+        mu, logvar = _stacked_sequential(model.encoder, params, "encoder", x).chunk(2, dim=-1)
+    x_hat = _stacked_sequential(model.decoder, params, "decoder", reparameterise(mu, logvar, noise))
+    recon = model.reconstruction(x.flatten(0, 1), x_hat.flatten(0, 1)).view(M, -1).mean(dim=1)
+    kl = kl_normal(mu, logvar).sum(dim=-1).mean(dim=1)
+    return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+
+def _adam_update(p, g, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay, decoupled):
+    """One Adam/AdamW step on stacked tensors, the arithmetic of torch.optim.Adam's `_single_tensor_adam`
+    (Kingma & Ba 2015, Alg. 1) in cache-sized slices; element-wise, so bitwise each model's own Adam."""
+    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+    step_size, bias_correction2_sqrt = lr / bias_correction1, bias_correction2 ** 0.5
+    flat = (p.view(-1), g.reshape(-1), exp_avg.view(-1), exp_avg_sq.view(-1))
+    for i in range(0, flat[0].numel(), _ADAM_CHUNK):
+        p_i, g_i, m_i, v_i = (t[i:i + _ADAM_CHUNK] for t in flat)
+        if weight_decay:
+            if decoupled:  # AdamW (Loshchilov & Hutter 2019)
+                p_i.mul_(1 - lr * weight_decay)
+            else:
+                g_i = g_i.add(p_i, alpha=weight_decay)
+        m_i.lerp_(g_i, 1 - beta1)
+        v_i.mul_(beta2).addcmul_(g_i, g_i, value=1 - beta2)
+        denom = (v_i.sqrt() / bias_correction2_sqrt).add_(eps)
+        p_i.addcdiv_(m_i, denom, value=-step_size)
+
+
+def _per_model(value, n, what):
+    """A shared value (callable / dict / None) or a list of n of them -> a list of n."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"fit_parallel got {len(value)} {what} for {n} models")
+        return list(value)
+    return [value] * n
+
+
+def fit_parallel(models, batch_fn, *, steps, betas, seeds, folders, configs, paired, lr=1e-4, optimizer="adam",
+                 weight_decay=0.0, warmup_steps=0, grad_clip=1.0, device="cpu", checkpoint_every_s=120.0,
+                 log_every=50, progress=None, progress_every_s=5.0, extra=None):
+    """`fit` for M models at once: model m is trained as fit(models[m], batch_fn, beta=betas[m], seed=seeds[m],
+    folder=folders[m], config=configs[m], ...) would train it, with all weights stacked into (M, ...) tensors.
+
+    batch_fn (and extra) is shared by all models or a list with one per model; like in `fit` it must be a
+    pure function of (rng, step), so models with the same seed (β = 1 and β = 2) reuse one batch.
+    Each folder gets fit's checkpoint.pt and log.csv; finished models are skipped, checkpoints resume
+    (models at different steps are first brought level, the laggards trained alone in stacks).
+    `progress(dict)` gets fit's keys averaged over the models plus "models" and "model_steps_per_s".
+    A non-finite loss or gradient raises TrainingDiverged; every model keeps its last checkpoint.
+    Returns the final checkpoint of every model, in order.
+    """
+    n = len(models)
+    betas, seeds, folders, configs = (_per_model(v, n, w) for v, w in
+                                      ((betas, "betas"), (seeds, "seeds"), (folders, "folders"), (configs, "configs")))
+    fns, extras = _per_model(batch_fn, n, "batch_fns"), _per_model(extra, n, "extras")
+    _check_stackable(models)
+    if optimizer not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r} (adam or adamw)")
+    # Each model keeps its own torch optimiser: it only loads and writes the checkpoints in fit's exact format.
+    make_opt = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+    runs = []
+    for m, model in enumerate(models):
+        os.makedirs(folders[m], exist_ok=True)
+        model.to(device)
+        opt = make_opt([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        run = {"model": model, "opt": opt, "fn": fns[m], "seed": seeds[m], "beta": betas[m], "folder": folders[m],
+               "config": dict(configs[m], model=model_config(model)), "extra": extras[m], "start": 0,
+               "ckpt_path": os.path.join(folders[m], "checkpoint.pt"), "ckpt": None}
+        if os.path.exists(run["ckpt_path"]):
+            ckpt = load_checkpoint(run["ckpt_path"])
+            check_config(run["ckpt_path"], ckpt["config"], run["config"])
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            run["start"], run["ckpt"] = ckpt["step"], ckpt
+        runs.append(run)
+    # Bring every model to the same step: phase k trains the models that have reached the k-th distinct start.
+    starts = sorted({r["start"] for r in runs if r["start"] < steps})
+    for k, start in enumerate(starts):
+        stop = starts[k + 1] if k + 1 < len(starts) else steps
+        _fit_stacked([r for r in runs if r["start"] <= start], start, stop, steps=steps, paired=paired,
+                     warmup_steps=warmup_steps, grad_clip=grad_clip, device=device,
+                     checkpoint_every_s=checkpoint_every_s, log_every=log_every, progress=progress,
+                     progress_every_s=progress_every_s)
+    return [r["ckpt"] for r in runs]
+
+
+def _fit_stacked(runs, start, stop, *, steps, paired, warmup_steps, grad_clip, device, checkpoint_every_s,
+                 log_every, progress, progress_every_s):
+    """Train the models of `runs`, all at step `start`, to step `stop`; checkpoint them there."""
+    import numpy as np  # local, as in fit
+
+    M, template = len(runs), runs[0]["model"]
+    names = [k for k, p in template.named_parameters() if p.requires_grad]
+    # Stacked weights (M, ...) and Adam moments, copied from each model and its optimiser.
+    params, _ = torch.func.stack_module_state([r["model"] for r in runs])  # leaves on the models' device
+    params = {k: params[k] for k in names}
+    group = runs[0]["opt"].param_groups[0]
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    decoupled = group.get("decoupled_weight_decay", isinstance(runs[0]["opt"], torch.optim.AdamW))
+    states = [[r["opt"].state.get(p, {}) for p in r["model"].parameters() if p.requires_grad] for r in runs]
+    adam_steps = {float(s["step"]) if s else 0.0 for st in states for s in st}
+    if len(adam_steps) != 1:
+        raise ValueError(f"the optimisers of {', '.join(r['folder'] for r in runs)} are at different steps "
+                         f"{sorted(adam_steps)}; they cannot share one stack, drop --parallel-models")
+    adam_step = adam_steps.pop()
+    exp_avg = {k: torch.stack([st[i]["exp_avg"] if st[i] else torch.zeros_like(params[k][0]) for st in states])
+               for i, k in enumerate(names)}
+    exp_avg_sq = {k: torch.stack([st[i]["exp_avg_sq"] if st[i] else torch.zeros_like(params[k][0])
+                                  for st in states]) for i, k in enumerate(names)}
+    max_norm = grad_clip or float("inf")
+    latent_dim = template.config["latent_dim"]
+
+    def checkpoint(step):
+        """Copy model m of the stack back into runs[m]'s model and optimiser; write fit's checkpoint."""
+        with torch.no_grad():
+            for m, r in enumerate(runs):
+                own = dict(r["model"].named_parameters())
+                for k in names:
+                    own[k].copy_(params[k][m])
+                    r["opt"].state[own[k]] = {"step": torch.tensor(adam_step), "exp_avg": exp_avg[k][m].clone(),
+                                              "exp_avg_sq": exp_avg_sq[k][m].clone()}
+                r["ckpt"] = {"config": r["config"], "model": r["model"].state_dict(),
+                             "optimizer": r["opt"].state_dict(), "step": step, "done": step >= steps,
+                             **(r["extra"] or {})}
+                save_checkpoint(r["ckpt_path"], r["ckpt"])
+
+    t0 = last_ckpt = last_progress = time.time()
+    sums, n_sums = torch.zeros(M, 3, dtype=torch.float64), 0
+    logs = []
+    with contextlib.ExitStack() as files:
+        for r in runs:
+            log_path = os.path.join(r["folder"], "log.csv")
+            _trim_log(log_path, start)
+            new_log = not os.path.exists(log_path)
+            f = files.enter_context(open(log_path, "a", newline=""))
+            logs.append((f, csv.writer(f)))
+            if new_log:
+                logs[-1][1].writerow(["step", "loss", "recon", "kl", "beta", "seconds"])
+        for step in range(start, stop):
+            # Per (batch_fn, seed): fit's draws in fit's order: seed, batch from the numpy rng, then ε.
+            drawn, batches, noises = {}, [], []
+            for r in runs:
+                key = (id(r["fn"]), r["seed"])
+                if key not in drawn:
+                    torch.manual_seed(step_seed(r["seed"], step))
+                    batch = r["fn"](np.random.default_rng(step_seed(r["seed"], step)), step)
+                    n_noise = 2 * batch[0].shape[0] if paired else batch.shape[0]
+                    drawn[key] = (batch, torch.randn(n_noise, latent_dim, device=device))
+                batches.append(drawn[key][0])
+                noises.append(drawn[key][1])
+            batch = (tuple(torch.stack([b[i] for b in batches]).to(device) for i in range(2)) if paired
+                     else torch.stack(batches).to(device))
+            b = [beta_warmup(step, r["beta"], warmup_steps) for r in runs]
+            out = _stacked_losses(template, params, batch, torch.tensor(b, device=device), torch.stack(noises),
+                                  paired)
+            finite = torch.isfinite(out["loss"])
+            if not finite.all():
+                m = int((~finite).nonzero()[0])
+                r = runs[m]
+                raise TrainingDiverged(
+                    f"loss became {out['loss'][m].item()} at step {step} (seed {r['seed']}, beta {r['beta']}); the "
+                    f"last good checkpoint is kept in {r['folder']}; lower --lr or check the input data")
+            for p in params.values():
+                p.grad = None
+            out["loss"].sum().backward()  # d(Σ_m loss_m)/d(loss_m) = 1: each model gets its own gradient
+            with torch.no_grad():
+                grads = [params[k].grad for k in names]
+                # Gradient-norm clipping per model, with clip_grad_norm_'s own norm routine (model by model,
+                # so the reduction order is fit's), then one broadcast multiply for all models.
+                grad_norm = torch.stack([torch.nn.utils.get_total_norm([g[m] for g in grads], 2.0)
+                                         for m in range(M)])
+                finite = torch.isfinite(grad_norm)
+                if not finite.all():
+                    m = int((~finite).nonzero()[0])
+                    r = runs[m]
+                    raise TrainingDiverged(
+                        f"gradient became {grad_norm[m].item()} at step {step} (seed {r['seed']}, beta {r['beta']}); "
+                        f"the last good checkpoint is kept in {r['folder']}; lower --lr or check the input data")
+                coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
+                adam_step += 1
+                for k, g in zip(names, grads):
+                    g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+                    _adam_update(params[k], g, exp_avg[k], exp_avg_sq[k], step=adam_step, lr=lr, beta1=beta1,
+                                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
+            sums += torch.stack([out[k].detach() for k in ("loss", "recon", "kl")], dim=1).double()
+            n_sums += 1
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                for m, (f, log) in enumerate(logs):
+                    log.writerow([done] + [f"{v / n_sums:.6g}" for v in sums[m].tolist()]
+                                 + [f"{b[m]:.4g}", f"{time.time() - t0:.1f}"])
+                    f.flush()
+            now = time.time()
+            if progress and (now - last_progress >= progress_every_s or done == steps):
+                rate = (done - start) / max(now - t0, 1e-9)
+                mean = (sums / n_sums).mean(dim=0).tolist()
+                progress({"step": done, "steps": steps, "loss": mean[0], "recon": mean[1], "kl": mean[2],
+                          "beta": sum(b) / M, "steps_per_s": rate, "eta_s": (steps - done) / max(rate, 1e-9),
+                          "models": M, "model_steps_per_s": M * rate})
+                last_progress = now
+            if done % log_every == 0:
+                sums, n_sums = torch.zeros(M, 3, dtype=torch.float64), 0
+            if now - last_ckpt >= checkpoint_every_s and done < stop:
+                checkpoint(done)
+                last_ckpt = now
+    checkpoint(stop)
+    for r in runs:
+        r["start"] = stop
