@@ -1,0 +1,629 @@
+"""Speed and memory benchmarks of every stage of the pipeline (issue 6), against references measured in
+the same run on the same machine.
+
+    python bench.py            # full workloads (long on a 2-core CPU), writes bench.json
+    python bench.py --quick    # small workloads, < 3 minutes on 2 cores
+    python bench.py --device cuda --out bench-gpu.json
+
+Every entry of bench.json is {"value", "unit", "workload": {batch, shapes, threads, device, dtype, ...}}.
+Timings are the BEST of a few repetitions (the least disturbed by other processes); pairs that are
+compared (our ViT vs torchvision's, sequential vs vectorised sweep, ...) are measured interleaved so that
+load from other processes hits both alike. The table prints ratios against the targets of issue 6.
+
+FLOP conventions: `matmul_gflops` counts 2·n³ per n×n matmul (a multiply and an add). The issue's
+17.6 "GFLOP" per ViT-B/16 image is the usual multiply-accumulate count (fvcore convention); the same
+image costs 35.2 GFLOP when counted like the matmul. `vit_gflops_fp32` uses 17.6 as the issue asks;
+`vit_gflops_fp32_2mac` counts like the matmul. `feature_vae_gflops` counts fwd + bwd with
+torch.utils.flop_counter (2 per multiply-accumulate, like the matmul).
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import drl
+import metrics
+import se2
+
+MACS_PER_IMAGE = drl.VIT_B16_GFLOP      # 17.6 G multiply-accumulates per 224×224 image (issue 6)
+# Targets of issue 6: key -> (reference key or None, op, bound, what).
+TARGETS = {
+    "vit_img_s_fp32": ("torchvision_vit_img_s_fp32", ">=", 1.0, "ours / torchvision"),
+    "vit_max_abs_diff_vs_torchvision": (None, "<=", 1e-4, "max |ours - tv|"),
+    "vit_gflops_fp32": ("matmul_gflops", ">=", 0.5, "GFLOP/s (17.6/img) / matmul"),
+    "vit_gflops_fp32_2mac": ("matmul_gflops", ">=", 0.5, "GFLOP/s (35.2/img) / matmul"),
+    "vit_img_s_bf16": ("vit_img_s_fp32", ">=", 2.5, "bf16 / fp32"),
+    "vit_bf16_cosine_vs_fp32": (None, ">=", 0.999, "min cosine"),
+    "feature_vae_gflops": ("matmul_gflops", ">=", 0.4, "GFLOP/s / matmul"),
+    "sweep_models_steps_s_vectorised": ("sweep_models_steps_s_sequential", ">=", 1.5, "vectorised / seq."),
+    "metrics_s": (None, "<", 60.0, "seconds"),
+    "extract_peak_rss_mb": (None, "<=", 2048.0, "MB"),
+    "se2_groupconv_ms": ("conv_equal_maps_ms", None, None, "SE(2,8) / plain conv"),
+    "e2cnn_r2conv_ms": ("se2_groupconv_ms", None, None, "e2cnn / ours"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(fns, reps, device, warmup=1):
+    """Run each fn of `fns` (a dict name -> fn) `warmup` times, then `reps` rounds interleaved; returns
+    name -> list of seconds. Interleaving makes a noisy neighbour slow all candidates alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def entry(value, unit, workload, **extra):
+    return {"value": value, "unit": unit, "workload": workload, **extra}
+
+
+def workload(args, **kw):
+    return {"threads": torch.get_num_threads(), "device": args.device, **kw}
+
+
+def timing_stats(ts):
+    return {"best_s": min(ts), "median_s": statistics.median(ts), "reps": len(ts)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. The ceiling: a large fp32 matmul
+# ---------------------------------------------------------------------------------------------------
+
+def bench_matmul(args):
+    n = 2048 if args.quick else 4096
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(args.device)
+    b = torch.randn(n, n, generator=g).to(args.device)
+    # a loop of `loop` products per timing (about a second on a CPU), so that the ceiling sees the same
+    # load from other processes as the multi-second ViT batches it is compared with
+    loop = 50 if torch.device(args.device).type == "cuda" else (3 if args.quick else 1)
+    reps = 3 if args.quick else 5
+
+    def run():
+        for _ in range(loop):
+            a @ b
+    ts = best_times({"mm": run}, reps, args.device)["mm"]
+    return {"matmul_gflops": entry(loop * 2 * n ** 3 / min(ts) / 1e9, "GFLOP/s",
+                                   workload(args, shapes=f"({n},{n}) @ ({n},{n})", dtype="float32",
+                                            flops="2n^3", products_per_timing=loop,
+                                            tf32=torch.backends.cuda.matmul.allow_tf32),
+                                   **timing_stats(ts))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. ViT-B/16: ours vs torchvision on the same weights, fp32 and bf16
+# ---------------------------------------------------------------------------------------------------
+
+def vit_weights(args):
+    """Our ViT-B/16 with DINO weights when they resolve without a download, else random init (speed
+    does not depend on the values)."""
+    try:
+        path, how = drl.resolve_dino_weights(args.dino_weights, download=False)
+        return drl.load_dino(path, device=args.device), f"DINO ({how})"
+    except (FileNotFoundError, ValueError):
+        torch.manual_seed(0)
+        return drl.vit_base().to(args.device).eval().requires_grad_(False), "random init (no DINO weights)"
+
+
+def bf16_supported(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return drl.cpu_bf16_supported()
+
+
+def bench_vit(args, source):
+    model, weights = vit_weights(args)
+    tv = drl.torchvision_reference(model)
+    cuda = torch.device(args.device).type == "cuda"
+    batch = 64 if cuda else (4 if args.quick else 32)
+    reps = (10 if cuda else 2) if args.quick else (20 if cuda else 3)
+    idx = np.random.default_rng(0).choice(len(source), batch, replace=False)
+    x = drl.preprocess_images(source.images(idx), args.device)
+    feats = {}
+
+    def run(name, net, inp=x):  # keeps the output, so no extra forward is needed for the comparison
+        feats[name] = net(inp)
+    with torch.inference_mode():
+        # on a CPU the first of the interleaved rounds is the warm-up (best-of ignores it)
+        ts = best_times({"ours": lambda: run("ours", model), "tv": lambda: run("tv", tv)}, reps, args.device,
+                        warmup=1 if cuda else 0)
+    f32, f_tv = feats["ours"], feats["tv"]
+    wl = workload(args, batch=batch, shapes=f"({batch},3,224,224)", dtype="float32", weights=weights,
+                  input="Texture-dSprites, preprocessed", mode="inference_mode")
+    ours = batch / min(ts["ours"])
+    out = {
+        "vit_img_s_fp32": entry(ours, "images/s", wl, **timing_stats(ts["ours"])),
+        "torchvision_vit_img_s_fp32": entry(batch / min(ts["tv"]), "images/s",
+                                            {**wl, "model": "torchvision vit_b_16, our weights via "
+                                                            "drl.torchvision_reference"}, **timing_stats(ts["tv"])),
+        "vit_gflops_fp32": entry(ours * MACS_PER_IMAGE, "GFLOP/s", {**wl, "flops_per_image": "17.6e9 (MACs)"}),
+        "vit_gflops_fp32_2mac": entry(ours * 2 * MACS_PER_IMAGE, "GFLOP/s",
+                                      {**wl, "flops_per_image": "35.2e9 (2 x MACs, like matmul_gflops)"}),
+        "vit_max_abs_diff_vs_torchvision": entry((f32 - f_tv).abs().max().item(), "abs",
+                                                 {**wl, "output": "CLS after final norm (768)"}),
+    }
+    # bf16 autocast: on a CPU without native bf16 it is emulated (slow), so a smaller batch suffices.
+    supported = bf16_supported(args.device)
+    b16 = batch if supported else (1 if args.quick else 2)
+    xb = x[:b16]
+    with torch.inference_mode(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+        ts16 = best_times({"bf16": lambda: run("bf16", model, xb)}, reps if supported else 1, args.device,
+                          warmup=1 if supported else 0)["bf16"]
+    f16 = feats["bf16"].float()
+    cos = torch.nn.functional.cosine_similarity(f16, f32[:b16], dim=1)
+    wl16 = {**wl, "batch": b16, "shapes": f"({b16},3,224,224)", "dtype": "bfloat16 autocast",
+            "bf16_supported": supported}
+    note = {} if supported else {"note": "bf16 not supported on this CPU (emulated, slower than fp32)"}
+    out["vit_img_s_bf16"] = entry(b16 / min(ts16), "images/s", wl16, **timing_stats(ts16), **note)
+    out["vit_bf16_cosine_vs_fp32"] = entry(cos.min().item(), "cosine", wl16, mean=cos.mean().item())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Rendering Texture-dSprites + ViT preprocessing
+# ---------------------------------------------------------------------------------------------------
+
+def bench_render(args, source):
+    batch = 64
+    reps = 5 if args.quick else 20
+    rng = np.random.default_rng(0)
+    f = data.sample_factors(source.factor_sizes, batch, rng)
+    source.render(f[:1])  # masks are built on first use
+    ts = best_times({"render": lambda: source.render(f),
+                     "both": lambda: drl.preprocess_images(source.render(f), args.device)}, reps, args.device)
+    wl = workload(args, batch=batch, shapes=f"uint8 ({batch},64,64,3) -> float32 ({batch},3,224,224)",
+                  dtype="float32", steps="render + /255 + antialiased bilinear resize + ImageNet normalise")
+    return {"render_img_s": entry(batch / min(ts["both"]), "images/s", wl, **timing_stats(ts["both"]),
+                                  render_only_img_s=batch / min(ts["render"]))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. VAE training steps (the step of drl.fit: loss, backward, clip 1.0, Adam)
+# ---------------------------------------------------------------------------------------------------
+
+def train_step(model, opt, x1, x2, beta):
+    out = model.pair_loss(x1, x2, beta)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return out["loss"].item()
+
+
+def step_flops(model, x1, x2, beta):
+    """FLOPs of one forward + backward (torch.utils.flop_counter: 2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    probe = copy.deepcopy(model)
+    with FlopCounterMode(display=False) as counter:
+        probe.pair_loss(x1, x2, beta)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def bench_vae_steps(args):
+    torch.manual_seed(0)
+    pairs = 64
+    steps = 4 if args.quick else 50
+    feat = drl.FeatureVAE().to(args.device)
+    conv = drl.ConvVAE().to(args.device)
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = (torch.randn(pairs, 768, generator=g).to(args.device) for _ in range(2))
+    p1, p2 = (torch.rand(pairs, 3, 64, 64, generator=g).to(args.device) for _ in range(2))
+    opts = {m: torch.optim.Adam(m.parameters(), lr=1e-4) for m in (feat, conv)}
+    conv_steps = 2 if args.quick else 20
+    t_feat = best_times({"f": lambda: [train_step(feat, opts[feat], f1, f2, 1.0) for _ in range(steps)]},
+                        2 if args.quick else 5, args.device)["f"]
+    t_conv = best_times({"c": lambda: [train_step(conv, opts[conv], p1, p2, 1.0) for _ in range(conv_steps)]},
+                        2 if args.quick else 3, args.device, warmup=0 if args.quick else 1)["c"]
+    flops = step_flops(feat, f1, f2, 1.0)
+    feat_rate = steps / min(t_feat)
+    common = dict(pairs=pairs, dtype="float32", step="Ada-GVAE pair_loss + backward + clip 1.0 + Adam")
+    wl_f = workload(args, batch=f"{pairs} pairs", shapes="2 x (64,768)", model="FeatureVAE(768,512,10)",
+                    steps_timed=steps, **common)
+    return {
+        "feature_vae_steps_s": entry(feat_rate, "steps/s", wl_f, best_s=min(t_feat)),
+        "feature_vae_gflops": entry(feat_rate * flops / 1e9, "GFLOP/s",
+                                    {**wl_f, "flops_per_step": flops, "flops": "fwd+bwd, flop_counter"}),
+        "conv_vae_steps_s": entry(conv_steps / min(t_conv), "steps/s",
+                                  workload(args, batch=f"{pairs} pairs", shapes="2 x (64,3,64,64)",
+                                           model="ConvVAE(10)", steps_timed=conv_steps,
+                                           data="pre-rendered batch", **common), best_s=min(t_conv)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. A sweep of N FeatureVAEs: sequential vs stacked weights (torch.func)
+# ---------------------------------------------------------------------------------------------------
+
+class _PairLoss(nn.Module):
+    """forward = the Ada-GVAE loss of one model, so torch.func.functional_call can run it."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x1, x2, beta, noise):
+        return self.vae.pair_loss(x1, x2, beta, noise=noise)["loss"]
+
+
+def _clip_per_model(grads, max_norm):
+    """clip_grad_norm_ of each model separately on stacked grads (model = leading axis), like
+    torch.nn.utils.clip_grad_norm_: g *= min(1, max_norm / (‖g‖ + 1e-6))."""
+    norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+
+
+def train_sequential(models, x1, x2, noise, beta, steps, lr=1e-4):
+    """Model i trains on x1[i], x2[i] (pairs, 768) with ε = noise[i]; plain loop, one model at a time."""
+    for i, m in enumerate(models):
+        opt = torch.optim.Adam(m.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = m.pair_loss(x1[i], x2[i], beta, noise=noise[i])["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+    return models
+
+
+def train_vectorised(models, x1, x2, noise, beta, steps, lr=1e-4):
+    """The same training for all models at once: weights stacked along a leading model axis
+    (torch.func.stack_module_state), the loss vmapped over it; the losses are summed for backward (the
+    models are independent, so each gets its own gradient), clipped per model, and one Adam steps the
+    stacked tensors (Adam is elementwise, so this is each model's own Adam). Returns the trained models."""
+    from torch.func import functional_call, stack_module_state, vmap
+    wrapped = [_PairLoss(m) for m in models]
+    params, buffers = stack_module_state(wrapped)
+    base = copy.deepcopy(wrapped[0]).to("meta")
+
+    def loss_one(p, b, a1, a2, eps):
+        return functional_call(base, (p, b), (a1, a2, beta, eps))
+
+    loss_all = vmap(loss_one)
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    for _ in range(steps):
+        losses = loss_all(params, buffers, x1, x2, noise)
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        _clip_per_model([p.grad for p in params.values()], 1.0)
+        opt.step()
+    with torch.no_grad():
+        for i, w in enumerate(wrapped):
+            for name, p in w.named_parameters():
+                p.copy_(params[name][i])
+    return models
+
+
+def bench_sweep(args):
+    n_models = 4 if args.quick else 20
+    steps = 3 if args.quick else 20
+    pairs, latent = 64, 10
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(n_models, pairs, 768, generator=g).to(args.device) for _ in range(2))
+    noise = torch.randn(n_models, 2 * pairs, latent, generator=g).to(args.device)
+
+    def fresh():  # model i is initialised from seed i, as in a sweep
+        models = []
+        for seed in range(n_models):
+            torch.manual_seed(seed)
+            models.append(drl.FeatureVAE(latent_dim=latent).to(args.device))
+        return models
+
+    if hasattr(drl, "fit_parallel"):  # the real training loops: drl.fit per model vs drl.fit_parallel
+        how_seq, how_vec = "drl.fit, one model after another", "drl.fit_parallel (stacked weights)"
+        bank = torch.randn(4096, 768, generator=g).to(args.device)
+        seeds = [s // 2 for s in range(n_models)]          # seeds × β ∈ {1, 2}, as in a sweep
+        betas = [1.0 + s % 2 for s in range(n_models)]
+
+        def batch_fn(rng, step):
+            i = torch.as_tensor(rng.integers(0, len(bank), (2, pairs)), device=bank.device)
+            return bank[i[0]], bank[i[1]]
+
+        def fit_kw(tmp, i):
+            return dict(steps=steps, folder=os.path.join(tmp, str(i)), config={"bench": i}, paired=True,
+                        device=args.device, checkpoint_every_s=1e9)
+
+        def seq():
+            with tempfile.TemporaryDirectory() as tmp:
+                for i, m in enumerate(fresh()):
+                    drl.fit(m, batch_fn, beta=betas[i], seed=seeds[i], **fit_kw(tmp, i))
+
+        def vec():
+            with tempfile.TemporaryDirectory() as tmp:
+                kws = [fit_kw(tmp, i) for i in range(n_models)]
+                drl.fit_parallel(fresh(), batch_fn, steps=steps, betas=betas, seeds=seeds, paired=True,
+                                 folders=[k["folder"] for k in kws], configs=[k["config"] for k in kws],
+                                 device=args.device, checkpoint_every_s=1e9)
+        includes = "model construction, batch sampling, final checkpoint + log of every model"
+    else:
+        how_seq, how_vec = "bench.train_sequential", ("bench.train_vectorised (torch.func stack_module_state + "
+                                                      "vmap + functional_call)")
+        seq = lambda: train_sequential(fresh(), x1, x2, noise, 1.0, steps)  # noqa: E731
+        vec = lambda: train_vectorised(fresh(), x1, x2, noise, 1.0, steps)  # noqa: E731
+        includes = "model construction"
+    ts = best_times({"seq": seq, "vec": vec}, 2 if args.quick else 3, args.device, warmup=0 if args.quick else 1)
+    wl = workload(args, models=n_models, steps_per_model=steps, batch=f"{pairs} pairs",
+                  model="FeatureVAE(768,512,10)", dtype="float32",
+                  step="Ada-GVAE pair_loss + backward + per-model clip 1.0 + Adam", includes=includes)
+    total = n_models * steps
+    return {"sweep_models_steps_s_sequential": entry(total / min(ts["seq"]), "model-steps/s",
+                                                     {**wl, "how": how_seq},
+                                                     **timing_stats(ts["seq"])),
+            "sweep_models_steps_s_vectorised": entry(total / min(ts["vec"]), "model-steps/s", {**wl, "how": how_vec},
+                                                     **timing_stats(ts["vec"]))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. DCI + MIG + OMES of one model (Φ path: features cached, so encoding is a lookup + the VAE encoder)
+# ---------------------------------------------------------------------------------------------------
+
+class _IndexSource:
+    """A Texture-dSprites factor grid whose 'images' are flat indices into a cached feature bank."""
+    factor_sizes = data.FACTOR_SIZES
+
+    def render(self, factors):
+        return np.ravel_multi_index(np.asarray(factors).T, self.factor_sizes)
+
+
+def bench_metrics(args):
+    """The feature bank stands in for cached Φ: a random linear image of the one-hot factors plus noise, so the
+    codes carry the factors as a trained model's would; the random encoder's last layer is rescaled so that
+    μ has unit spread (a fresh encoder's μ is nearly constant and every dim would count as inactive)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = data.FACTOR_SIZES
+    factors = torch.as_tensor(data.TextureDSprites().index_to_factors(np.arange(int(np.prod(sizes)))))
+    onehot = torch.cat([F.one_hot(factors[:, k], s).float() for k, s in enumerate(sizes)], dim=1)
+    bank = onehot @ torch.randn(sum(sizes), 768, generator=g) + 0.5 * torch.randn(len(onehot), 768, generator=g)
+    torch.manual_seed(0)
+    model = drl.FeatureVAE().eval()
+    with torch.no_grad():
+        last = model.encoder[-1]
+        spread = model.representation(bank[:2000]).std(0)
+        last.weight[:10] /= spread[:, None]
+        last.bias[:10] /= spread
+
+    def encode(idx):
+        return model.representation(bank[torch.as_tensor(idx)]).numpy()
+
+    kw = dict(n_train=1000, n_test=500) if args.quick else {}
+    t0 = time.perf_counter()
+    scores = metrics.disentanglement_scores(encode, _IndexSource(), seed=0, **kw)
+    dt = time.perf_counter() - t0
+    wl = workload(args, model="FeatureVAE(768,512,10), random weights, synthetic feature bank (25200,768)",
+                  n_train=scores["n_train"], n_test=scores["n_test"], omes_pairs=scores["omes"]["pairs"],
+                  dci_method="gbt", dtype="float64 codes", device="cpu (scikit-learn)",
+                  defaults=not args.quick)
+    return {"metrics_s": entry(dt, "s", wl)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. SE(2,8) group conv vs a plain conv with as many feature maps vs e2cnn (fwd + bwd)
+# ---------------------------------------------------------------------------------------------------
+
+def bench_convs(args):
+    fields, N, k = 16, 8, 5
+    batch = 4 if args.quick else 16
+    reps = 3 if args.quick else 5
+    torch.manual_seed(0)
+    gconv = se2.GroupConv2d(fields, fields, k, N).to(args.device)
+    plain = nn.Conv2d(fields * N, fields * N, k, padding=k // 2).to(args.device)
+    xg = torch.randn(batch, fields, N, 64, 64, device=args.device, requires_grad=True)
+    xp = torch.randn(batch, fields * N, 64, 64, device=args.device, requires_grad=True)
+    fns = {"se2": lambda: gconv(xg).sum().backward(), "plain": lambda: plain(xp).sum().backward()}
+    e2 = None
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from e2cnn import gspaces, nn as enn
+            gs = gspaces.Rot2dOnR2(N)
+            ftype = enn.FieldType(gs, fields * [gs.regular_repr])
+            e2 = enn.R2Conv(ftype, ftype, k, padding=k // 2).to(args.device)
+            xe = enn.GeometricTensor(torch.randn(batch, fields * N, 64, 64, device=args.device,
+                                                 requires_grad=True), ftype)
+        fns["e2cnn"] = lambda: e2(xe).tensor.sum().backward()
+    except ImportError:
+        pass
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = best_times(fns, reps, args.device)
+    wl = workload(args, batch=batch, shapes=f"({batch},{fields}x{N},64,64)", kernel=f"{k}x{k}", dtype="float32",
+                  timed="forward + backward")
+    out = {"se2_groupconv_ms": entry(1e3 * min(ts["se2"]), "ms",
+                                     {**wl, "layer": f"se2.GroupConv2d({fields},{fields},{k},{N})"}),
+           "conv_equal_maps_ms": entry(1e3 * min(ts["plain"]), "ms",
+                                       {**wl, "layer": f"nn.Conv2d({fields * N},{fields * N},{k})"})}
+    out["e2cnn_r2conv_ms"] = (entry(1e3 * min(ts["e2cnn"]), "ms",
+                                    {**wl, "layer": f"e2cnn R2Conv {fields} regular C{N} fields"})
+                              if "e2cnn" in ts else entry(None, "ms", wl, note="e2cnn not installed"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. Peak memory of streaming the 25,200 source features to the memmap (in a fresh subprocess)
+# ---------------------------------------------------------------------------------------------------
+
+def peak_rss_mb():
+    """Peak resident memory of this process in MB: VmHWM of /proc/self/status on Linux. (ru_maxrss is no
+    good in a subprocess: Linux carries the parent's peak at fork across exec into the child's ru_maxrss.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2 ** 20)
+
+
+def extract_child(spec):
+    """Run in the subprocess: extract features for spec["n"] Texture-dSprites images; print JSON."""
+    torch.set_num_threads(spec["threads"])
+    source = data.TextureDSprites()
+    torch.manual_seed(0)
+    model = drl.VisionTransformer(**spec["config"]).to(spec["device"]).eval().requires_grad_(False)
+    base = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        feats = drl.extract_features(model, source.images, spec["n"], os.path.join(tmp, "phi.npy"),
+                                     batch_size=spec["batch"], device=spec["device"])
+        dt = time.perf_counter() - t0
+        shape = list(feats.shape)
+        del feats
+    peak = peak_rss_mb()
+    print(json.dumps({"peak_rss_mb": peak, "rss_before_extract_mb": base, "seconds": dt, "shape": shape}))
+
+
+def bench_extract(args):
+    cuda = torch.device(args.device).type == "cuda"
+    n_all = len(data.TextureDSprites())
+    if args.quick:  # the streaming pipeline (render, preprocess, memmap) with a cheap model, 1/6 of the grid
+        config, what = dict(embed_dim=64, depth=1, num_heads=2), "small random-weight ViT (dim 64, depth 1, /16)"
+        n = 4096
+    else:
+        config, what = dict(drl.VIT_B16_CONFIG), "ViT-B/16 (random weights)"
+        n = n_all if cuda else 256  # ViT-B on 25,200 images takes hours on a 2-core CPU
+    spec = dict(config=config, n=n, batch=64, device=args.device, threads=torch.get_num_threads())
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--extract-child", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ValueError(f"extraction subprocess failed: {proc.stderr.strip().splitlines()[-1:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    wl = workload(args, images=n, batch=64, model=what, dtype="float32", shapes=f"memmap {tuple(res['shape'])}",
+                  source="Texture-dSprites rendered on the fly, 64 -> 224", process="fresh subprocess, VmHWM")
+    extra = {}
+    if n < n_all or res["shape"][1] < 768:  # + every page of a full (25200, 768) float32 memmap, at most
+        extra["upper_bound_25200_vitb_memmap_mb"] = res["peak_rss_mb"] + n_all * 768 * 4 / 2 ** 20
+    return {"extract_peak_rss_mb": entry(res["peak_rss_mb"], "MB", wl, rss_before_extract_mb=res["rss_before_extract_mb"],
+                                         seconds=res["seconds"], images_s=n / res["seconds"], **extra)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Table, JSON, main
+# ---------------------------------------------------------------------------------------------------
+
+def verdict(key, results):
+    """(ratio text, PASS/FAIL/info text) for a key with a target."""
+    ref, op, bound, what = TARGETS[key]
+    v = results[key]["value"]
+    if key == "vit_img_s_bf16" and not results[key]["workload"].get("bf16_supported", True):
+        return "", "n/a: bf16 not supported on this " + ("GPU" if "cuda" in str(results[key]["workload"]["device"])
+                                                         else "CPU")
+    if v is None or (ref is not None and (ref not in results or results[ref]["value"] in (None, 0))):
+        return "", "n/a"
+    x = v / results[ref]["value"] if ref else v
+    text = f"{what} = {x:.3g}"
+    if op is None:
+        return text, "info"
+    ok = {">=": x >= bound, "<=": x <= bound, "<": x < bound}[op]
+    return text, f"{'PASS' if ok else 'FAIL'} ({op} {bound:g})"
+
+
+def short(wl):
+    keep = ("batch", "shapes", "models", "images", "model", "dtype", "threads", "device")
+    return ", ".join(f"{k}={wl[k]}" for k in keep if k in wl)
+
+
+def table(results):
+    lines = [f"{'key':34} {'value':>12} {'unit':14} {'ratio / target':42} workload"]
+    for k, e in results.items():
+        v = e["value"]
+        vs = "null" if v is None else (f"{v:.3e}" if 0 < abs(v) < 1e-2 else f"{v:.4g}")
+        ratio, ok = verdict(k, results) if k in TARGETS else ("", "")
+        lines.append(f"{k:34} {vs:>12} {e['unit']:14} {(ratio + ' ' + ok).strip():42} {short(e['workload'])}")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small workloads (< 3 min on 2 cores)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="bench.json", help="JSON output (written atomically)")
+    p.add_argument("--dino-weights", default=None, help="DINO ViT-B/16 weights (else hub cache, else random)")
+    p.add_argument("--only", default=None, help="comma list of stages: matmul,vit,render,vae,sweep,metrics,"
+                                                "convs,extract")
+    p.add_argument("--extract-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.extract_child:
+        extract_child(json.loads(args.extract_child))
+        return 0
+    try:
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but CUDA is not available; use --device cpu")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        source = data.TextureDSprites()
+        stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, source),
+                  "render": lambda: bench_render(args, source), "vae": lambda: bench_vae_steps(args),
+                  "sweep": lambda: bench_sweep(args), "metrics": lambda: bench_metrics(args),
+                  "convs": lambda: bench_convs(args), "extract": lambda: bench_extract(args)}
+        only = args.only.split(",") if args.only else list(stages)
+        unknown = [s for s in only if s not in stages]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r} in --only; choose from {','.join(stages)}")
+        results, t_start = {}, time.perf_counter()
+        for name in only:
+            t0 = time.perf_counter()
+            results.update(stages[name]())
+            print(f"[{name}: {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+                   "cpu_bf16_supported": drl.cpu_bf16_supported(), "quick": args.quick,
+                   "gpu": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
+                   "seconds": time.perf_counter() - t_start,
+                   "command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        for k, e in results.items():
+            if k in TARGETS:
+                e["target"] = verdict(k, results)[1]
+        print(table(results))
+        write_json(args.out, {"machine": machine, **results})
+        print(f"wrote {args.out} ({machine['seconds']:.0f} s)")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
