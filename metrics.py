@@ -310,11 +310,17 @@ def _gbt_predict(model, X=None):
     return (raw[0] > 0).astype(np.int64) if model.K == 1 else raw.argmax(axis=0)
 
 
+def _fit_gbt(z, y, max_depth):
+    """An _ExactGBT on labels encoded like sklearn's LabelEncoder (the sorted train classes).
+    Returns (model, classes): classes[_gbt_predict(model, X)] are the predicted labels."""
+    classes, y_enc = np.unique(y, return_inverse=True)
+    return _ExactGBT(max_depth=max_depth).fit(z, y_enc), classes
+
+
 def _fit_factor(z_train, t_train, z_test, t_test, seed, method):
     """One classifier for one factor: (|importances| over codes, train accuracy, test accuracy)."""
     if method == "gbt":        # disentanglement_lib's GradientBoostingClassifier(), numpy re-implementation
-        classes, t_enc = np.unique(t_train, return_inverse=True)   # sklearn's LabelEncoder: train classes
-        model = _ExactGBT().fit(z_train, t_enc)
+        model, classes = _fit_gbt(z_train, t_train, max_depth=3)
         importance = np.abs(model.feature_importances_)
         p_train, p_test = classes[_gbt_predict(model)], classes[_gbt_predict(model, z_test)]
     elif method == "sklearn":  # the same model fitted by scikit-learn itself (reference; ~5x slower)
@@ -704,8 +710,9 @@ def downstream_accuracy(z_train, y_train, z_test, y_test, seed=0, *, mlp_max_ite
     """Target classification from codes (paper Table II/V; anchor-official §6).
 
     GBT: GradientBoostingClassifier(learning_rate=0.1, max_depth=4), 100 trees, on the raw codes, fitted by
-    `_ExactGBT` (the same trees as scikit-learn's, see there). MLP: MLPClassifier(hidden_layer_sizes=(256, 256), alpha=1e-7, random_state=seed) on inputs
-    standardised with the train mean/std. Deviation from the official MLP (learning_rate_init=1e-4, tol=1e-7,
+    `_ExactGBT` (the same trees as scikit-learn's, see there).
+    MLP: MLPClassifier(hidden_layer_sizes=(256, 256), alpha=1e-7, random_state=seed) on inputs standardised
+    with the train mean/std. Deviation from the official MLP (learning_rate_init=1e-4, tol=1e-7,
     max_iter=1e6, i.e. train until the loss stops moving): we use Adam learning_rate_init=1e-3, tol=1e-4,
     max_iter=mlp_max_iter (300), n_iter_no_change=10, which converges in seconds to a minute on 2 cores;
     `mlp_converged` says whether it stopped on its own.
@@ -719,8 +726,7 @@ def downstream_accuracy(z_train, y_train, z_test, y_test, seed=0, *, mlp_max_ite
         raise ValueError(f"z_train has {z_train.shape[1]} dims but z_test has {z_test.shape[1]}")
     if len(np.unique(y_train)) < 2:
         raise ValueError("downstream_accuracy needs at least 2 classes in y_train")
-    classes, y_enc = np.unique(y_train, return_inverse=True)    # sklearn's LabelEncoder: the train classes
-    gbt = _ExactGBT(learning_rate=0.1, max_depth=4).fit(z_train, y_enc)    # = sklearn's, ~5x faster
+    gbt, classes = _fit_gbt(z_train, y_train, max_depth=4)    # sklearn's algorithm, ~5x faster
     scaler = StandardScaler().fit(z_train)
     mlp = MLPClassifier(hidden_layer_sizes=(256, 256), alpha=1e-7, learning_rate_init=1e-3, tol=1e-4,
                         max_iter=mlp_max_iter, random_state=seed)
@@ -872,8 +878,7 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
     loo = nn.kneighbors(z_known, n_neighbors=k + 1)[0][:, 1:].mean(axis=1)  # drop the sample itself
     threshold = float(np.quantile(loo, quantile))
     score = nn.kneighbors(z_test, n_neighbors=k)[0].mean(axis=1)
-    known_classes, y_enc = np.unique(y_known, return_inverse=True)
-    gbt = _ExactGBT(learning_rate=0.1, max_depth=4).fit(z_known, y_enc)      # the downstream classifier
+    gbt, known_classes = _fit_gbt(z_known, y_known, max_depth=4)   # the downstream classifier
     pred = known_classes[_gbt_predict(gbt, z_test[held])]
     labels, counts = np.unique(pred, return_counts=True)
     assigned = labels[np.argmax(counts)]
