@@ -2830,11 +2830,11 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     """The whole pipeline at toy size: source → finetune → evaluate with a held-out class."""
     monkeypatch.setattr(data, "SYNTHETIC_N", 1000)   # 800 train / 200 test images keep this under 3 min
     out = tmp_path / "r"
-    argv = ["--target", "synthetic-cells", "--quick", "--out", str(out), "--steps", "150", "--epochs", "2",
+    argv = ["--target", "synthetic-cells", "--quick", "--out", str(out), "--steps", "150", "--epochs", "5",
             "--n-train", "600", "--n-test", "300", "--dci", "hist", "--holdout-class", "negative"]
     code, stdout, err = run_script(evaluate.main, argv, capsys)
     assert code == 0, err
-    folder = out / "eval/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-2ep"
+    folder = out / "eval/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-5ep"
     res = json.loads((folder / "results.json").read_text())
     report = (folder / "report.md").read_text()
     assert res["backbone"] == "pixels" and "**pixels**" in report
@@ -2846,7 +2846,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     for m in res["models"]:
         src_path = out / f"source/pixels-conv-adagvae-z10-150steps/beta1-seed{m['seed']}/checkpoint.pt"
         src = drl.load_checkpoint(str(src_path))
-        ft_dir = out / f"finetune/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-2ep/beta1-seed{m['seed']}"
+        ft_dir = out / f"finetune/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-5ep/beta1-seed{m['seed']}"
         ft = drl.load_checkpoint(str(ft_dir / "checkpoint.pt"))
         assert any(not torch.equal(src["model"][k], ft["model"][k]) for k in src["model"])
         losses = []
