@@ -672,6 +672,12 @@ class TrainingDiverged(ValueError):
     """A non-finite loss: the step is not applied and the last good checkpoint is kept."""
 
 
+def _diverged(what, value, step, seed, beta, folder):
+    """The one-line error for a non-finite loss or gradient norm."""
+    return TrainingDiverged(f"{what} became {value} at step {step} (seed {seed}, beta {beta}); the last good "
+                            f"checkpoint is kept in {folder}; lower --lr or check the input data")
+
+
 def check_config(path, saved, wanted):
     diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if diff:
@@ -735,16 +741,12 @@ def fit(model, batch_fn, *, steps, beta, folder, config, paired, lr=1e-4, optimi
             b = beta_warmup(step, beta, warmup_steps)
             out = model.pair_loss(*batch, b) if paired else model.loss(batch, b)
             if not torch.isfinite(out["loss"]):
-                raise TrainingDiverged(
-                    f"loss became {out['loss'].item()} at step {step} (seed {seed}, beta {beta}); the last good "
-                    f"checkpoint is kept in {folder}; lower --lr or check the input data")
+                raise _diverged("loss", out["loss"].item(), step, seed, beta, folder)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(
-                    f"gradient became {grad_norm.item()} at step {step} (seed {seed}, beta {beta}); the last good "
-                    f"checkpoint is kept in {folder}; lower --lr or check the input data")
+                raise _diverged("gradient", grad_norm.item(), step, seed, beta, folder)
             opt.step()
             for k in sums:
                 sums[k] += out[k].item()
@@ -971,6 +973,14 @@ def fit_parallel(models, batch_fn, *, steps, betas, seeds, folders, configs, pai
     return [r["ckpt"] for r in runs]
 
 
+def _check_finite(values, what, step, runs):
+    """values (M,), one per stacked model: TrainingDiverged naming the first model whose value is not finite."""
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        m = int(bad[0])
+        raise _diverged(what, values[m].item(), step, runs[m]["seed"], runs[m]["beta"], runs[m]["folder"])
+
+
 def _fit_stacked(runs, start, stop, *, steps, paired, warmup_steps, grad_clip, device, checkpoint_every_s,
                  log_every, progress, progress_every_s):
     """Train the models of `runs`, all at step `start`, to step `stop`; checkpoint them there."""
@@ -1040,13 +1050,7 @@ def _fit_stacked(runs, start, stop, *, steps, paired, warmup_steps, grad_clip, d
             b = [beta_warmup(step, r["beta"], warmup_steps) for r in runs]
             out = _stacked_losses(template, params, batch, torch.tensor(b, device=device), torch.stack(noises),
                                   paired)
-            finite = torch.isfinite(out["loss"])
-            if not finite.all():
-                m = int((~finite).nonzero()[0])
-                r = runs[m]
-                raise TrainingDiverged(
-                    f"loss became {out['loss'][m].item()} at step {step} (seed {r['seed']}, beta {r['beta']}); the "
-                    f"last good checkpoint is kept in {r['folder']}; lower --lr or check the input data")
+            _check_finite(out["loss"], "loss", step, runs)
             for p in params.values():
                 p.grad = None
             out["loss"].sum().backward()  # d(Σ_m loss_m)/d(loss_m) = 1: each model gets its own gradient
@@ -1056,13 +1060,7 @@ def _fit_stacked(runs, start, stop, *, steps, paired, warmup_steps, grad_clip, d
                 # so the reduction order is fit's), then one broadcast multiply for all models.
                 grad_norm = torch.stack([torch.nn.utils.get_total_norm([g[m] for g in grads], 2.0)
                                          for m in range(M)])
-                finite = torch.isfinite(grad_norm)
-                if not finite.all():
-                    m = int((~finite).nonzero()[0])
-                    r = runs[m]
-                    raise TrainingDiverged(
-                        f"gradient became {grad_norm[m].item()} at step {step} (seed {r['seed']}, beta {r['beta']}); "
-                        f"the last good checkpoint is kept in {r['folder']}; lower --lr or check the input data")
+                _check_finite(grad_norm, "gradient", step, runs)
                 coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
                 adam_step += 1
                 for k, g in zip(names, grads):
