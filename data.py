@@ -505,7 +505,7 @@ def _cached(key, make):
 TARGETS = ("lensless", "whoi15", "vacuoles", "sipakmed", "synthetic-cells")
 SYNTHETIC_CLASSES = ("single", "multiple", "condensed", "negative")
 # 4,000 images (3,200 train / 800 test): with 1,000 (800 train), 20 finetuning epochs are only 260 steps and
-# finetuning the pixel VAE lowered the downstream accuracy; measured in the README ("synthetic-cells size").
+# finetuning the pixel VAE lowered the downstream accuracy (README, "Where we differ": synthetic-cells).
 SYNTHETIC_N = 4000
 TEST_FRACTION = 0.2
 BAD_IMAGE_TOLERANCE = 0.01  # unreadable images: skipped with a warning below this fraction, else an error
