@@ -70,13 +70,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, n_queries=None):
+        """Attention of every token, or of the first `n_queries` tokens only (to all N keys)."""
         B, N, C = x.shape
         # (B, N, 3, heads, d) → (3, B, heads, N, d): the DINO reshape, viewed without a copy.
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = qkv[0] if n_queries is None else qkv[0][:, :, :n_queries]
         # softmax(q kᵀ / √d) v with the default scale d^-½ (DINO: head_dim ** -0.5).
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        x = F.scaled_dot_product_attention(q, qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
 class Mlp(nn.Module):
@@ -102,8 +104,13 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, cls_only=False):
+        """cls_only: return the CLS token alone, (B, 1, D); the same numbers as forward(x)[:, :1], but the
+        other tokens only serve as keys and values, so their attention rows, proj and MLP are skipped."""
+        if cls_only:
+            x = x[:, :1] + self.attn(self.norm1(x), n_queries=1)
+        else:
+            x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -156,9 +163,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         x = self.prepare_tokens(x)
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.norm(x)[:, 0]
+        # Only the CLS token leaves the network, so the last block computes it alone: 6.3% of the 17.6
+        # GMAC per 224×224 image skipped (its other tokens' attention rows, proj and MLP), exactly.
+        return self.norm(self.blocks[-1](x, cls_only=True))[:, 0]
 
 
 def vit_base(**kwargs):

@@ -663,6 +663,24 @@ def test_matches_torchvision_small():
         assert (m(x) - ref).abs().max().item() > 1e-4
 
 
+def test_last_block_cls_only_equals_full_block():
+    # forward runs the last block for the CLS token alone; that must be the full block's CLS row
+    m = small_model()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        tokens = m.prepare_tokens(x)
+        for blk in m.blocks[:-1]:
+            tokens = blk(tokens)
+        full = m.blocks[-1](tokens)
+        cls = m.blocks[-1](tokens, cls_only=True)
+        assert cls.shape == (3, 1, 64)
+        assert (cls - full[:, :1]).abs().max().item() < 1e-6
+        assert (m(x) - m.norm(full)[:, 0]).abs().max().item() < 1e-6
+        # and the other tokens do matter: they are the keys and values of the CLS query
+        tokens[:, 1:] += torch.randn(tokens[:, 1:].shape, generator=torch.Generator().manual_seed(4))
+        assert (m.blocks[-1](tokens, cls_only=True) - cls).abs().max().item() > 1e-3
+
+
 def dino_interpolate(pos_embed, H, W, patch_size):
     """Verbatim logic of DINO VisionTransformer.interpolate_pos_encoding (w,h there are dims 2,3)."""
     N = pos_embed.shape[1] - 1
