@@ -1080,6 +1080,28 @@ def test_fit_lowers_loss_and_writes_log(tmp_path):
     assert ckpt["done"] and ckpt["step"] == 300
 
 
+@pytest.mark.parametrize("name, reference", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_make_optimizer_is_fused_adam_with_torchs_numbers(name, reference):
+    # the fused kernel (one pass) must compute torch's textbook Adam/AdamW up to float rounding
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(20))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    start = [p.detach().clone() for p in a]
+    fast = drl.make_optimizer(a, name, lr=1e-2, weight_decay=0.1)
+    plain = reference(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fast.param_groups[0]["fused"] and type(fast) is reference
+    for _ in range(50):
+        g = [torch.randn_like(p) for p in a]
+        for p, q, gi in zip(a, b, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        fast.step()
+        plain.step()
+    assert max((p - p0).abs().max().item() for p, p0 in zip(a, start)) > 0.1  # it really trained
+    assert max((p - q).abs().max().item() for p, q in zip(a, b)) < 1e-5
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        drl.make_optimizer(a, "sgd")
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, _ = _fit(tmp_path / "a", 120)
 
