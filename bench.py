@@ -49,6 +49,7 @@ TARGETS = {
     "vit_bf16_cosine_vs_fp32": (None, ">=", 0.999, "min cosine"),
     "feature_vae_gflops": ("matmul_gflops", ">=", 0.4, "GFLOP/s / matmul"),
     "sweep_models_steps_s_vectorised": ("sweep_models_steps_s_sequential", ">=", 1.5, "vectorised / seq."),
+    "sweep_gemm_floor_model_steps_s": ("sweep_models_steps_s_sequential", None, None, "bound on vect. / seq."),
     "metrics_s": (None, "<", 60.0, "seconds"),
     "extract_peak_rss_mb": (None, "<=", 2048.0, "MB"),
     "se2_groupconv_ms": ("conv_equal_maps_ms", None, None, "SE(2,8) / plain conv"),
@@ -237,7 +238,7 @@ def bench_vae_steps(args):
     g = torch.Generator().manual_seed(0)
     f1, f2 = (torch.randn(pairs, 768, generator=g).to(args.device) for _ in range(2))
     p1, p2 = (torch.rand(pairs, 3, 64, 64, generator=g).to(args.device) for _ in range(2))
-    opts = {m: torch.optim.Adam(m.parameters(), lr=1e-4) for m in (feat, conv)}
+    opts = {m: drl.make_optimizer(m.parameters(), lr=1e-4) for m in (feat, conv)}
     conv_steps = 2 if args.quick else 20
     t_feat = best_times({"f": lambda: [train_step(feat, opts[feat], f1, f2, 1.0) for _ in range(steps)]},
                         2 if args.quick else 5, args.device)["f"]
@@ -260,127 +261,84 @@ def bench_vae_steps(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. A sweep of N FeatureVAEs: sequential vs stacked weights (torch.func)
+# 5. A sweep of N FeatureVAEs: sequential vs stacked weights
 # ---------------------------------------------------------------------------------------------------
 
-class _PairLoss(nn.Module):
-    """forward = the Ada-GVAE loss of one model, so torch.func.functional_call can run it."""
+def _stacked_gemms(M, n, dims, device):
+    """The matrix products of one stacked FeatureVAE step and nothing else: for every layer the forward
+    x Wᵀ, and in backward ∂x = ∂y W (not for the input layer) and ∂W = ∂yᵀ x, as batched GEMMs of M models."""
+    g = torch.Generator().manual_seed(0)
+    mats = [(torch.randn(M, n, i, generator=g).to(device), torch.randn(M, o, i, generator=g).to(device),
+             torch.randn(M, n, o, generator=g).to(device), first) for i, o, first in dims]
 
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x1, x2, beta, noise):
-        return self.vae.pair_loss(x1, x2, beta, noise=noise)["loss"]
-
-
-def _clip_per_model(grads, max_norm):
-    """clip_grad_norm_ of each model separately on stacked grads (model = leading axis), like
-    torch.nn.utils.clip_grad_norm_: g *= min(1, max_norm / (‖g‖ + 1e-6))."""
-    norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
-
-
-def train_sequential(models, x1, x2, noise, beta, steps, lr=1e-4):
-    """Model i trains on x1[i], x2[i] (pairs, 768) with ε = noise[i]; plain loop, one model at a time."""
-    for i, m in enumerate(models):
-        opt = torch.optim.Adam(m.parameters(), lr=lr)
-        for _ in range(steps):
-            loss = m.pair_loss(x1[i], x2[i], beta, noise=noise[i])["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-    return models
-
-
-def train_vectorised(models, x1, x2, noise, beta, steps, lr=1e-4):
-    """The same training for all models at once: weights stacked along a leading model axis
-    (torch.func.stack_module_state), the loss vmapped over it; the losses are summed for backward (the
-    models are independent, so each gets its own gradient), clipped per model, and one Adam steps the
-    stacked tensors (Adam is elementwise, so this is each model's own Adam). Returns the trained models."""
-    from torch.func import functional_call, stack_module_state, vmap
-    wrapped = [_PairLoss(m) for m in models]
-    params, buffers = stack_module_state(wrapped)
-    base = copy.deepcopy(wrapped[0]).to("meta")
-
-    def loss_one(p, b, a1, a2, eps):
-        return functional_call(base, (p, b), (a1, a2, beta, eps))
-
-    loss_all = vmap(loss_one)
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
-    for _ in range(steps):
-        losses = loss_all(params, buffers, x1, x2, noise)
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        _clip_per_model([p.grad for p in params.values()], 1.0)
-        opt.step()
-    with torch.no_grad():
-        for i, w in enumerate(wrapped):
-            for name, p in w.named_parameters():
-                p.copy_(params[name][i])
-    return models
+    def run():
+        for x, w, gy, first in mats:
+            torch.bmm(x, w.transpose(1, 2))
+            if not first:
+                torch.bmm(gy, w)
+            torch.bmm(gy.transpose(1, 2), x)
+    return run
 
 
 def bench_sweep(args):
+    """Training throughput of a sweep (seeds × β ∈ {1, 2}) of FeatureVAEs: drl.fit one model after another
+    vs drl.fit_parallel with stacked weights, each read from its training loop's own progress report, so
+    model construction and the final checkpoints (one-off costs; a paper run is 400k steps) are excluded.
+    Also the GEMM floor: model-steps/s if a stacked step were only its matrix products, the bound on what
+    any stacking can reach where the products take most of a step."""
     n_models = 4 if args.quick else 20
-    steps = 3 if args.quick else 20
-    pairs, latent = 64, 10
+    steps = 10 if args.quick else 30
+    pairs, latent, hidden = 64, 10, 512
     g = torch.Generator().manual_seed(0)
-    x1, x2 = (torch.randn(n_models, pairs, 768, generator=g).to(args.device) for _ in range(2))
-    noise = torch.randn(n_models, 2 * pairs, latent, generator=g).to(args.device)
+    bank = torch.randn(4096, 768, generator=g).to(args.device)
+    seeds = [s // 2 for s in range(n_models)]          # seeds × β ∈ {1, 2}, as in a sweep
+    betas = [1.0 + s % 2 for s in range(n_models)]
 
-    def fresh():  # model i is initialised from seed i, as in a sweep
+    def fresh():  # model i is initialised from its seed, as in a sweep
         models = []
-        for seed in range(n_models):
+        for seed in seeds:
             torch.manual_seed(seed)
-            models.append(drl.FeatureVAE(latent_dim=latent).to(args.device))
+            models.append(drl.FeatureVAE(hidden=hidden, latent_dim=latent).to(args.device))
         return models
 
-    if hasattr(drl, "fit_parallel"):  # the real training loops: drl.fit per model vs drl.fit_parallel
-        how_seq, how_vec = "drl.fit, one model after another", "drl.fit_parallel (stacked weights)"
-        bank = torch.randn(4096, 768, generator=g).to(args.device)
-        seeds = [s // 2 for s in range(n_models)]          # seeds × β ∈ {1, 2}, as in a sweep
-        betas = [1.0 + s % 2 for s in range(n_models)]
+    def batch_fn(rng, step):
+        i = torch.as_tensor(rng.integers(0, len(bank), (2, pairs)), device=bank.device)
+        return bank[i[0]], bank[i[1]]
 
-        def batch_fn(rng, step):
-            i = torch.as_tensor(rng.integers(0, len(bank), (2, pairs)), device=bank.device)
-            return bank[i[0]], bank[i[1]]
-
-        def fit_kw(tmp, i):
-            return dict(steps=steps, folder=os.path.join(tmp, str(i)), config={"bench": i}, paired=True,
-                        device=args.device, checkpoint_every_s=1e9)
-
-        def seq():
-            with tempfile.TemporaryDirectory() as tmp:
-                for i, m in enumerate(fresh()):
-                    drl.fit(m, batch_fn, beta=betas[i], seed=seeds[i], **fit_kw(tmp, i))
-
-        def vec():
-            with tempfile.TemporaryDirectory() as tmp:
-                kws = [fit_kw(tmp, i) for i in range(n_models)]
-                drl.fit_parallel(fresh(), batch_fn, steps=steps, betas=betas, seeds=seeds, paired=True,
-                                 folders=[k["folder"] for k in kws], configs=[k["config"] for k in kws],
-                                 device=args.device, checkpoint_every_s=1e9)
-        includes = "model construction, batch sampling, final checkpoint + log of every model"
-    else:
-        how_seq, how_vec = "bench.train_sequential", ("bench.train_vectorised (torch.func stack_module_state + "
-                                                      "vmap + functional_call)")
-        seq = lambda: train_sequential(fresh(), x1, x2, noise, 1.0, steps)  # noqa: E731
-        vec = lambda: train_vectorised(fresh(), x1, x2, noise, 1.0, steps)  # noqa: E731
-        includes = "model construction"
-    ts = best_times({"seq": seq, "vec": vec}, 2 if args.quick else 3, args.device, warmup=0 if args.quick else 1)
+    reports = []  # progress reports of the training loops; the last one of a loop has its mean rate
+    kw = dict(steps=steps, paired=True, device=args.device, checkpoint_every_s=1e9, progress=reports.append,
+              progress_every_s=1e9)
+    rates = {"seq": [], "vec": []}
+    for _ in range(2 if args.quick else 3):  # interleaved repetitions, best of each
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = 0.0
+            for i, m in enumerate(fresh()):
+                drl.fit(m, batch_fn, beta=betas[i], seed=seeds[i], folder=os.path.join(tmp, f"s{i}"),
+                        config={"bench": i}, **kw)
+                seconds += steps / reports[-1]["steps_per_s"]
+            rates["seq"].append(n_models * steps / seconds)
+            drl.fit_parallel(fresh(), batch_fn, betas=betas, seeds=seeds, folders=[os.path.join(tmp, f"v{i}")
+                             for i in range(n_models)], configs=[{"bench": i} for i in range(n_models)], **kw)
+            rates["vec"].append(reports[-1]["model_steps_per_s"])
+    h = hidden
+    dims = [(768, h, True), (h, 2 * h, False), (2 * h, 3 * h, False), (3 * h, 2 * latent, False),
+            (latent, 3 * h, False), (3 * h, 2 * h, False), (2 * h, h, False), (h, 768, False)]
+    t_gemm = best_times({"gemm": _stacked_gemms(n_models, 2 * pairs, dims, args.device)}, 5, args.device)["gemm"]
     wl = workload(args, models=n_models, steps_per_model=steps, batch=f"{pairs} pairs",
-                  model="FeatureVAE(768,512,10)", dtype="float32",
-                  step="Ada-GVAE pair_loss + backward + per-model clip 1.0 + Adam", includes=includes)
-    total = n_models * steps
-    return {"sweep_models_steps_s_sequential": entry(total / min(ts["seq"]), "model-steps/s",
-                                                     {**wl, "how": how_seq},
-                                                     **timing_stats(ts["seq"])),
-            "sweep_models_steps_s_vectorised": entry(total / min(ts["vec"]), "model-steps/s", {**wl, "how": how_vec},
-                                                     **timing_stats(ts["vec"]))}
+                  model=f"FeatureVAE(768,{hidden},{latent})", dtype="float32",
+                  step="Ada-GVAE pair_loss + backward + per-model clip 1.0 + Adam",
+                  includes="the training loop: batch sampling, step, logging (not construction or checkpoints)")
+    spread = lambda v: {"best": max(v), "all": v}  # noqa: E731
+    return {"sweep_models_steps_s_sequential": entry(max(rates["seq"]), "model-steps/s",
+                                                     {**wl, "how": "drl.fit, one model after another"},
+                                                     **spread(rates["seq"])),
+            "sweep_models_steps_s_vectorised": entry(max(rates["vec"]), "model-steps/s",
+                                                     {**wl, "how": "drl.fit_parallel (stacked weights)"},
+                                                     **spread(rates["vec"])),
+            "sweep_gemm_floor_model_steps_s": entry(n_models / min(t_gemm), "model-steps/s",
+                                                    {**wl, "how": "the step's batched GEMMs alone (torch.bmm)",
+                                                     "includes": "fwd x Wᵀ, bwd ∂x and ∂W of every layer"},
+                                                    best_s=min(t_gemm))}
 
 
 # ---------------------------------------------------------------------------------------------------

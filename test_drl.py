@@ -1,7 +1,6 @@
 """Tests for drl-microscopy (offline, CPU). `python -m pytest -q -m "not slow"` runs the CI suite;
 `-m slow` runs the full-scale checks."""
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -2603,47 +2602,6 @@ def test_preprocess_downscale_is_antialiased():
     assert x.std().item() < 0.25  # without antialiasing: pure black and white, std ≈ 2.2
     aliased = F.interpolate(torch.from_numpy(board / 255.0)[None, None].float(), size=(224, 224), mode="bilinear")
     assert aliased.std().item() > 0.4
-
-
-def _tiny_models(n):
-    models = []
-    for seed in range(n):
-        torch.manual_seed(seed)
-        models.append(drl.FeatureVAE(in_dim=12, hidden=8, latent_dim=3))
-    return models
-
-
-def test_vectorised_sweep_equals_sequential():
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    n, pairs = 3, 16
-    x1, x2 = torch.randn(n, pairs, 12, generator=g), torch.randn(n, pairs, 12, generator=g)
-    x2[:, :, :6] = x1[:, :, :6]  # pairs that share half the input, so Ada-GVAE shares some dims
-    noise = torch.randn(n, 2 * pairs, 3, generator=g)
-    start = _tiny_models(n)
-    seq = bench.train_sequential(copy.deepcopy(start), x1, x2, noise, 2.0, steps=20, lr=1e-2)
-    vec = bench.train_vectorised(copy.deepcopy(start), x1, x2, noise, 2.0, steps=20, lr=1e-2)
-    moved = 0.0
-    for m0, ms, mv in zip(start, seq, vec):
-        for p0, ps, pv in zip(m0.parameters(), ms.parameters(), mv.parameters()):
-            assert torch.allclose(ps, pv, atol=1e-5, rtol=0), (ps - pv).abs().max()
-            moved = max(moved, (ps - p0).abs().max().item())
-    assert moved > 1e-2  # the models really trained (lr 1e-2, 20 steps)
-
-
-def test_clip_per_model_matches_clip_grad_norm():
-    g = torch.Generator().manual_seed(1)
-    grads = [torch.randn(4, 5, 3, generator=g) * 3, torch.randn(4, 7, generator=g) * 0.01]
-    grads[0][2] *= 1e-3  # model 2 is below the threshold and stays unclipped
-    stacked = [t.clone() for t in grads]
-    bench._clip_per_model(stacked, 1.0)
-    for i in range(4):
-        ps = [torch.nn.Parameter(torch.zeros_like(t[i])) for t in grads]
-        for p, t in zip(ps, grads):
-            p.grad = t[i].clone()
-        torch.nn.utils.clip_grad_norm_(ps, 1.0)
-        for p, t in zip(ps, stacked):
-            assert torch.allclose(p.grad, t[i], atol=1e-7)
 
 
 def test_index_source_round_trips_the_grid():
