@@ -206,7 +206,7 @@ def _check_dsprites(path):
             with zf.open(key + ".npy") as f:
                 shape, fortran, dtype = _npy_header(f)
             shapes[key] = (shape, fortran, dtype)
-    (ishape, ifortran, idtype), (lshape, _, _) = shapes["imgs"], shapes["latents_classes"]
+    (ishape, ifortran, _), (lshape, _, _) = shapes["imgs"], shapes["latents_classes"]
     if len(ishape) != 3 or ishape[1:] != (64, 64) or ifortran:
         raise ValueError(f"dSprites file {path}: 'imgs' has shape {ishape}, expected (737280, 64, 64); "
                          f"give the real dsprites_ndarray_*.npz (--dsprites PATH)")

@@ -178,14 +178,13 @@ class _ExactGBT:
         the per-tree unnormalised importances (K, F)."""
         K, n = G.shape
         F, D = order.shape[1], self.max_depth
-        rows = np.arange(K)[:, None]
         feat = np.full((K, 2 ** D - 1), -1, dtype=np.int64)
         thr = np.zeros((K, 2 ** D - 1))
         imp = np.zeros((K, F))
         node = np.zeros((K, n), dtype=np.int64)
         frozen = np.zeros((K, 1), dtype=bool)
         G2 = G * G
-        parent = None
+        parent = cnt_prev = imp_prev = None  # the previous level's split nodes, counts and impurities
         for L in range(D + 1):
             m = 2 ** L
             flat = (node + (np.arange(K) * m)[:, None]).ravel()
