@@ -145,7 +145,7 @@ def bench_vit(args, source):
     model, weights = vit_weights(args)
     tv = drl.torchvision_reference(model)
     cuda = torch.device(args.device).type == "cuda"
-    batch = 64 if cuda else (4 if args.quick else 32)
+    batch = 64 if cuda else (4 if args.quick else 8)
     reps = (10 if cuda else 2) if args.quick else (20 if cuda else 3)
     idx = np.random.default_rng(0).choice(len(source), batch, replace=False)
     x = drl.preprocess_images(source.images(idx), args.device)
@@ -551,6 +551,7 @@ def main(argv=None):
             raise ValueError("--device cuda but CUDA is not available; use --device cpu")
         if args.threads:
             torch.set_num_threads(args.threads)
+        drl.keep_freed_memory()  # as train.py and evaluate.py do
         source = data.TextureDSprites()
         stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, source),
                   "render": lambda: bench_render(args, source), "vae": lambda: bench_vae_steps(args),

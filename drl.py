@@ -322,6 +322,26 @@ def feature_cache_key(**parts):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def keep_freed_memory():
+    """Let glibc's malloc keep freed memory for the next allocation instead of handing it back to the OS.
+
+    By default glibc unmaps (or trims) freed blocks of a few MB, and every new activation of that size is
+    page-faulted back in and zeroed: 12,900 minor page faults per ViT-B/16 image at batch 4, about a tenth
+    of its time on a 2-core CPU (torch profiler: copy_ 12 %, the first write into each fresh addmm output).
+    With the mmap threshold at glibc's 32 MB maximum and trimming off, the ViT runs without page faults as
+    long as a single activation stays under 32 MB (extraction batch 8 on a CPU). The process keeps its peak
+    heap. Returns True where applied (glibc), False elsewhere (nothing changes)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def cpu_bf16_supported():
     """True when oneDNN has fast bf16 kernels on this CPU (AVX-512 / AVX512-BF16 / AMX); without them
     bf16 autocast on the CPU is emulated and much slower than fp32."""
@@ -339,12 +359,16 @@ def _autocast(precision, device):
     raise ValueError(f"precision {precision!r} is not supported, use fp32 or bf16 (--precision)")
 
 
-def extract_features(model, images_fn, n, cache_path, batch_size=64, precision="fp32", device="cpu",
+def extract_features(model, images_fn, n, cache_path, batch_size=None, precision="fp32", device="cpu",
                      progress=None):
     """Φ for images_fn(idx) → uint8 (b,H,W,3), idx = 0..n-1, as a read-only (n, D) float32 memmap.
     Reuses cache_path when it holds (n, D) float32; otherwise streams batches into a temporary .npy
-    next to it and renames it to cache_path only when complete. progress(done, n) is optional."""
+    next to it and renames it to cache_path only when complete. progress(done, n) is optional.
+    batch_size None: 64 on a GPU; 8 on a CPU, where larger batches are no faster and their activations
+    outgrow what keep_freed_memory can recycle."""
     D = model.embed_dim
+    if batch_size is None:
+        batch_size = 8 if torch.device(device).type == "cpu" else 64
     if n < 1:
         raise ValueError(f"cannot extract features of {n} images, need at least one")
     _autocast(precision, device)  # validates precision before any work

@@ -145,6 +145,7 @@ def main(argv=None):
                    help="DCI classifier: gbt = disentanglement_lib's GradientBoostingClassifier (default), "
                         "hist = a ~20x faster approximation (never mix the two in one table)")
     args = train.settle(p.parse_args(argv))
+    drl.keep_freed_memory()  # recycle freed activations instead of page-faulting them back (see there)
     if not args.target:
         raise ValueError("--target is required; one of: " + ", ".join(train.data.TARGETS))
     args.n_train = args.n_train or (2000 if args.quick else 10000)

@@ -358,6 +358,7 @@ def main(argv=None):
     p.add_argument("--stage", choices=["source", "finetune"], required=True)
     add_common_args(p)
     args = settle(p.parse_args(argv))
+    drl.keep_freed_memory()  # recycle freed activations instead of page-faulting them back (see there)
     t0 = time.time()
     if args.stage == "source":
         paths = train_source(args)
