@@ -107,7 +107,7 @@ def bench_matmul(args):
     # a loop of `loop` products per timing (about a second on a CPU), so that the ceiling sees the same
     # load from other processes as the multi-second ViT batches it is compared with
     loop = 50 if torch.device(args.device).type == "cuda" else (3 if args.quick else 1)
-    reps = 3 if args.quick else 5
+    reps = 8 if args.quick else 10  # best of many: the ceiling must not be a disturbed run
 
     def run():
         for _ in range(loop):
@@ -146,7 +146,7 @@ def bench_vit(args, source):
     tv = drl.torchvision_reference(model)
     cuda = torch.device(args.device).type == "cuda"
     batch = 64 if cuda else (4 if args.quick else 8)
-    reps = (10 if cuda else 2) if args.quick else (20 if cuda else 3)
+    reps = (10 if cuda else 4) if args.quick else (20 if cuda else 5)
     idx = np.random.default_rng(0).choice(len(source), batch, replace=False)
     x = drl.preprocess_images(source.images(idx), args.device)
     feats = {}
@@ -566,6 +566,12 @@ def main(argv=None):
             t0 = time.perf_counter()
             results.update(stages[name]())
             print(f"[{name}: {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
+        if "matmul" in only and len(only) > 1:
+            # the ceiling again at the end, the better of the two counts: a neighbour's burst of load
+            # during one ~3 s measurement must not lower the bar that every ratio is taken against
+            first, again = results["matmul_gflops"], bench_matmul(args)["matmul_gflops"]
+            results["matmul_gflops"] = max(first, again, key=lambda e: e["value"])
+            results["matmul_gflops"]["start_and_end_gflops"] = [first["value"], again["value"]]
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
                    "cpu_bf16_supported": drl.cpu_bf16_supported(), "quick": args.quick,
