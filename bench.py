@@ -320,9 +320,10 @@ def bench_sweep(args):
             drl.fit_parallel(fresh(), batch_fn, betas=betas, seeds=seeds, folders=[os.path.join(tmp, f"v{i}")
                              for i in range(n_models)], configs=[{"bench": i} for i in range(n_models)], **kw)
             rates["vec"].append(reports[-1]["model_steps_per_s"])
-    h = hidden
-    dims = [(768, h, True), (h, 2 * h, False), (2 * h, 3 * h, False), (3 * h, 2 * latent, False),
-            (latent, 3 * h, False), (3 * h, 2 * h, False), (2 * h, h, False), (h, 768, False)]
+    # (in, out, is the input layer) of every Linear, read off the model itself
+    vae = fresh()[0]
+    linears = [layer for seq in (vae.encoder, vae.decoder) for layer in seq if isinstance(layer, nn.Linear)]
+    dims = [(layer.in_features, layer.out_features, i == 0) for i, layer in enumerate(linears)]
     t_gemm = best_times({"gemm": _stacked_gemms(n_models, 2 * pairs, dims, args.device)}, 5, args.device)["gemm"]
     wl = workload(args, models=n_models, steps_per_model=steps, batch=f"{pairs} pairs",
                   model=f"FeatureVAE(768,{hidden},{latent})", dtype="float32",
