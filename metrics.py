@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import scipy.stats
 from sklearn.cluster import KMeans
-from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
+from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import (adjusted_mutual_info_score, balanced_accuracy_score, mutual_info_score,
                              roc_auc_score, silhouette_score)
@@ -104,245 +104,13 @@ def inactive_dims(z, threshold=INACTIVE_STD):
 # DCI (Eastwood & Williams 2018; disentanglement_lib dci.py, anchor A1)
 # ----------------------------------------------------------------------------------------------------
 
-_FEATURE_THRESHOLD = np.float32(1e-7)   # sklearn tree/_partitioner.pxd: values closer than this are ties
-_TREE_EPS = np.finfo(np.float64).eps    # sklearn tree/_tree.pyx EPSILON: a node this pure is a leaf
-
-
-class _ExactGBT:
-    """GradientBoostingClassifier() with sklearn's defaults (loss log_loss, 100 stages, learning_rate 0.1,
-    max_depth 3, subsample 1, squared-error trees, min_samples_leaf 1, all features), re-implemented in
-    numpy so that the K trees of a stage are grown together on presorted features (no per-node sorting).
-
-    Follows sklearn 1.9 step by step: prior init (symmetric multinomial logit / logit), negative gradient
-    Y − softmax, best split = first position maximising sum_l²/n_l + sum_r²/n_r among positions whose
-    float32 values differ by more than 1e-7, threshold = v_prev/2 + v/2, nodes with impurity <= eps or < 2
-    samples are leaves, Newton leaf values (K−1)/K · mean(g) / mean(p(1−p)), impurity-based importances
-    averaged over trees with a split. Equal to sklearn up to floating-point rounding, except that an exact
-    tie between two features is broken by the lower feature index (sklearn: a seeded random order). Ties
-    are rare at depth 3 (DCI) and common in the small nodes of depth 4 (downstream classifier), where the
-    two then differ tree by tree but not in accuracy (tested)."""
-
-    def __init__(self, n_estimators=100, learning_rate=0.1, max_depth=3):
-        self.n_estimators, self.learning_rate, self.max_depth = n_estimators, learning_rate, max_depth
-
-    def fit(self, X, y):
-        X = np.asarray(X, dtype=np.float32)
-        n, F = X.shape
-        y = np.asarray(y, dtype=np.int64)
-        C = int(y.max()) + 1
-        K = 1 if C == 2 else C
-        self.n_classes, self.K = C, K
-        prior = np.clip(np.bincount(y, minlength=C) / n, np.finfo(np.float64).eps, 1 - np.finfo(np.float64).eps)
-        if K == 1:
-            self.init = np.array([np.log(prior[1] / (1 - prior[1]))])
-            Y = (y == 1).astype(np.float64)[None, :]
-        else:
-            logp = np.log(prior)
-            self.init = logp - logp.mean()
-            Y = (y[None, :] == np.arange(C)[:, None]).astype(np.float64)
-        raw = np.repeat(self.init[:, None], n, axis=1)                       # (K, n)
-        self._Xt = np.ascontiguousarray(X.T)
-        order = np.argsort(X, axis=0, kind="stable")
-        vals = np.take_along_axis(X, order, axis=0)
-        self.stages = []
-        importance, n_relevant = np.zeros(F), 0
-        for _ in range(self.n_estimators):
-            P = 1.0 / (1.0 + np.exp(-raw)) if K == 1 else _softmax(raw)
-            G = Y - P                                                          # negative gradient (K, n)
-            feat, thr, leaf, imp = self._grow(G, order, vals)
-            # Newton step per leaf (sklearn _update_terminal_regions), leaves = ids at depth max_depth
-            m = 2 ** self.max_depth
-            flat = (leaf + (np.arange(K) * m)[:, None]).ravel()
-            cnt = np.bincount(flat, minlength=K * m).reshape(K, m)
-            num = np.bincount(flat, G.ravel(), K * m).reshape(K, m)
-            den = np.bincount(flat, ((Y - G) * (1 - (Y - G))).ravel(), K * m).reshape(K, m)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                num, den = num / cnt, den / cnt
-                if K > 1:
-                    num = num * ((K - 1) / K)
-                value = np.where(np.abs(den) < 1e-150, 0.0, num / den)
-            value = np.where(cnt > 0, value, 0.0)
-            raw += self.learning_rate * np.take_along_axis(value, leaf, axis=1)
-            self.stages.append((feat, thr, value))
-            relevant = feat[:, 0] >= 0                                        # trees whose root was split
-            importance += imp[relevant].sum(axis=0) / n
-            n_relevant += int(relevant.sum())
-        total = importance / max(n_relevant, 1)
-        self.feature_importances_ = total / total.sum() if total.sum() > 0 else total
-        self.raw_train_ = raw
-        return self
-
-    def _grow(self, G, order, vals):
-        """Grow the K regression trees of one stage level by level. Returns split feature (K, 2^D − 1; −1 =
-        no split) and threshold in heap order, the leaf id (K, n) of every training sample at depth D and
-        the per-tree unnormalised importances (K, F)."""
-        K, n = G.shape
-        F, D = order.shape[1], self.max_depth
-        feat = np.full((K, 2 ** D - 1), -1, dtype=np.int64)
-        thr = np.zeros((K, 2 ** D - 1))
-        imp = np.zeros((K, F))
-        node = np.zeros((K, n), dtype=np.int64)
-        frozen = np.zeros((K, 1), dtype=bool)
-        G2 = G * G
-        parent = cnt_prev = imp_prev = None  # the previous level's split nodes, counts and impurities
-        for L in range(D + 1):
-            m = 2 ** L
-            flat = (node + (np.arange(K) * m)[:, None]).ravel()
-            cnt = np.bincount(flat, minlength=K * m).reshape(K, m)
-            s = np.bincount(flat, G.ravel(), K * m).reshape(K, m)
-            sq = np.bincount(flat, G2.ravel(), K * m).reshape(K, m)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                impurity = np.where(cnt > 0, sq / cnt - (s / cnt) ** 2, 0.0)
-            if parent is not None:            # importance of the previous level's splits
-                pk, pg, pf = parent
-                wimp = cnt * impurity
-                gain = (cnt_prev * imp_prev)[pk, pg] - wimp[pk, 2 * pg] - wimp[pk, 2 * pg + 1]
-                np.add.at(imp, (pk, pf), gain)
-            if L == D:
-                break
-            can = (cnt >= 2) & (impurity > _TREE_EPS) & ~frozen
-            best = np.full((K, m), -np.inf)
-            best_f = np.full((K, m), -1, dtype=np.int64)
-            best_t = np.zeros((K, m))
-            rowoff = (np.arange(K) * n)[:, None]
-            cflat = cnt.ravel()
-            nonempty = np.flatnonzero(cflat)
-            seg_first = (np.cumsum(cflat) - cflat)[nonempty]      # flat start of each non-empty segment
-            local_start = (np.cumsum(cnt, axis=1) - cnt).ravel()   # start within its row
-
-            def per_pos(table):                                   # (K, m) table -> value at every position
-                return np.repeat(table.ravel(), cflat)
-            st_p = per_pos(local_start.reshape(K, m))
-            s_p, cnt_p, can_p = per_pos(s), per_pos(cnt), per_pos(can)
-            pos = np.tile(np.arange(n), K)
-            n_left = pos - st_p + 1                                # left = [segment start .. pos]
-            n_right = cnt_p - n_left
-            cand = can_p & (n_right > 0)                           # the last sample of a segment ends it
-            row_start = np.repeat(np.arange(K) * n, m)             # flat offset of each (tree, node) row
-            seg_prev = np.maximum(row_start + local_start - 1, 0)  # flat index just before each segment
-            has_prev = local_start > 0
-            Vn = np.empty(K * n, dtype=np.float32)
-            for f in range(F):
-                o, v = order[:, f], vals[:, f]
-                if m == 1:
-                    S = np.broadcast_to(o, (K, n))
-                    V = np.broadcast_to(v, (K, n)).ravel()
-                else:
-                    nid = node.ravel()[(o[None, :] + rowoff)]     # node of each sorted sample, per tree
-                    perm = np.argsort(nid.astype(np.uint8), axis=1, kind="stable")
-                    S = o[perm]
-                    V = v[perm].ravel()
-                Gs = G.ravel()[(S + rowoff).ravel()].reshape(K, n)
-                left = np.cumsum(Gs, axis=1).ravel()
-                base = np.where(has_prev, left[seg_prev], 0.0)
-                left -= np.repeat(base, cflat)
-                right = s_p - left
-                Vn[:-1] = V[1:]
-                Vn[-1] = V[-1]
-                valid = cand & (Vn > V + _FEATURE_THRESHOLD)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    left *= left
-                    left /= n_left
-                    right *= right
-                    right /= n_right
-                proxy = left
-                proxy += right
-                proxy[~valid] = -np.inf
-                seg_best = np.full(K * m, -np.inf)
-                seg_best[nonempty] = np.maximum.reduceat(proxy, seg_first)
-                better = seg_best > best.ravel()
-                if not better.any():
-                    continue
-                hit = valid & (proxy == per_pos(seg_best.reshape(K, m))) & per_pos(better.reshape(K, m))
-                q = np.flatnonzero(hit)
-                key = np.repeat(np.arange(K * m), cflat)[q]
-                first = np.ones(len(q), dtype=bool)
-                first[1:] = key[1:] != key[:-1]
-                q, key = q[first], key[first]
-                best.ravel()[key] = proxy[q]
-                best_f.ravel()[key] = f
-                best_t.ravel()[key] = V[q].astype(np.float64) / 2.0 + V[q + 1].astype(np.float64) / 2.0
-            split = best_f >= 0
-            heap = m - 1 + np.arange(m)
-            feat[:, heap] = best_f
-            thr[:, heap] = best_t
-            # move samples to the children: left = 2g, right = 2g + 1; an unsplit node sends all to 2g
-            tab = node + (np.arange(K) * m)[:, None]
-            f_of = best_f.ravel()[tab]
-            x = self._Xt.ravel()[np.maximum(f_of, 0) * n + np.arange(n)[None, :]]
-            go_right = (f_of >= 0) & (x > best_t.ravel()[tab])
-            node = 2 * node + go_right
-            frozen = np.repeat(~split, 2, axis=1)
-            pk, pg = np.nonzero(split)
-            parent = (pk, pg, best_f[pk, pg])
-            cnt_prev, imp_prev = cnt, impurity
-        return feat, thr, node, imp
-
-
-def _softmax(raw):
-    """Column-wise softmax of raw predictions (K, n), max-subtracted as in sklearn's multinomial loss."""
-    e = np.exp(raw - raw.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
-def _gbt_raw(model, X):
-    """Raw predictions (K, n) of a fitted _ExactGBT for new codes X (float32 like sklearn, x <= threshold: left)."""
-    X = np.asarray(X, dtype=np.float32)
-    Xt = np.ascontiguousarray(X.T)
-    n = len(X)
-    raw = np.repeat(model.init[:, None], n, axis=1)
-    cols = np.arange(n)[None, :]
-    for feat, thr, value in model.stages:
-        node = np.zeros((model.K, n), dtype=np.int64)
-        for L in range(model.max_depth):
-            heap = node + (2 ** L - 1)
-            f = np.take_along_axis(feat, heap, axis=1)
-            x = Xt[np.maximum(f, 0), cols]
-            node = 2 * node + ((f >= 0) & (x > np.take_along_axis(thr, heap, axis=1)))
-        raw += model.learning_rate * np.take_along_axis(value, node, axis=1)
-    return raw
-
-
-def _gbt_predict(model, X=None):
-    """Class indices predicted for X (default: the training codes, from the fit's own raw predictions)."""
-    raw = model.raw_train_ if X is None else _gbt_raw(model, X)
-    return (raw[0] > 0).astype(np.int64) if model.K == 1 else raw.argmax(axis=0)
-
-
-def _fit_gbt(z, y, max_depth):
-    """An _ExactGBT on labels encoded like sklearn's LabelEncoder (the sorted train classes).
-    Returns (model, classes): classes[_gbt_predict(model, X)] are the predicted labels."""
-    classes, y_enc = np.unique(y, return_inverse=True)
-    return _ExactGBT(max_depth=max_depth).fit(z, y_enc), classes
-
-
-def _fit_factor(z_train, t_train, z_test, t_test, seed, method):
-    """One classifier for one factor: (|importances| over codes, train accuracy, test accuracy)."""
-    if method == "gbt":        # disentanglement_lib's GradientBoostingClassifier(), numpy re-implementation
-        model, classes = _fit_gbt(z_train, t_train, max_depth=3)
-        importance = np.abs(model.feature_importances_)
-        p_train, p_test = classes[_gbt_predict(model)], classes[_gbt_predict(model, z_test)]
-    elif method == "sklearn":  # the same model fitted by scikit-learn itself (reference; ~5x slower)
-        model = GradientBoostingClassifier(random_state=seed).fit(z_train, t_train)
-        importance = np.abs(model.feature_importances_)
-        p_train, p_test = model.predict(z_train), model.predict(z_test)
-    else:  # "hist": fast approximation, NOT disentanglement_lib (see dci docstring)
-        model = HistGradientBoostingClassifier(learning_rate=0.1, max_iter=100, max_depth=3, max_leaf_nodes=None,
-                                               min_samples_leaf=1, l2_regularization=0.0, early_stopping=False,
-                                               random_state=seed).fit(z_train, t_train)
-        importance = _hist_gain_importance(model, z_train.shape[1])
-        p_train, p_test = model.predict(z_train), model.predict(z_test)
-    return importance, float(np.mean(p_train == t_train)), float(np.mean(p_test == t_test))
-
-
-def _hist_gain_importance(model, n_features):
-    """Split-gain importance of a HistGradientBoosting model (sum of loss reductions per feature, sums to 1)."""
-    gains = np.zeros(n_features)
-    for stage in model._predictors:  # private but stable since sklearn 0.21: TreePredictor.nodes records
-        for tree in stage:
-            nodes = tree.nodes[~tree.nodes["is_leaf"].astype(bool)]
-            np.add.at(gains, nodes["feature_idx"], np.maximum(nodes["gain"], 0.0))
-    return gains / gains.sum() if gains.sum() > 0 else gains
+def _fit_factor(z_train, t_train, z_test, t_test, seed):
+    """disentanglement_lib's classifier for one factor, `GradientBoostingClassifier()` with scikit-learn's
+    defaults (log-loss, 100 stages, learning_rate 0.1, max_depth 3), seeded.
+    Returns (|feature importances| over codes, train accuracy, test accuracy)."""
+    model = GradientBoostingClassifier(random_state=seed).fit(z_train, t_train)
+    return (np.abs(model.feature_importances_), float(model.score(z_train, t_train)),
+            float(model.score(z_test, t_test)))
 
 
 def dci_from_importance(importance):
@@ -364,26 +132,16 @@ def dci_from_importance(importance):
     return float(np.sum(rho * d_per_code)), float(np.sum(w * c_per_factor)), d_per_code, c_per_factor
 
 
-def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1, method="gbt"):
+def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1):
     """DCI disentanglement, completeness and informativeness (disentanglement_lib settings, anchor A1).
 
     z_train (n, d), y_train (n, K), z_test (m, d), y_test (m, K). Factor labels of any type are encoded to
-    integers first (jointly over train and test). For each factor one classifier predicts it from all codes:
-    - method="gbt" (default, faithful): disentanglement_lib's `GradientBoostingClassifier()` with sklearn's
-      defaults (log-loss, 100 trees per class, learning_rate 0.1, max_depth 3, subsample 1.0, min_samples_leaf
-      1, all features), fitted by `_ExactGBT`, a numpy re-implementation of sklearn 1.9's algorithm that grows
-      the trees of a boosting stage together on presorted codes (~3x faster; the 40-class orientation factor
-      dominates). Same trees, predictions and importances as sklearn up to float rounding, except when two
-      code dims give exactly the same best split: sklearn picks one in a random order (disentanglement_lib
-      leaves random_state unset), we pick the lower dim index. Deterministic; `seed` is not used.
-      importance[:, j] = |feature_importances_| (impurity based, mean over trees with a split, sums to 1).
-    - method="sklearn": the same model fitted by sklearn itself, random_state=seed (reference; slow).
-    - method="hist": opt-in fast approximation (~20x faster), NOT the reference: HistGradientBoostingClassifier
-      (same 100 iterations, lr 0.1, depth 3, min_samples_leaf 1, no l2, no early stopping, 255 bins) with
-      split-gain importances. Numbers are close but not equal to "gbt"; never mix the two in one table.
-    Informativeness = mean over factors of classification ACCURACY (not error), train and test.
-    Factors constant over train+test are skipped with a warning (their importance column stays 0).
-    n_jobs: parallel workers for the per-factor fits (-1 = all cores); results do not depend on it.
+    integers first (jointly over train and test). For each factor one scikit-learn
+    `GradientBoostingClassifier(random_state=seed)` with the library's defaults (as disentanglement_lib,
+    which leaves the seed unset) predicts it from all codes; importance[:, j] = |feature_importances_|
+    (impurity based, sums to 1). Informativeness = mean over factors of classification ACCURACY (not error),
+    train and test. Factors constant over train+test are skipped with a warning (importance column 0).
+    n_jobs: parallel workers for the per-factor fits (joblib; -1 = all cores); results do not depend on it.
 
     Returns dict(disentanglement, completeness, informativeness_train, informativeness_test,
     importance (d, K) array, disentanglement_per_code (d,), completeness_per_factor (K,; 0 for skipped),
@@ -395,9 +153,6 @@ def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1, method="gbt"):
     y_train, y_test = _labels(y_train, len(z_train), "y_train"), _labels(y_test, len(z_test), "y_test")
     if y_train.shape[1] != y_test.shape[1]:
         raise ValueError(f"y_train has {y_train.shape[1]} factors but y_test has {y_test.shape[1]}")
-    if method not in ("gbt", "sklearn", "hist"):
-        raise ValueError(f"dci method must be 'gbt' (disentanglement_lib, default), 'sklearn' (same model, slow) "
-                         f"or 'hist' (approximate), got {method!r}")
     n_codes, n_factors = z_train.shape[1], y_train.shape[1]
     used, targets = [], []
     for j in range(n_factors):
@@ -415,7 +170,7 @@ def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1, method="gbt"):
         raise ValueError(f"dci needs at least 2 non-constant factors, got {len(used)}")
     # Largest factors first so the longest fit starts at once (better load balance over workers).
     order = sorted(range(len(used)), key=lambda i: -len(np.unique(targets[i][0])))
-    fits = Parallel(n_jobs=n_jobs)(delayed(_fit_factor)(z_train, targets[i][0], z_test, targets[i][1], seed, method)
+    fits = Parallel(n_jobs=n_jobs)(delayed(_fit_factor)(z_train, targets[i][0], z_test, targets[i][1], seed)
                                    for i in order)
     R = np.zeros((n_codes, len(used)))
     acc_train, acc_test = np.ones(n_factors), np.ones(n_factors)
@@ -622,8 +377,26 @@ def _encode_grid(encode, source, factors, batch_size):
     return np.concatenate(out)
 
 
+def _sampled_omes(encode, source, f_train, z_train, varying, n_pairs, omes_pairs, rng, batch_size):
+    """OMES on n_pairs pairs per factor: the anchors are training rows, each partner redraws one factor."""
+    sizes = tuple(int(s) for s in source.factor_sizes)
+    rows, partners, changed = [], [], []
+    for k, f in enumerate(varying):
+        idx = (k * n_pairs + np.arange(n_pairs)) % len(f_train)
+        other = f_train[idx].copy()
+        if omes_pairs == "resample":
+            other[:, f] = rng.integers(0, sizes[f], n_pairs)
+        else:  # "differ": shift by 1..size-1, i.e. uniform over the other values
+            other[:, f] = (other[:, f] + rng.integers(1, sizes[f], n_pairs)) % sizes[f]
+        rows.append(idx)
+        partners.append(other)
+        changed.append(np.full(n_pairs, f))
+    z_b = _encode_grid(encode, source, np.concatenate(partners), batch_size)
+    return dict(omes(z_train[np.concatenate(rows)], z_b, np.concatenate(changed), z=z_train), pairs=n_pairs)
+
+
 def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=OMES_PAIRS, seed=0, *,
-                           batch_size=1000, n_jobs=-1, dci_method="gbt", omes_pairs="resample"):
+                           batch_size=1000, n_jobs=-1, omes_pairs="resample"):
     """DCI, MIG and OMES of one model on a factor-grid source, every model scored on the same images.
 
     source: any object with `.factor_sizes` (tuple of ints) and `.render(factors (n, K) int) -> images`;
@@ -642,7 +415,7 @@ def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=O
       anchors = training rows (reused, so only the partners are rendered); on synthetic 10-dim codes of a
       (5, 7, 3, 6, 40, 32) grid this keeps OMES within ±0.005 between seeds (_test_metrics.py).
     Inactive dims (std < 0.05) are found on the train codes. Images are rendered and encoded `batch_size`
-    (1,000) at a time. n_jobs and dci_method go to `dci`.
+    (1,000) at a time. n_jobs goes to `dci`.
 
     Returns dict(dci=dci(...), mig=float, omes=omes(...) + "pairs", n_train, n_test, n_pairs, seed,
     omes_pairs, exhaustive (bool: whole grid encoded)).
@@ -672,22 +445,9 @@ def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=O
     else:
         z_train = _encode_grid(encode, source, f_train, batch_size)
         z_test = _encode_grid(encode, source, f_test, batch_size)
-        rows, partners, changed = [], [], []
-        for k, f in enumerate(varying):
-            idx = (k * n_pairs + np.arange(n_pairs)) % n_train
-            other = f_train[idx].copy()
-            if omes_pairs == "resample":
-                other[:, f] = rng.integers(0, sizes[f], n_pairs)
-            else:  # "differ": shift by 1..size-1, i.e. uniform over the other values
-                other[:, f] = (other[:, f] + rng.integers(1, sizes[f], n_pairs)) % sizes[f]
-            rows.append(idx)
-            partners.append(other)
-            changed.append(np.full(n_pairs, f))
-        z_b = _encode_grid(encode, source, np.concatenate(partners), batch_size)
-        omes_scores = omes(z_train[np.concatenate(rows)], z_b, np.concatenate(changed), z=z_train)
-        omes_scores["pairs"] = n_pairs
+        omes_scores = _sampled_omes(encode, source, f_train, z_train, varying, n_pairs, omes_pairs, rng, batch_size)
 
-    return dict(dci=dci(z_train, f_train, z_test, f_test, seed=seed, n_jobs=n_jobs, method=dci_method),
+    return dict(dci=dci(z_train, f_train, z_test, f_test, seed=seed, n_jobs=n_jobs),
                 mig=mig(z_train, f_train), omes=omes_scores,
                 n_train=n_train, n_test=n_test, n_pairs=n_pairs, seed=seed, omes_pairs=omes_pairs,
                 exhaustive=exhaustive)
@@ -708,8 +468,7 @@ def _xy(z, y, name):
 def downstream_accuracy(z_train, y_train, z_test, y_test, seed=0, *, mlp_max_iter=300):
     """Target classification from codes (paper Table II/V; anchor-official §6).
 
-    GBT: GradientBoostingClassifier(learning_rate=0.1, max_depth=4), 100 trees, on the raw codes, fitted by
-    `_ExactGBT` (the same trees as scikit-learn's, see there).
+    GBT: GradientBoostingClassifier(learning_rate=0.1, max_depth=4, random_state=seed), 100 trees, raw codes.
     MLP: MLPClassifier(hidden_layer_sizes=(256, 256), alpha=1e-7, random_state=seed) on inputs standardised
     with the train mean/std. Deviation from the official MLP (learning_rate_init=1e-4, tol=1e-7,
     max_iter=1e6, i.e. train until the loss stops moving): we use Adam learning_rate_init=1e-3, tol=1e-4,
@@ -725,7 +484,7 @@ def downstream_accuracy(z_train, y_train, z_test, y_test, seed=0, *, mlp_max_ite
         raise ValueError(f"z_train has {z_train.shape[1]} dims but z_test has {z_test.shape[1]}")
     if len(np.unique(y_train)) < 2:
         raise ValueError("downstream_accuracy needs at least 2 classes in y_train")
-    gbt, classes = _fit_gbt(z_train, y_train, max_depth=4)    # sklearn's algorithm, ~5x faster
+    gbt = _downstream_gbt(seed).fit(z_train, y_train)
     scaler = StandardScaler().fit(z_train)
     mlp = MLPClassifier(hidden_layer_sizes=(256, 256), alpha=1e-7, learning_rate_init=1e-3, tol=1e-4,
                         max_iter=mlp_max_iter, random_state=seed)
@@ -733,13 +492,18 @@ def downstream_accuracy(z_train, y_train, z_test, y_test, seed=0, *, mlp_max_ite
         warnings.simplefilter("always", ConvergenceWarning)
         mlp.fit(scaler.transform(z_train), y_train)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    p_gbt, p_mlp = classes[_gbt_predict(gbt, z_test)], mlp.predict(scaler.transform(z_test))
+    p_gbt, p_mlp = gbt.predict(z_test), mlp.predict(scaler.transform(z_test))
     return dict(gbt=float(np.mean(p_gbt == y_test)), mlp=float(np.mean(p_mlp == y_test)),
                 gbt_balanced=float(balanced_accuracy_score(y_test, p_gbt)),
                 mlp_balanced=float(balanced_accuracy_score(y_test, p_mlp)),
-                gbt_train=float(np.mean(classes[_gbt_predict(gbt)] == y_train)),
+                gbt_train=float(gbt.score(z_train, y_train)),
                 mlp_train=float(mlp.score(scaler.transform(z_train), y_train)),
                 mlp_converged=converged, gbt_importance=gbt.feature_importances_.copy())
+
+
+def _downstream_gbt(seed):
+    """The paper's downstream GBT (anchor-official §6): learning rate 0.1, depth 4, 100 stages."""
+    return GradientBoostingClassifier(learning_rate=0.1, max_depth=4, random_state=seed)
 
 
 def prune_inactive(z_train, *others, threshold=INACTIVE_STD):
@@ -850,7 +614,7 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
       is one of its 5; leaving it out makes train and test scores comparable.)
       detection_rate = share of held-out test samples above it, false_alarm_rate = share of known test
       samples above it, auroc = ROC AUC of the score for held-out (1) vs known (0) test samples.
-    - Where the held-out samples go: a GBT (lr 0.1, depth 4; deterministic, `seed` unused) trained on the
+    - Where the held-out samples go: the downstream GBT (lr 0.1, depth 4, random_state=seed) trained on the
       known classes predicts them; predicted_counts = {class: count}, assigned = the most frequent class.
     - Per-dim distances: centroid_distance[c] = mean over held-out samples of |z − centroid_c| (centroids of
       the known classes on train), centroid_distance_assigned = that row for `assigned`; spread_known[c] =
@@ -877,8 +641,7 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
     loo = nn.kneighbors(z_known, n_neighbors=k + 1)[0][:, 1:].mean(axis=1)  # drop the sample itself
     threshold = float(np.quantile(loo, quantile))
     score = nn.kneighbors(z_test, n_neighbors=k)[0].mean(axis=1)
-    gbt, known_classes = _fit_gbt(z_known, y_known, max_depth=4)   # the downstream classifier
-    pred = known_classes[_gbt_predict(gbt, z_test[held])]
+    pred = _downstream_gbt(seed).fit(z_known, y_known).predict(z_test[held])
     labels, counts = np.unique(pred, return_counts=True)
     assigned = labels[np.argmax(counts)]
     centroids = np.stack([z_known[y_known == c].mean(axis=0) for c in classes])
