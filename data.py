@@ -603,12 +603,13 @@ def _mtime(path):
 
 
 class Target:
-    """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`,
+    """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.split`,
     `.native_split` (the folder had train/ and test/), `.path` (its folder, None when built in)."""
 
-    def __init__(self, name, classes, train, test, native_split=False, path=None):
+    def __init__(self, name, classes, train, test, native_split=False, path=None, split=None):
         self.name, self.classes, self.train, self.test = name, list(classes), train, test
         self.native_split, self.path = native_split, path
+        self.split = split  # the random split's image names (to save and reuse), None for a native split
 
     @property
     def digest(self):
@@ -619,21 +620,43 @@ class Target:
                 f"test={len(self.test)}, masks={self.train.has_masks})")
 
 
-def load_target(name, root=None, seed=0, split_file=None):
+def load_target(name, root=None, seed=0, split=None, split_name="the saved split"):
     """Load a target by name (design §3).
 
     Real targets live under `root` (default: env DRL_DATA, else ./data) as
       <root>/<name>/train/<class>/<image> and <root>/<name>/test/<class>/<image>  (native split), or
       <root>/<name>/<class>/<image>  (split here: 80/20 stratified, seeded by `seed`).
     Optional masks mirror the image tree under <root>/<name>/masks/ (same relative path and stem,
-    any extension). `split_file` (JSON with "train" / "test" name lists) is written after a random split
-    and reused when it exists; if the images no longer match it, a ValueError says so (delete the file
-    to re-split). A native split ignores `split_file`. `synthetic-cells` is built in (no folder needed).
+    any extension). Without a native split, `split` (a dict with "train" / "test" name lists, as
+    `read_split` returns it; `split_name` names it in errors) is reused when given, and the split made is
+    in `target.split` for the caller to save. `synthetic-cells` is built in (no folder needed).
     """
     if name not in TARGETS:
         raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
     if name == "synthetic-cells":
-        return _synthetic_target(seed, split_file)
+        return _synthetic_target(seed, split, split_name)
+    tdir, groups, classes = _target_layout(name, root)
+    names, labels = _collect_images(tdir, groups, classes)
+    all_names = [n for part in names.values() for n in part]
+    sizes, bad = _check_readable(tdir, all_names, names, labels, classes)
+    masks = _find_masks(tdir, all_names, sizes, set(bad))
+
+    def make(part_names, part_labels):
+        return ImageSet(part_names, part_labels, classes, paths=[os.path.join(tdir, n) for n in part_names],
+                        mask_paths=None if masks is None else [masks[n] for n in part_names])
+
+    if "train" in groups:
+        return Target(name, classes, make(names["train"], labels["train"]), make(names["test"], labels["test"]),
+                      native_split=True, path=tdir)
+    tr, te = _split(names[""], labels[""], seed, split, split_name, tdir)
+    pick = lambda xs, idx: [xs[k] for k in idx]  # noqa: E731
+    return Target(name, classes, make(pick(names[""], tr), pick(labels[""], tr)),
+                  make(pick(names[""], te), pick(labels[""], te)), path=tdir,
+                  split=_split_record(name, seed, names[""], tr, te))
+
+
+def _target_layout(name, root):
+    """(target folder, {part: class folders} with parts "train"/"test" or "", classes) after the checks."""
     root = root or os.environ.get("DRL_DATA") or "./data"
     where = (f"put the {name} images under {os.path.join(root, name)}/<class>/<image> "
              f"(or train/ and test/ subfolders), see README 'Datasets', or set --data-root / DRL_DATA")
@@ -642,21 +665,17 @@ def load_target(name, root=None, seed=0, split_file=None):
     tdir = os.path.join(root, name)
     if not os.path.isdir(tdir):
         raise FileNotFoundError(f"target folder {tdir} not found; {where}")
-
     has_train, has_test = (os.path.isdir(os.path.join(tdir, p)) for p in ("train", "test"))
     if has_train != has_test:
         raise ValueError(f"{tdir} has a {'train' if has_train else 'test'}/ folder but no "
                          f"{'test' if has_train else 'train'}/; a native split needs both (or neither)")
-    native = has_train and has_test
-    if native:
-        train_classes = _class_dirs(os.path.join(tdir, "train"))
-        test_classes = _class_dirs(os.path.join(tdir, "test"))
-        extra = sorted(set(test_classes) - set(train_classes))
+    if has_train:
+        groups = {p: _class_dirs(os.path.join(tdir, p)) for p in ("train", "test")}
+        extra = sorted(set(groups["test"]) - set(groups["train"]))
         if extra:
             raise ValueError(f"{tdir}/test has classes not in train/: {', '.join(extra)}; "
                              f"every test class needs training images")
-        classes = train_classes
-        groups = {"train": train_classes, "test": test_classes}
+        classes = groups["train"]
     else:
         classes = _class_dirs(tdir)
         groups = {"": classes}
@@ -664,9 +683,12 @@ def load_target(name, root=None, seed=0, split_file=None):
         raise ValueError(f"no class folders in {tdir}; {where}")
     if len(classes) < 2:
         raise ValueError(f"{tdir} has a single class folder '{classes[0]}'; need at least two classes")
+    return tdir, groups, classes
 
-    # Collect files: name = path relative to the target folder (posix).
-    names, labels = {"train": [], "test": [], "": []}, {"train": [], "test": [], "": []}
+
+def _collect_images(tdir, groups, classes):
+    """{part: names} and {part: labels}; a name is the image path relative to the target folder (posix)."""
+    names, labels = {part: [] for part in groups}, {part: [] for part in groups}
     for part, cls_list in groups.items():
         for c in cls_list:
             cdir = os.path.join(tdir, part, c)
@@ -676,9 +698,12 @@ def load_target(name, root=None, seed=0, split_file=None):
             for f in files:
                 names[part].append("/".join(x for x in (part, c, f) if x))
                 labels[part].append(classes.index(c))
+    return names, labels
 
-    # Unreadable images: open each header (cheap; pixels are decoded lazily later).
-    all_names = names["train"] + names["test"] + names[""]
+
+def _check_readable(tdir, all_names, names, labels, classes):
+    """Open every image header; drop the unreadable ones from names/labels (in place) below the tolerance.
+    Returns ({name: (width, height)}, unreadable names)."""
     sizes, bad = {}, []
     for n in all_names:
         try:
@@ -686,37 +711,21 @@ def load_target(name, root=None, seed=0, split_file=None):
                 sizes[n] = im.size
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             bad.append(n)
-    if bad:
-        frac = len(bad) / len(all_names)
-        if frac >= BAD_IMAGE_TOLERANCE:
-            raise ValueError(f"{len(bad)} of {len(all_names)} images in {tdir} are unreadable "
-                             f"(first: {bad[0]}); fix or remove them")
-        warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(all_names)} in {tdir} "
-                      f"(< 1%): {', '.join(bad[:5])}")
-        bad_set = set(bad)
-        for part in names:
-            keep = [k for k, n in enumerate(names[part]) if n not in bad_set]
-            names[part] = [names[part][k] for k in keep]
-            labels[part] = [labels[part][k] for k in keep]
-        for c in range(len(classes)):
-            if not any(l == c for part in labels for l in labels[part]):
-                raise ValueError(f"class '{classes[c]}' in {tdir} has no readable images")
-
-    masks = _find_masks(tdir, all_names, sizes, set(bad))
-
-    def make(part_names, part_labels):
-        return ImageSet(part_names, part_labels, classes,
-                        paths=[os.path.join(tdir, n) for n in part_names],
-                        mask_paths=None if masks is None else [masks[n] for n in part_names])
-
-    if native:
-        train = make(names["train"], labels["train"])
-        test = make(names["test"], labels["test"])
-    else:
-        tr, te = _split(name, names[""], labels[""], seed, split_file, tdir)
-        train = make([names[""][k] for k in tr], [labels[""][k] for k in tr])
-        test = make([names[""][k] for k in te], [labels[""][k] for k in te])
-    return Target(name, classes, train, test, native_split=native, path=tdir)
+    if not bad:
+        return sizes, bad
+    if len(bad) / len(all_names) >= BAD_IMAGE_TOLERANCE:
+        raise ValueError(f"{len(bad)} of {len(all_names)} images in {tdir} are unreadable "
+                         f"(first: {bad[0]}); fix or remove them")
+    warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(all_names)} in {tdir} "
+                  f"(< 1%): {', '.join(bad[:5])}")
+    for part in names:
+        keep = [k for k, n in enumerate(names[part]) if n not in set(bad)]
+        names[part][:] = [names[part][k] for k in keep]
+        labels[part][:] = [labels[part][k] for k in keep]
+    for c in range(len(classes)):
+        if not any(lab == c for part in labels for lab in labels[part]):
+            raise ValueError(f"class '{classes[c]}' in {tdir} has no readable images")
+    return sizes, bad
 
 
 def _class_dirs(folder):
@@ -781,40 +790,34 @@ def _stratified_split(labels, seed):
     return np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64))
 
 
-def _split(name, names, labels, seed, split_file, where):
-    """Stratified 80/20 split, saved to / reused from `split_file`."""
-    if split_file is not None and os.path.exists(split_file):
-        try:
-            with open(split_file) as f:
-                saved = json.load(f)
-            s_train, s_test = list(saved["train"]), list(saved["test"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"split file {split_file} is not a valid split ({e}); delete it to re-split")
-        current = set(names)
-        listed = set(s_train) | set(s_test)
-        if listed != current or set(s_train) & set(s_test):
-            new, gone = sorted(current - listed), sorted(listed - current)
-            example = (new or gone or sorted(set(s_train) & set(s_test)))[0]
-            raise ValueError(f"split file {split_file} does not match the images in {where} "
-                             f"({len(new)} new, {len(gone)} missing, e.g. {example}); "
-                             f"delete it to re-split")
-        pos = {n: k for k, n in enumerate(names)}
-        return (np.array([pos[n] for n in s_train], np.int64),
-                np.array([pos[n] for n in s_test], np.int64))
-    train, test = _stratified_split(labels, seed)
-    if split_file is not None:
-        _write_json(split_file, {"target": name, "seed": seed,
-                                 "train": [names[k] for k in train], "test": [names[k] for k in test]})
-    return train, test
+def read_split(path):
+    """A split saved by an earlier run: dict with "train" and "test" lists of image names."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return {"train": list(saved["train"]), "test": list(saved["test"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
 
 
-def _write_json(path, obj):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def split_json(target):
+    """The text of target.split, for the caller to save (and pass back to load_target next time)."""
+    return json.dumps(target.split, indent=1)
+
+
+def _split(names, labels, seed, saved, saved_name, where):
+    """Stratified 80/20 split (train, test index arrays), or the `saved` one when it matches the images."""
+    if saved is None:
+        return _stratified_split(labels, seed)
+    current, listed = set(names), set(saved["train"]) | set(saved["test"])
+    if listed != current or set(saved["train"]) & set(saved["test"]):
+        new, gone = sorted(current - listed), sorted(listed - current)
+        example = (new or gone or sorted(set(saved["train"]) & set(saved["test"])))[0]
+        raise ValueError(f"split file {saved_name} does not match the images in {where} ({len(new)} new, "
+                         f"{len(gone)} missing, e.g. {example}); delete it to re-split")
+    pos = {n: k for k, n in enumerate(names)}
+    return (np.array([pos[n] for n in saved["train"]], np.int64),
+            np.array([pos[n] for n in saved["test"]], np.int64))
 
 
 # ----- synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes -----------------
@@ -852,6 +855,25 @@ def _synthetic_cell(rng, label, size):
     a depth-like hue gradient, cytoplasm texture, pixel noise, and the mean intensity inside the cell
     (drawn from one distribution for every class, so brightness alone does not tell the class)."""
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cx, cy, radius, a, b, body = _cell_outline(rng, label, size, xx, yy)
+    mask = body >= 0.5
+    inten = _cell_interior(rng, label, size, xx, yy, cx, cy, 0.8 * min(a, b)) * body
+    # Mean intensity inside the cell: the same distribution for every class.
+    inten *= rng.uniform(0.3, 0.5) / max(inten[mask].mean(), 1e-6)
+    inten += rng.uniform(0.005, 0.03) * rng.standard_normal((size, size))  # pixel noise everywhere
+    inten = np.clip(inten, 0, 1)
+    # colour: hue/saturation jitter and a depth-like hue gradient across the cell
+    hue, sat = rng.uniform(-0.12, 0.12), rng.uniform(0.3, 0.8)        # a red stain (magenta to orange)
+    c1, c2 = _hsv(hue, sat, 1.0), _hsv(hue + rng.uniform(0.05, 0.2), sat, 1.0)
+    g_ang = rng.uniform(0, 2 * np.pi)
+    t = np.clip(0.5 + (np.cos(g_ang) * (xx - cx) + np.sin(g_ang) * (yy - cy)) / (2.5 * radius), 0, 1)
+    colour = c1 * (1 - t[..., None]) + c2 * t[..., None]
+    return np.clip(inten[..., None] * colour * rng.uniform(0.85, 1.15), 0, 1), mask
+
+
+def _cell_outline(rng, label, size, xx, yy):
+    """A wobbly ellipse of random size, elongation and orientation; negative cells shrunken, irregular.
+    Returns (centre x, y, radius, semi-axes a, b, body: anti-aliased inside in [0, 1])."""
     cx, cy = size / 2 + rng.uniform(-2, 2), size / 2 + rng.uniform(-2, 2)
     radius = rng.uniform(0.17, 0.40) * size                        # cell size: the "scale" of a cell
     irregular = 0.025
@@ -867,13 +889,13 @@ def _synthetic_cell(rng, label, size):
     boundary = np.ones_like(theta)
     for k in range(2, 6):                                          # wobbly outline
         boundary += irregular * rng.uniform(0.5, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    body = np.clip((boundary - rho) * min(a, b) + 0.5, 0.0, 1.0)  # ≈ 1 px anti-aliased edge
-    mask = body >= 0.5
+    return cx, cy, radius, a, b, np.clip((boundary - rho) * min(a, b) + 0.5, 0.0, 1.0)  # ≈ 1 px edge
 
-    # cytoplasm: dim, textured
+
+def _cell_interior(rng, label, size, xx, yy, cx, cy, r_in):
+    """Intensity of a textured cytoplasm with the vacuoles of the class (r_in: room inside the outline)."""
     tex = _smooth_noise(rng, size, rng.uniform(1.0, 3.0))
     inten = rng.uniform(0.25, 0.4) * (1 + rng.uniform(0.1, 0.25) * tex)
-    r_in = 0.8 * min(a, b)                                         # room inside the outline
     if label == 0:                                                 # one large vacuole: a bright-rimmed donut
         off, ang = rng.uniform(0, 0.1) * r_in, rng.uniform(0, 2 * np.pi)
         vx, vy = cx + off * np.cos(ang), cy + off * np.sin(ang)
@@ -896,19 +918,7 @@ def _synthetic_cell(rng, label, size):
         inten = np.maximum(0.6 * inten, _disc(xx, yy, vx, vy, rv))
     else:                                                          # negative: diffuse, mottled
         inten = inten * (1 + 0.35 * _smooth_noise(rng, size, rng.uniform(3.0, 6.0)))
-    inten = np.clip(inten, 0, None) * body
-    # Mean intensity inside the cell: the same distribution for every class.
-    inten *= rng.uniform(0.3, 0.5) / max(inten[mask].mean(), 1e-6)
-    inten += rng.uniform(0.005, 0.03) * rng.standard_normal((size, size))  # pixel noise everywhere
-    inten = np.clip(inten, 0, 1)
-    # colour: hue/saturation jitter and a depth-like hue gradient across the cell
-    hue, sat = rng.uniform(-0.12, 0.12), rng.uniform(0.3, 0.8)        # a red stain (magenta to orange)
-    c1, c2 = _hsv(hue, sat, 1.0), _hsv(hue + rng.uniform(0.05, 0.2), sat, 1.0)
-    g_ang = rng.uniform(0, 2 * np.pi)
-    t = np.clip(0.5 + (np.cos(g_ang) * (xx - cx) + np.sin(g_ang) * (yy - cy)) / (2.5 * radius), 0, 1)
-    colour = c1 * (1 - t[..., None]) + c2 * t[..., None]
-    img = np.clip(inten[..., None] * colour * rng.uniform(0.85, 1.15), 0, 1)
-    return img, mask
+    return np.clip(inten, 0, None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -929,17 +939,22 @@ def make_synthetic_cells(n=SYNTHETIC_N, size=80, seed=0):
     return images, masks, labels
 
 
-def _synthetic_target(seed, split_file):
+def _synthetic_target(seed, saved, saved_name):
     images, masks, labels = make_synthetic_cells(SYNTHETIC_N, 80, seed)
     names = [f"{SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
     stamp = hashlib.sha256(b"synthetic-cells-v2" + images.tobytes() + masks.tobytes()).hexdigest()
-    train, test = _split("synthetic-cells", names, labels, seed, split_file, "synthetic-cells")
+    train, test = _split(names, labels, seed, saved, saved_name, "synthetic-cells")
 
     def make(idx):
         return ImageSet([names[k] for k in idx], labels[idx], SYNTHETIC_CLASSES, arrays=images,
                         mask_arrays=masks, rows=idx, stamp=stamp)
 
-    return Target("synthetic-cells", SYNTHETIC_CLASSES, make(train), make(test))
+    return Target("synthetic-cells", SYNTHETIC_CLASSES, make(train), make(test), split=_split_record(
+        "synthetic-cells", seed, names, train, test))
+
+
+def _split_record(name, seed, names, train, test):
+    return {"target": name, "seed": seed, "train": [names[k] for k in train], "test": [names[k] for k in test]}
 
 
 # =====================================================================================================
