@@ -32,11 +32,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import data
 import drl
 import metrics
 import se2
+import train
 
 MACS_PER_IMAGE = drl.VIT_B16_GFLOP      # 17.6 G multiply-accumulates per 224×224 image (issue 6)
 # Targets of issue 6: key -> (reference key or None, op, bound, what).
@@ -49,7 +51,6 @@ TARGETS = {
     "vit_bf16_cosine_vs_fp32": (None, ">=", 0.999, "min cosine"),
     "feature_vae_gflops": ("matmul_gflops", ">=", 0.4, "GFLOP/s / matmul"),
     "sweep_models_steps_s_vectorised": ("sweep_models_steps_s_sequential", ">=", 1.5, "vectorised / seq."),
-    "sweep_gemm_floor_model_steps_s": ("sweep_models_steps_s_sequential", None, None, "bound on vect. / seq."),
     "metrics_s": (None, "<", 60.0, "seconds"),
     "extract_peak_rss_mb": (None, "<=", 2048.0, "MB"),
     "se2_groupconv_ms": ("conv_equal_maps_ms", None, None, "SE(2,8) / plain conv"),
@@ -124,6 +125,48 @@ def bench_matmul(args):
 # 2. ViT-B/16: ours vs torchvision on the same weights, fp32 and bf16
 # ---------------------------------------------------------------------------------------------------
 
+_TV_BLOCK_KEYS = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+                  "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+                  "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+
+
+def dino_to_torchvision_state_dict(sd):
+    """Rename DINO/our keys to torchvision.models.VisionTransformer keys (no classification head).
+    Both use q,k,v stacked row-wise with contiguous heads, so tensors are copied unchanged."""
+    out = {}
+    for k, v in sd.items():
+        if k == "cls_token":
+            name = "class_token"
+        elif k == "pos_embed":
+            name = "encoder.pos_embedding"
+        elif k.startswith("patch_embed.proj."):
+            name = "conv_proj." + k[len("patch_embed.proj."):]
+        elif k.startswith("norm."):
+            name = "encoder.ln." + k[len("norm."):]
+        elif k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            old = next((o for o in _TV_BLOCK_KEYS if rest == o or rest.startswith(o + ".")), None)
+            if old is None:
+                raise ValueError(f"no torchvision name for ViT key {k}")
+            name = f"encoder.layers.encoder_layer_{i}." + _TV_BLOCK_KEYS[old] + rest[len(old):]
+        else:
+            raise ValueError(f"no torchvision name for ViT key {k}")
+        out[name] = v
+    return out
+
+
+def torchvision_reference(model):
+    """torchvision VisionTransformer with `model`'s config and weights, heads replaced by Identity so
+    that forward returns encoder.ln output token 0 — the same quantity as model(x). Eval, frozen."""
+    c = model.config
+    tv = torchvision.models.VisionTransformer(
+        image_size=c["img_size"], patch_size=c["patch_size"], num_layers=c["depth"],
+        num_heads=c["num_heads"], hidden_dim=c["embed_dim"], mlp_dim=int(c["embed_dim"] * c["mlp_ratio"]))
+    tv.heads = nn.Identity()
+    tv.load_state_dict(dino_to_torchvision_state_dict(model.state_dict()), strict=True)
+    return tv.to(model.cls_token.device).eval().requires_grad_(False)
+
+
 def vit_weights(args):
     """Our ViT-B/16 with DINO weights when they resolve without a download, else random init (speed
     does not depend on the values)."""
@@ -143,7 +186,7 @@ def bf16_supported(device):
 
 def bench_vit(args, source):
     model, weights = vit_weights(args)
-    tv = drl.torchvision_reference(model)
+    tv = torchvision_reference(model)
     cuda = torch.device(args.device).type == "cuda"
     batch = 64 if cuda else (4 if args.quick else 8)
     reps = (10 if cuda else 4) if args.quick else (20 if cuda else 5)
@@ -165,7 +208,7 @@ def bench_vit(args, source):
         "vit_img_s_fp32": entry(ours, "images/s", wl, **timing_stats(ts["ours"])),
         "torchvision_vit_img_s_fp32": entry(batch / min(ts["tv"]), "images/s",
                                             {**wl, "model": "torchvision vit_b_16, our weights via "
-                                                            "drl.torchvision_reference"}, **timing_stats(ts["tv"])),
+                                                            "bench.torchvision_reference"}, **timing_stats(ts["tv"])),
         "vit_gflops_fp32": entry(ours * MACS_PER_IMAGE, "GFLOP/s", {**wl, "flops_per_image": "17.6e9 (MACs)"}),
         "vit_gflops_fp32_2mac": entry(ours * 2 * MACS_PER_IMAGE, "GFLOP/s",
                                       {**wl, "flops_per_image": "35.2e9 (2 x MACs, like matmul_gflops)"}),
@@ -208,11 +251,11 @@ def bench_render(args, source):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. VAE training steps (the step of drl.fit: loss, backward, clip 1.0, Adam)
+# 4. VAE training steps (the step of train.fit: loss, backward, clip 1.0, Adam)
 # ---------------------------------------------------------------------------------------------------
 
 def train_step(model, opt, x1, x2, beta):
-    out = model.pair_loss(x1, x2, beta)
+    out = model((x1, x2), beta)
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -238,7 +281,7 @@ def bench_vae_steps(args):
     g = torch.Generator().manual_seed(0)
     f1, f2 = (torch.randn(pairs, 768, generator=g).to(args.device) for _ in range(2))
     p1, p2 = (torch.rand(pairs, 3, 64, 64, generator=g).to(args.device) for _ in range(2))
-    opts = {m: drl.make_optimizer(m.parameters(), lr=1e-4) for m in (feat, conv)}
+    opts = {m: train.make_optimizer(m.parameters(), lr=1e-4) for m in (feat, conv)}
     conv_steps = 2 if args.quick else 20
     t_feat = best_times({"f": lambda: [train_step(feat, opts[feat], f1, f2, 1.0) for _ in range(steps)]},
                         2 if args.quick else 5, args.device)["f"]
@@ -264,82 +307,54 @@ def bench_vae_steps(args):
 # 5. A sweep of N FeatureVAEs: sequential vs stacked weights
 # ---------------------------------------------------------------------------------------------------
 
-def _stacked_gemms(M, n, dims, device):
-    """The matrix products of one stacked FeatureVAE step and nothing else: for every layer the forward
-    x Wᵀ, and in backward ∂x = ∂y W (not for the input layer) and ∂W = ∂yᵀ x, as batched GEMMs of M models."""
-    g = torch.Generator().manual_seed(0)
-    mats = [(torch.randn(M, n, i, generator=g).to(device), torch.randn(M, o, i, generator=g).to(device),
-             torch.randn(M, n, o, generator=g).to(device), first) for i, o, first in dims]
-
-    def run():
-        for x, w, gy, first in mats:
-            torch.bmm(x, w.transpose(1, 2))
-            if not first:
-                torch.bmm(gy, w)
-            torch.bmm(gy.transpose(1, 2), x)
-    return run
-
-
 def bench_sweep(args):
-    """Training throughput of a sweep (seeds × β ∈ {1, 2}) of FeatureVAEs: drl.fit one model after another
-    vs drl.fit_parallel with stacked weights, each read from its training loop's own progress report, so
-    model construction and the final checkpoints (one-off costs; a paper run is 400k steps) are excluded.
-    Also the GEMM floor: model-steps/s if a stacked step were only its matrix products, the bound on what
-    any stacking can reach where the products take most of a step."""
+    """Training throughput of a sweep (seeds × β ∈ {1, 2}) of FeatureVAEs: train.fit one model after another
+    vs all stacked (torch.vmap), each read from the training loop's own progress report, so model
+    construction and the final checkpoints (one-off costs; a paper run is 400k steps) are excluded."""
     n_models = 4 if args.quick else 20
     steps = 10 if args.quick else 30
-    pairs, latent, hidden = 64, 10, 512
+    pairs = 64
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(4096, 768, generator=g).to(args.device)
     seeds = [s // 2 for s in range(n_models)]          # seeds × β ∈ {1, 2}, as in a sweep
     betas = [1.0 + s % 2 for s in range(n_models)]
 
-    def fresh():  # model i is initialised from its seed, as in a sweep
-        models = []
-        for seed in seeds:
+    def runs(tmp, tag):  # model i is initialised from its seed, as in a sweep
+        out = []
+        for i, (seed, beta) in enumerate(zip(seeds, betas)):
             torch.manual_seed(seed)
-            models.append(drl.FeatureVAE(hidden=hidden, latent_dim=latent).to(args.device))
-        return models
+            out.append(train.Run(drl.FeatureVAE().to(args.device), seed, beta, os.path.join(tmp, f"{tag}{i}"),
+                                 {"bench": i}))
+        return out
 
-    def batch_fn(rng, step):
-        i = torch.as_tensor(rng.integers(0, len(bank), (2, pairs)), device=bank.device)
+    def batch_fn(seed, step):
+        i = torch.as_tensor(np.random.default_rng((seed, step)).integers(0, len(bank), (2, pairs)),
+                            device=bank.device)
         return bank[i[0]], bank[i[1]]
 
-    reports = []  # progress reports of the training loops; the last one of a loop has its mean rate
-    kw = dict(steps=steps, paired=True, device=args.device, checkpoint_every_s=1e9, progress=reports.append,
-              progress_every_s=1e9)
+    reports = []  # progress reports of the training loop; the last one of a group has its rate
+    kw = dict(steps=steps, device=args.device, log_every=steps, checkpoint_every_s=1e9, progress=reports.append)
     rates = {"seq": [], "vec": []}
     for _ in range(2 if args.quick else 3):  # interleaved repetitions, best of each
         with tempfile.TemporaryDirectory() as tmp:
             seconds = 0.0
-            for i, m in enumerate(fresh()):
-                drl.fit(m, batch_fn, beta=betas[i], seed=seeds[i], folder=os.path.join(tmp, f"s{i}"),
-                        config={"bench": i}, **kw)
+            for run in runs(tmp, "s"):
+                train.fit([run], batch_fn, **kw)
                 seconds += steps / reports[-1]["steps_per_s"]
             rates["seq"].append(n_models * steps / seconds)
-            drl.fit_parallel(fresh(), batch_fn, betas=betas, seeds=seeds, folders=[os.path.join(tmp, f"v{i}")
-                             for i in range(n_models)], configs=[{"bench": i} for i in range(n_models)], **kw)
-            rates["vec"].append(reports[-1]["model_steps_per_s"])
-    # (in, out, is the input layer) of every Linear, read off the model itself
-    vae = fresh()[0]
-    linears = [layer for seq in (vae.encoder, vae.decoder) for layer in seq if isinstance(layer, nn.Linear)]
-    dims = [(layer.in_features, layer.out_features, i == 0) for i, layer in enumerate(linears)]
-    t_gemm = best_times({"gemm": _stacked_gemms(n_models, 2 * pairs, dims, args.device)}, 5, args.device)["gemm"]
+            train.fit(runs(tmp, "v"), batch_fn, stack=True, **kw)
+            rates["vec"].append(n_models * reports[-1]["steps_per_s"])
     wl = workload(args, models=n_models, steps_per_model=steps, batch=f"{pairs} pairs",
-                  model=f"FeatureVAE(768,{hidden},{latent})", dtype="float32",
-                  step="Ada-GVAE pair_loss + backward + per-model clip 1.0 + Adam",
+                  model="FeatureVAE(768,512,10)", dtype="float32",
+                  step="Ada-GVAE loss + backward + per-model clip 1.0 + Adam",
                   includes="the training loop: batch sampling, step, logging (not construction or checkpoints)")
     spread = lambda v: {"best": max(v), "all": v}  # noqa: E731
     return {"sweep_models_steps_s_sequential": entry(max(rates["seq"]), "model-steps/s",
-                                                     {**wl, "how": "drl.fit, one model after another"},
+                                                     {**wl, "how": "train.fit, one model after another"},
                                                      **spread(rates["seq"])),
             "sweep_models_steps_s_vectorised": entry(max(rates["vec"]), "model-steps/s",
-                                                     {**wl, "how": "drl.fit_parallel (stacked weights)"},
-                                                     **spread(rates["vec"])),
-            "sweep_gemm_floor_model_steps_s": entry(n_models / min(t_gemm), "model-steps/s",
-                                                    {**wl, "how": "the step's batched GEMMs alone (torch.bmm)",
-                                                     "includes": "fwd x Wᵀ, bwd ∂x and ∂W of every layer"},
-                                                    best_s=min(t_gemm))}
+                                                     {**wl, "how": "train.fit(stack=True): torch.func + vmap"},
+                                                     **spread(rates["vec"]))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,7 +395,7 @@ def bench_metrics(args):
     dt = time.perf_counter() - t0
     wl = workload(args, model="FeatureVAE(768,512,10), random weights, synthetic feature bank (25200,768)",
                   n_train=scores["n_train"], n_test=scores["n_test"], omes_pairs=scores["omes"]["pairs"],
-                  dci_method="gbt", dtype="float64 codes", device="cpu (scikit-learn)",
+                  dtype="float64 codes", device="cpu (scikit-learn)",
                   defaults=not args.quick)
     return {"metrics_s": entry(dt, "s", wl)}
 
@@ -552,7 +567,7 @@ def main(argv=None):
             raise ValueError("--device cuda but CUDA is not available; use --device cpu")
         if args.threads:
             torch.set_num_threads(args.threads)
-        drl.keep_freed_memory()  # as train.py and evaluate.py do
+        train.keep_freed_memory()  # as train.py and evaluate.py do
         source = data.TextureDSprites()
         stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, source),
                   "render": lambda: bench_render(args, source), "vae": lambda: bench_vae_steps(args),

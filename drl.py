@@ -1,29 +1,28 @@
-"""Frozen DINO ViT-B/16 features, the VAEs, the Ada-GVAE and the training loop.
+"""Frozen DINO ViT-B/16 features, the VAEs and their losses.
 
 Dapueto et al. 2025 (Sec. II): Φ(x) = CLS token of a frozen DINO ViT-B/16 on the padded, 224×224,
 ImageNet-normalised image; a VAE is trained on Φ (or on 64×64 pixels, the baseline) with the Ada-GVAE
 weak supervision of Locatello et al. 2020 on the source, then finetuned as a β-VAE on the target.
 
 Read top to bottom:
-  1-4. ViT-B/16 with the DINO module layout (reference §B), DINO weight resolution (design §4),
-       cached feature extraction and standardisation, a cross-check against torchvision's ViT.
-  5.   Gaussian posteriors: KL terms (Kingma & Welling 2014, Eq. 10).
-  6.   Ada-GVAE aggregation (Locatello et al. 2020, Eq. 6-7; disentanglement_lib `group_vae_argmax`).
-  7.   Two VAEs sharing one protocol: the feature MLP-VAE on Φ and the disentanglement_lib convolutional
-       VAE on 64×64 pixels. Both expose `loss(x, beta)` (β-VAE, Higgins et al. 2017, Eq. 4),
-       `pair_loss(x1, x2, beta)` (Ada-GVAE) and `representation(x)` (μ); `se2.SE2VAE` exposes the same.
-  8.   β warm-up, atomic checkpoints and `fit`, a resumable training loop whose every random draw is a pure
-       function of (seed, step), so an interrupted run resumes to exactly the weights of an uninterrupted one.
+  1. ViT-B/16 with the DINO module layout (state_dict loads the official checkpoint with strict=True).
+  2. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading.
+  3. Feature extraction into an atomically written .npy cache; standardisation with source statistics.
+  4. Gaussian posteriors: KL terms (Kingma & Welling 2014, Eq. 10) and the reparameterisation.
+  5. Ada-GVAE aggregation (Locatello et al. 2020, Eq. 6-7; disentanglement_lib `group_vae_argmax`).
+  6. The VAEs: the feature MLP-VAE on Φ and the disentanglement_lib conv VAE on 64×64 pixels. Both are
+     called as model(batch, beta) -> dict(loss, recon, kl): β-VAE on images (Higgins et al. 2017, Eq. 4),
+     Ada-GVAE on a pair (x1, x2); `representation(x)` is μ. se2.SE2VAE follows the same protocol.
+  7. Checkpoints: one atomic-write helper, save/load, rebuilding a model from its config; β warm-up.
+The training loop lives in train.py.
 """
 import argparse
 import contextlib
-import csv
 import hashlib
 import json
 import math
 import os
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -322,26 +321,6 @@ def feature_cache_key(**parts):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def keep_freed_memory():
-    """Let glibc's malloc keep freed memory for the next allocation instead of handing it back to the OS.
-
-    By default glibc unmaps (or trims) freed blocks of a few MB, and every new activation of that size is
-    page-faulted back in and zeroed: 12,900 minor page faults per ViT-B/16 image at batch 4, about a tenth
-    of its time on a 2-core CPU (torch profiler: copy_ 12 %, the first write into each fresh addmm output).
-    With the mmap threshold at glibc's 32 MB maximum and trimming off, the ViT runs without page faults as
-    long as a single activation stays under 32 MB (extraction batch 8 on a CPU). The process keeps its peak
-    heap. Returns True where applied (glibc), False elsewhere (nothing changes)."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 def cpu_bf16_supported():
     """True when oneDNN has fast bf16 kernels on this CPU (AVX-512 / AVX512-BF16 / AMX); without them
     bf16 autocast on the CPU is emulated and much slower than fp32."""
@@ -363,12 +342,10 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
                      progress=None):
     """Φ for images_fn(idx) → uint8 (b,H,W,3), idx = 0..n-1, as a read-only (n, D) float32 memmap.
     Reuses cache_path when it holds (n, D) float32; otherwise streams batches into a temporary .npy
-    next to it and renames it to cache_path only when complete. progress(done, n) is optional.
-    batch_size None: 64 on a GPU; 8 on a CPU, where larger batches are no faster and their activations
-    outgrow what keep_freed_memory can recycle."""
+    beside it that becomes cache_path only when complete (atomic_write). progress(done, n) is optional.
+    batch_size None: 64 on a GPU, 8 on a CPU (larger batches are no faster there)."""
     D = model.embed_dim
-    if batch_size is None:
-        batch_size = 8 if torch.device(device).type == "cpu" else 64
+    batch_size = batch_size or (8 if torch.device(device).type == "cpu" else 64)
     if n < 1:
         raise ValueError(f"cannot extract features of {n} images, need at least one")
     _autocast(precision, device)  # validates precision before any work
@@ -384,37 +361,27 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         except (ValueError, OSError) as e:
             reason = _one_line(e)
         warnings.warn(f"feature cache {cache_path} ({reason}) does not match ({n}, {D}) float32; recomputing")
-    folder = os.path.dirname(os.path.abspath(cache_path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(cache_path) + ".", suffix=".tmp")
-    os.close(fd)
-    out = None
-    try:
+    with atomic_write(cache_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                images = images_fn(np.arange(start, stop))
-                if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
-                        or images.shape[0] != stop - start or images.shape[-1] != 3):
-                    raise ValueError(f"images_fn returned {getattr(images, 'dtype', type(images))} "
-                                     f"{getattr(images, 'shape', '')}, need uint8 ({stop - start}, H, W, 3)")
-                x = preprocess_images(images, device)
+                x = preprocess_images(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
                 with _autocast(precision, device):
-                    f = model(x)
-                out[start:stop] = f.float().cpu().numpy()
+                    out[start:stop] = model(x).float().cpu().numpy()
                 if progress is not None:
                     progress(stop, n)
         out.flush()
-        del out
-        out = None
-        os.replace(tmp, cache_path)
-    except BaseException:
-        del out
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        del out  # close the memmap before the rename
     return np.load(cache_path, mmap_mode="r")
+
+
+def _checked_images(images, n):
+    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
+            or images.shape[0] != n or images.shape[-1] != 3):
+        raise ValueError(f"images_fn returned {getattr(images, 'dtype', type(images))} "
+                         f"{getattr(images, 'shape', '')}, need uint8 ({n}, H, W, 3)")
+    return images
 
 
 def feature_stats(features, chunk=4096):
@@ -442,55 +409,8 @@ def standardise(features, mean, std):
     return ((np.asarray(features, np.float32) - mean) / std).astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 4. Cross-check against torchvision's ViT (tests and bench.py only; torchvision imported lazily)
-# ---------------------------------------------------------------------------------------------------
-
-_TV_BLOCK_KEYS = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
-                  "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
-                  "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
-
-
-def dino_to_torchvision_state_dict(sd):
-    """Rename DINO/our keys to torchvision.models.VisionTransformer keys (no classification head).
-    Both use q,k,v stacked row-wise with contiguous heads, so tensors are copied unchanged."""
-    out = {}
-    for k, v in sd.items():
-        if k == "cls_token":
-            name = "class_token"
-        elif k == "pos_embed":
-            name = "encoder.pos_embedding"
-        elif k.startswith("patch_embed.proj."):
-            name = "conv_proj." + k[len("patch_embed.proj."):]
-        elif k.startswith("norm."):
-            name = "encoder.ln." + k[len("norm."):]
-        elif k.startswith("blocks."):
-            _, i, rest = k.split(".", 2)
-            old = next((o for o in _TV_BLOCK_KEYS if rest == o or rest.startswith(o + ".")), None)
-            if old is None:
-                raise ValueError(f"no torchvision name for ViT key {k}")
-            name = f"encoder.layers.encoder_layer_{i}." + _TV_BLOCK_KEYS[old] + rest[len(old):]
-        else:
-            raise ValueError(f"no torchvision name for ViT key {k}")
-        out[name] = v
-    return out
-
-
-def torchvision_reference(model):
-    """torchvision VisionTransformer with `model`'s config and weights, heads replaced by Identity so
-    that forward returns encoder.ln output token 0 — the same quantity as model(x). Eval, frozen."""
-    import torchvision
-    c = model.config
-    tv = torchvision.models.VisionTransformer(
-        image_size=c["img_size"], patch_size=c["patch_size"], num_layers=c["depth"],
-        num_heads=c["num_heads"], hidden_dim=c["embed_dim"], mlp_dim=int(c["embed_dim"] * c["mlp_ratio"]))
-    tv.heads = nn.Identity()
-    tv.load_state_dict(dino_to_torchvision_state_dict(model.state_dict()), strict=True)
-    return tv.to(model.cls_token.device).eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 5. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar)))
+# 4. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar)))
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -511,7 +431,7 @@ def reparameterise(mu, logvar, noise=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
+# 5. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
 #    latent dims that barely move between them are forced to agree.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -541,19 +461,30 @@ def ada_gvae_aggregate(mu1, logvar1, mu2, logvar2):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. VAEs. A subclass defines encode(x) -> (mu, logvar), decode(z) -> x_hat and reconstruction(x, x_hat)
-#    -> per-example negative log-likelihood; the losses are shared.
+# 6. VAEs. A subclass builds `encoder` (x -> [mu; logvar]) and `decoder` (z -> x_hat) and defines
+#    reconstruction(x, x_hat) -> per-example negative log-likelihood; the losses are shared.
 # ----------------------------------------------------------------------------------------------------------
 
 
 class GaussianVAE(nn.Module):
-    """VAE with a diagonal Gaussian posterior and a N(0, I) prior."""
+    """VAE with a diagonal Gaussian posterior and a N(0, I) prior.
+
+    model(batch, beta) is the training objective: the β-VAE loss of a batch of images, or the Ada-GVAE loss
+    of a pair batch (x1, x2). `noise` supplies ε of the reparameterisation (else it is drawn inside); the
+    training loop passes it when it trains several models at once through torch.vmap.
+    """
+
+    def forward(self, batch, beta, noise=None):
+        return self.pair_loss(*batch, beta, noise) if isinstance(batch, (tuple, list)) else self.loss(batch, beta, noise)
+
+    def encode(self, x):
+        return self.encoder(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        return self.decoder(z)
 
     def loss(self, x, beta, noise=None):
-        """β-VAE: E[−ln p(x|z)] + β·KL(q(z|x) ‖ p(z)), batch mean (Higgins et al. 2017, Eq. 4).
-
-        `noise` (n, latent) replaces the ε drawn inside (used to train several models in lock-step).
-        """
+        """β-VAE: E[−ln p(x|z)] + β·KL(q(z|x) ‖ p(z)), batch mean (Higgins et al. 2017, Eq. 4)."""
         mu, logvar = self.encode(x)
         recon = self.reconstruction(x, self.decode(reparameterise(mu, logvar, noise))).mean()
         kl = kl_normal(mu, logvar).sum(dim=1).mean()
@@ -579,10 +510,10 @@ class GaussianVAE(nn.Module):
 
 
 class FeatureVAE(GaussianVAE):
-    """MLP-VAE on standardised DINO features Φ (official sizes: 768→h→2h→3h→(μ, ln σ²), mirrored decoder).
+    """MLP-VAE on standardised features Φ (official sizes: 768→h→2h→3h→(μ, ln σ²), mirrored decoder).
 
-    Likelihood: Gaussian with fixed variance, i.e. the sum of squared errors over the 768 standardised
-    dims. (The official code scales features to [0, 1] with fixed min/max and uses 768·MSE; on standardised
+    Likelihood: Gaussian with fixed variance, i.e. the sum of squared errors over the standardised dims.
+    (The official code scales features to [0, 1] with fixed min/max and uses 768·MSE; on standardised
     features the plain sum has the same order of magnitude and no magic constants.)
     """
 
@@ -595,12 +526,6 @@ class FeatureVAE(GaussianVAE):
                                      nn.Linear(2 * h, 3 * h), act(), nn.Linear(3 * h, 2 * latent_dim))
         self.decoder = nn.Sequential(nn.Linear(latent_dim, 3 * h), act(), nn.Linear(3 * h, 2 * h), act(),
                                      nn.Linear(2 * h, h), act(), nn.Linear(h, in_dim))
-
-    def encode(self, x):
-        return self.encoder(x).chunk(2, dim=1)
-
-    def decode(self, z):
-        return self.decoder(z)
 
     def reconstruction(self, x, x_hat):
         return (x - x_hat).pow(2).sum(dim=1)
@@ -629,14 +554,55 @@ class ConvVAE(GaussianVAE):
             nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
             nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
 
-    def encode(self, x):
-        return self.encoder(x).chunk(2, dim=1)
-
-    def decode(self, z):
-        return self.decoder(z)
-
     def reconstruction(self, x, x_hat):
         return F.binary_cross_entropy_with_logits(x_hat, x, reduction="none").flatten(1).sum(dim=1)
+
+
+def beta_warmup(step, beta, warmup_steps):
+    """Linear deterministic warm-up (Bowman et al. 2016): β·min(1, step / warmup_steps); β if no warm-up."""
+    if warmup_steps <= 0:
+        return float(beta)
+    return float(beta) * min(1.0, step / warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Files: every file the project writes goes through atomic_write; checkpoints rebuild their model
+# ----------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`; it replaces `path` only when the block completes, so a crash
+    or Ctrl-C never leaves half a file (checkpoints, feature caches, splits, reports, figures)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def save_checkpoint(path, obj):
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by `save_checkpoint` (tensors, numbers, strings, dicts only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # unpickling errors, truncated files, foreign formats
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}; delete it to start afresh") from e
 
 
 def model_config(model):
@@ -659,177 +625,6 @@ def build_model(config):
     raise ValueError(f"unknown model kind {kind!r} in checkpoint config")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def beta_warmup(step, beta, warmup_steps):
-    """Linear deterministic warm-up (Bowman et al. 2016): β·min(1, step / warmup_steps); β if no warm-up."""
-    if warmup_steps <= 0:
-        return float(beta)
-    return float(beta) * min(1.0, step / warmup_steps)
-
-
-def save_checkpoint(path, obj):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path):
-    """Load a checkpoint written by `save_checkpoint` (tensors, numbers, strings, dicts only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # unpickling errors, truncated files, foreign formats
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}; delete it to start afresh") from e
-
-
-def step_seed(seed, step):
-    """The seed of step `step` of run `seed`: every draw of a step depends on (seed, step) alone."""
-    return (int(seed) * 1_000_003 + int(step)) % (2 ** 63)
-
-
-class TrainingDiverged(ValueError):
-    """A non-finite loss: the step is not applied and the last good checkpoint is kept."""
-
-
-def _diverged(what, value, step, seed, beta, folder):
-    """The one-line error for a non-finite loss or gradient norm."""
-    return TrainingDiverged(f"{what} became {value} at step {step} (seed {seed}, beta {beta}); the last good "
-                            f"checkpoint is kept in {folder}; lower --lr or check the input data")
-
-
-def _clip_and_step(params, opt, grad_clip, step, seed, beta, folder):
-    """Gradient-norm clipping (grad_clip 0 or None: none) and one optimiser step; a non-finite norm raises
-    TrainingDiverged before the step. fit and fit_parallel both step through here, model by model."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-    if not torch.isfinite(grad_norm):
-        raise _diverged("gradient", grad_norm.item(), step, seed, beta, folder)
-    opt.step()
-
-
-def check_config(path, saved, wanted):
-    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if diff:
-        k = diff[0]
-        raise ValueError(f"checkpoint {path} was written with another configuration ({k}: {saved.get(k)!r} "
-                         f"there, {wanted.get(k)!r} now); use another --out or delete that run folder")
-
-
-def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
-    """Adam (Kingma & Ba 2015) or AdamW (Loshchilov & Hutter 2019) over `params`, the fused kernel where the
-    device has one: one pass over parameters, gradients and moments instead of one per arithmetic operation
-    (5 instead of 21 ms per step for a FeatureVAE on 2 CPU cores, torch profiler)."""
-    if optimizer not in ("adam", "adamw"):
-        raise ValueError(f"unknown optimizer {optimizer!r} (adam or adamw)")
-    params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    make = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
-    return make(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def fit(model, batch_fn, *, steps, beta, folder, config, paired, lr=1e-4, optimizer="adam", weight_decay=0.0,
-        warmup_steps=0, grad_clip=1.0, seed=0, device="cpu", checkpoint_every_s=120.0, log_every=50,
-        progress=None, progress_every_s=5.0, extra=None):
-    """Train `model` for `steps` optimiser steps, resuming from `folder/checkpoint.pt` when it exists.
-
-    batch_fn(rng, step) returns x (β-VAE) or (x1, x2) (Ada-GVAE, `paired=True`) as tensors; rng is a numpy
-    Generator seeded by (seed, step). The torch RNG (reparameterisation noise) is also re-seeded per step.
-    `config` is every setting that defines the run; resuming against another config is an error.
-    `extra` (dict of tensors/numbers) is stored in the checkpoint, e.g. feature standardisation statistics.
-    `progress(dict)` is called every `progress_every_s` seconds. Writes folder/log.csv. Returns the checkpoint.
-    """
-    import numpy as np  # local: only the training loop needs numpy here
-
-    os.makedirs(folder, exist_ok=True)
-    ckpt_path, log_path = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "log.csv")
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optimizer, lr=lr, weight_decay=weight_decay)
-    config = dict(config, model=model_config(model))
-    start = 0
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        check_config(ckpt_path, ckpt["config"], config)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        if start >= steps:
-            return ckpt
-    _trim_log(log_path, start)
-
-    def checkpoint(step):
-        ckpt = {"config": config, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "done": step >= steps, **(extra or {})}
-        save_checkpoint(ckpt_path, ckpt)
-        return ckpt
-
-    model.train()
-    t0 = last_ckpt = last_progress = time.time()
-    sums, n_sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}, 0
-    new_log = not os.path.exists(log_path)
-    with open(log_path, "a", newline="") as log_file:
-        log = csv.writer(log_file)
-        if new_log:
-            log.writerow(["step", "loss", "recon", "kl", "beta", "seconds"])
-        for step in range(start, steps):
-            torch.manual_seed(step_seed(seed, step))
-            batch = batch_fn(np.random.default_rng(step_seed(seed, step)), step)
-            b = beta_warmup(step, beta, warmup_steps)
-            out = model.pair_loss(*batch, b) if paired else model.loss(batch, b)
-            if not torch.isfinite(out["loss"]):
-                raise _diverged("loss", out["loss"].item(), step, seed, beta, folder)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            _clip_and_step(params, opt, grad_clip, step, seed, beta, folder)
-            for k in sums:
-                sums[k] += out[k].item()
-            n_sums += 1
-            done = step + 1
-            if done % log_every == 0 or done == steps:
-                log.writerow([done] + [f"{sums[k] / n_sums:.6g}" for k in sums] + [f"{b:.4g}",
-                                                                                    f"{time.time() - t0:.1f}"])
-                log_file.flush()
-            now = time.time()
-            if progress and (now - last_progress >= progress_every_s or done == steps):
-                rate = (done - start) / max(now - t0, 1e-9)
-                progress({"step": done, "steps": steps, **{k: sums[k] / n_sums for k in sums}, "beta": b,
-                          "steps_per_s": rate, "eta_s": (steps - done) / max(rate, 1e-9)})
-                last_progress = now
-            if done % log_every == 0:
-                sums, n_sums = {k: 0.0 for k in sums}, 0
-            if now - last_ckpt >= checkpoint_every_s and done < steps:
-                checkpoint(done)
-                last_ckpt = now
-    return checkpoint(steps)
-
-
-def _trim_log(log_path, step):
-    """Drop log rows past `step` (written after the last checkpoint of an interrupted run)."""
-    if not os.path.exists(log_path):
-        return
-    with open(log_path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    if len(keep) != len(rows):
-        tmp = log_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-        os.replace(tmp, log_path)
-
-
 def load_model(path, device="cpu"):
     """Rebuild the model stored in a checkpoint; returns (model in eval mode, checkpoint dict)."""
     ckpt = load_checkpoint(path)
@@ -840,260 +635,3 @@ def load_model(path, device="cpu"):
         raise ValueError(f"checkpoint {path} does not match its model configuration "
                          f"({type(e).__name__}); delete it and train again") from e
     return model.to(device).eval(), ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 9. Vectorised sweep: every seed × β of a sweep trained in one process with stacked weights (issue 6).
-#    Model m of the stack is the model `fit` trains alone for (seeds[m], betas[m]): same batches, same
-#    noise, same clipping, same Adam arithmetic, same checkpoints and logs, so either can resume the other.
-# ----------------------------------------------------------------------------------------------------------
-
-# Layers the stacked forward knows; anything else (BatchNorm, the SE(2,N) layers) is refused.
-_STACKABLE = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.LeakyReLU, nn.Flatten, nn.Unflatten)
-
-
-def _check_stackable(models):
-    """All models one class (FeatureVAE or ConvVAE) and one config, built only from `_STACKABLE` layers."""
-    if not models:
-        raise ValueError("fit_parallel needs at least one model")
-    first = models[0]
-    if type(first) not in (FeatureVAE, ConvVAE):
-        raise ValueError(f"{type(first).__name__} cannot be trained with stacked weights (only FeatureVAE and "
-                         f"ConvVAE can; BatchNorm/SE(2,N) layers keep per-model state); drop --parallel-models")
-    for m in models:
-        if type(m) is not type(first) or m.config != first.config:
-            raise ValueError(f"fit_parallel needs models of one architecture, got {first.config} and {m.config}; "
-                             f"drop --parallel-models")
-        bad = [type(layer).__name__ for seq in (m.encoder, m.decoder) for layer in seq
-               if not isinstance(layer, _STACKABLE)]
-        if bad or any(True for _ in m.buffers()):
-            raise ValueError(f"layer {bad[0] if bad else 'with buffers'} cannot be stacked; drop --parallel-models")
-
-
-class _StackedLinear(torch.autograd.Function):
-    """y = x Wᵀ + b for M models at once: x (M, n, in), W (M, out, in), b (M, out) or None.
-
-    Forward and backward call the batched GEMMs in the orientation nn.Linear's autograd uses for one model
-    (addmm with the bias as accumulator; ∂W = gyᵀ x, not (xᵀ gy)ᵀ as plain bmm autograd would), so every
-    model gets bitwise nn.Linear's numbers; with another orientation the GEMM kernels round differently.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)) if b is not None else torch.bmm(x, w.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        gx = torch.bmm(gy, w) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(gy.transpose(1, 2), x)
-        gb = gy.sum(dim=1) if ctx.has_bias else None
-        return gx, gw, gb
-
-
-def _stacked_sequential(seq, params, prefix, x):
-    """Run the nn.Sequential `seq` of M models at once: params[f'{prefix}.{i}.weight'] is (M, ...), x (M, n, ...)."""
-    for i, layer in enumerate(seq):
-        w, b = params.get(f"{prefix}.{i}.weight"), params.get(f"{prefix}.{i}.bias")
-        if isinstance(layer, nn.Linear):  # one batched GEMM for all models (vmap(F.linear) is not bitwise)
-            x = _StackedLinear.apply(x, w, b)
-        elif w is not None:
-            # Convolutions model by model: vmap would turn them into one grouped convolution, whose kernels
-            # round differently, and Adam amplifies that past 1e-5 within 20 steps. (unbind, not x[m]: its
-            # backward is one stack, not M scatters into zeros.)
-            ps = [dict(weight=wm) for wm in w.unbind(0)]
-            for pm, bm in zip(ps, b.unbind(0) if b is not None else []):
-                pm["bias"] = bm
-            x = torch.stack([torch.func.functional_call(layer, pm, (xm,)) for xm, pm in zip(x.unbind(0), ps)])
-        else:  # parameter-free: activations, Flatten, Unflatten
-            x = torch.vmap(layer)(x)
-    return x
-
-
-def _stacked_losses(model, params, batch, beta, noise, paired):
-    """GaussianVAE.loss / pair_loss for M models at once; batch tensors (M, n, ...), beta (M,); returns (M,)s.
-
-    Same operations as section 7 on the same per-model numbers: the (M, n) leading dims are flattened to
-    (M·n) wherever the section 5-7 functions reduce over the last dim only.
-    """
-    if paired:
-        x1, x2 = batch
-        M, n = x1.shape[:2]
-        x = torch.cat([x1, x2], dim=1)  # each model's batch is cat([x1, x2]), as in pair_loss
-        mu, logvar = _stacked_sequential(model.encoder, params, "encoder", x).chunk(2, dim=-1)
-        flat = lambda t: t.reshape(M * n, -1)  # noqa: E731
-        mu1, logvar1, mu2, logvar2, _ = ada_gvae_aggregate(flat(mu[:, :n]), flat(logvar[:, :n]),
-                                                           flat(mu[:, n:]), flat(logvar[:, n:]))
-        mu = torch.cat([mu1.view(M, n, -1), mu2.view(M, n, -1)], dim=1)
-        logvar = torch.cat([logvar1.view(M, n, -1), logvar2.view(M, n, -1)], dim=1)
-    else:
-        x = batch
-        M = x.shape[0]
-        mu, logvar = _stacked_sequential(model.encoder, params, "encoder", x).chunk(2, dim=-1)
-    x_hat = _stacked_sequential(model.decoder, params, "decoder", reparameterise(mu, logvar, noise))
-    recon = model.reconstruction(x.flatten(0, 1), x_hat.flatten(0, 1)).view(M, -1).mean(dim=1)
-    kl = kl_normal(mu, logvar).sum(dim=-1).mean(dim=1)
-    return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
-
-
-def _per_model(value, n, what):
-    """A shared value (callable / dict / None) or a list of n of them -> a list of n."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"fit_parallel got {len(value)} {what} for {n} models")
-        return list(value)
-    return [value] * n
-
-
-def fit_parallel(models, batch_fn, *, steps, betas, seeds, folders, configs, paired, lr=1e-4, optimizer="adam",
-                 weight_decay=0.0, warmup_steps=0, grad_clip=1.0, device="cpu", checkpoint_every_s=120.0,
-                 log_every=50, progress=None, progress_every_s=5.0, extra=None):
-    """`fit` for M models at once: model m is trained as fit(models[m], batch_fn, beta=betas[m], seed=seeds[m],
-    folder=folders[m], config=configs[m], ...) would train it, with all weights stacked into (M, ...) tensors.
-
-    batch_fn (and extra) is shared by all models or a list with one per model; like in `fit` it must be a
-    pure function of (rng, step), so models with the same seed (β = 1 and β = 2) reuse one batch.
-    Each folder gets fit's checkpoint.pt and log.csv; finished models are skipped, checkpoints resume
-    (models at different steps are first brought level, the laggards trained alone in stacks).
-    `progress(dict)` gets fit's keys averaged over the models plus "models" and "model_steps_per_s".
-    A non-finite loss or gradient raises TrainingDiverged; every model keeps its last checkpoint.
-    Returns the final checkpoint of every model, in order.
-    """
-    n = len(models)
-    betas, seeds, folders, configs = (_per_model(v, n, w) for v, w in
-                                      ((betas, "betas"), (seeds, "seeds"), (folders, "folders"), (configs, "configs")))
-    fns, extras = _per_model(batch_fn, n, "batch_fns"), _per_model(extra, n, "extras")
-    _check_stackable(models)
-    runs = []
-    for m, model in enumerate(models):
-        os.makedirs(folders[m], exist_ok=True)
-        model.to(device)
-        # fit's optimiser: it loads and writes fit's checkpoints; _fit_stacked steps one loaded with its state
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=lr,
-                             weight_decay=weight_decay)
-        run = {"model": model, "opt": opt, "fn": fns[m], "seed": seeds[m], "beta": betas[m], "folder": folders[m],
-               "config": dict(configs[m], model=model_config(model)), "extra": extras[m], "start": 0,
-               "ckpt_path": os.path.join(folders[m], "checkpoint.pt"), "ckpt": None}
-        if os.path.exists(run["ckpt_path"]):
-            ckpt = load_checkpoint(run["ckpt_path"])
-            check_config(run["ckpt_path"], ckpt["config"], run["config"])
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            run["start"], run["ckpt"] = ckpt["step"], ckpt
-        runs.append(run)
-    # Bring every model to the same step: phase k trains the models that have reached the k-th distinct start.
-    starts = sorted({r["start"] for r in runs if r["start"] < steps})
-    for k, start in enumerate(starts):
-        stop = starts[k + 1] if k + 1 < len(starts) else steps
-        _fit_stacked([r for r in runs if r["start"] <= start], start, stop, steps=steps, paired=paired,
-                     optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                     grad_clip=grad_clip, device=device, checkpoint_every_s=checkpoint_every_s,
-                     log_every=log_every, progress=progress, progress_every_s=progress_every_s)
-    return [r["ckpt"] for r in runs]
-
-
-def _check_finite(values, what, step, runs):
-    """values (M,), one per stacked model: TrainingDiverged naming the first model whose value is not finite."""
-    bad = (~torch.isfinite(values)).nonzero()
-    if len(bad):
-        m = int(bad[0])
-        raise _diverged(what, values[m].item(), step, runs[m]["seed"], runs[m]["beta"], runs[m]["folder"])
-
-
-def _fit_stacked(runs, start, stop, *, steps, paired, optimizer, lr, weight_decay, warmup_steps, grad_clip, device,
-                 checkpoint_every_s, log_every, progress, progress_every_s):
-    """Train the models of `runs`, all at step `start`, to step `stop`; checkpoint them there."""
-    import numpy as np  # local, as in fit
-
-    M, template = len(runs), runs[0]["model"]
-    names = [k for k, p in template.named_parameters() if p.requires_grad]
-    # Stacked weights (M, ...) for the batched forward/backward. Model m's slices params[k][m] are detached
-    # views (leaves sharing the stack's storage) given to an optimiser loaded with model m's state: clipping
-    # and the optimiser step then run model by model with fit's code on tensors of fit's shapes, so every
-    # model gets fit's numbers bitwise, and each step writes straight into the stack.
-    params, _ = torch.func.stack_module_state([r["model"] for r in runs])  # leaves on the models' device
-    params = {k: params[k] for k in names}
-    views = [[params[k].detach()[m] for k in names] for m in range(M)]
-    opts = []
-    for r, v in zip(runs, views):
-        opt = make_optimizer(v, optimizer, lr=lr, weight_decay=weight_decay)
-        opt.load_state_dict(r["opt"].state_dict())
-        opts.append(opt)
-    latent_dim = template.config["latent_dim"]
-
-    def checkpoint(step):
-        """Copy model m of the stack back into runs[m]'s model and optimiser; write fit's checkpoint."""
-        with torch.no_grad():
-            for r, v, opt in zip(runs, views, opts):
-                own = dict(r["model"].named_parameters())
-                for k, vk in zip(names, v):
-                    own[k].copy_(vk)
-                r["opt"].load_state_dict(opt.state_dict())
-                r["ckpt"] = {"config": r["config"], "model": r["model"].state_dict(),
-                             "optimizer": r["opt"].state_dict(), "step": step, "done": step >= steps,
-                             **(r["extra"] or {})}
-                save_checkpoint(r["ckpt_path"], r["ckpt"])
-
-    t0 = last_ckpt = last_progress = time.time()
-    sums, n_sums = torch.zeros(M, 3, dtype=torch.float64), 0
-    logs = []
-    with contextlib.ExitStack() as files:
-        for r in runs:
-            log_path = os.path.join(r["folder"], "log.csv")
-            _trim_log(log_path, start)
-            new_log = not os.path.exists(log_path)
-            f = files.enter_context(open(log_path, "a", newline=""))
-            logs.append((f, csv.writer(f)))
-            if new_log:
-                logs[-1][1].writerow(["step", "loss", "recon", "kl", "beta", "seconds"])
-        for step in range(start, stop):
-            # Per (batch_fn, seed): fit's draws in fit's order: seed, batch from the numpy rng, then ε.
-            drawn, batches, noises = {}, [], []
-            for r in runs:
-                key = (id(r["fn"]), r["seed"])
-                if key not in drawn:
-                    torch.manual_seed(step_seed(r["seed"], step))
-                    batch = r["fn"](np.random.default_rng(step_seed(r["seed"], step)), step)
-                    n_noise = 2 * batch[0].shape[0] if paired else batch.shape[0]
-                    drawn[key] = (batch, torch.randn(n_noise, latent_dim, device=device))
-                batches.append(drawn[key][0])
-                noises.append(drawn[key][1])
-            batch = (tuple(torch.stack([b[i] for b in batches]).to(device) for i in range(2)) if paired
-                     else torch.stack(batches).to(device))
-            b = [beta_warmup(step, r["beta"], warmup_steps) for r in runs]
-            out = _stacked_losses(template, params, batch, torch.tensor(b, device=device), torch.stack(noises),
-                                  paired)
-            _check_finite(out["loss"], "loss", step, runs)
-            for p in params.values():
-                p.grad = None
-            out["loss"].sum().backward()  # d(Σ_m loss_m)/d(loss_m) = 1: each model gets its own gradient
-            for m, (v, opt) in enumerate(zip(views, opts)):  # fit's clip + step, on model m's slices
-                for k, vk in zip(names, v):
-                    vk.grad = params[k].grad[m]
-                _clip_and_step(v, opt, grad_clip, step, runs[m]["seed"], runs[m]["beta"], runs[m]["folder"])
-            sums += torch.stack([out[k].detach() for k in ("loss", "recon", "kl")], dim=1).double()
-            n_sums += 1
-            done = step + 1
-            if done % log_every == 0 or done == steps:
-                for m, (f, log) in enumerate(logs):
-                    log.writerow([done] + [f"{v / n_sums:.6g}" for v in sums[m].tolist()]
-                                 + [f"{b[m]:.4g}", f"{time.time() - t0:.1f}"])
-                    f.flush()
-            now = time.time()
-            if progress and (now - last_progress >= progress_every_s or done == steps):
-                rate = (done - start) / max(now - t0, 1e-9)
-                mean = (sums / n_sums).mean(dim=0).tolist()
-                progress({"step": done, "steps": steps, "loss": mean[0], "recon": mean[1], "kl": mean[2],
-                          "beta": sum(b) / M, "steps_per_s": rate, "eta_s": (steps - done) / max(rate, 1e-9),
-                          "models": M, "model_steps_per_s": M * rate})
-                last_progress = now
-            if done % log_every == 0:
-                sums, n_sums = torch.zeros(M, 3, dtype=torch.float64), 0
-            if now - last_ckpt >= checkpoint_every_s and done < stop:
-                checkpoint(done)
-                last_ckpt = now
-    checkpoint(stop)
-    for r in runs:
-        r["start"] = stop

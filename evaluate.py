@@ -34,7 +34,7 @@ def encode(model, x, device, batch=1024):
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def evaluate_model(model, src, x_train, x_test, target, known, args, label):
+def evaluate_model(model, src, x_train, x_test, target, known, cfg, device, label):
     """Every number of one model in one state (before/after finetuning).
 
     A score that cannot be computed for this model (e.g. OMES of a collapsed model whose dims are all
@@ -48,11 +48,11 @@ def evaluate_model(model, src, x_train, x_test, target, known, args, label):
             return None
 
     def encode_source(inputs):
-        return encode(model, inputs, args.device)
+        return encode(model, inputs, device)
 
     r = {"disentanglement": attempt("DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
-        encode_source, src, n_train=args.n_train, n_test=args.n_test, seed=0, dci_method=args.dci))}
-    z_train, z_test = encode(model, x_train, args.device), encode(model, x_test, args.device)
+        encode_source, src, n_train=cfg.n_train, n_test=cfg.n_test, seed=0))}
+    z_train, z_test = encode(model, x_train, device), encode(model, x_test, device)
     y_train, y_test = target.train.labels, target.test.labels
     r["dim_names"] = (metrics.name_dims(r["disentanglement"]["dci"]["importance"], src.factor_names)
                       if r["disentanglement"] else [f"dim{d}" for d in range(z_train.shape[1])])
@@ -69,8 +69,8 @@ def evaluate_model(model, src, x_train, x_test, target, known, args, label):
         r["gini_importance"][kept] = down.pop("gbt_importance")
         r["clustering"] = attempt("clustering", lambda: metrics.clustering_scores(
             zk_test[known["test"]], y_test[known["test"]], seed=0))
-        if args.holdout_class:
-            held = target.classes.index(args.holdout_class)
+        if cfg.holdout_class:
+            held = target.classes.index(cfg.holdout_class)
             r["open_set"] = attempt("open set", lambda: metrics.open_set(
                 zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
     if target.test.has_masks:
@@ -100,7 +100,7 @@ def test_handcrafted(target):
     return _FEATURES[target.digest]
 
 
-def raw_baseline(args, x_train, x_test, target, known):
+def raw_baseline(x_train, x_test, target, known):
     """Table V: the same classifiers on the raw input, no VAE: Φ (768-d), or pixels average-pooled to
     8×8×3 = 192 values (the GBT's time grows with the width: 64×64×3 would take hours on a CPU)."""
     def flat(x):
@@ -137,79 +137,71 @@ def summarise(per_model):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_common_args(p)
+    train.add_config_args(p)
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
-    p.add_argument("--n-train", type=int, help="DCI/MIG samples (default 10000, quick 2000)")
-    p.add_argument("--n-test", type=int, help="DCI test samples (default 5000, quick 1000)")
-    p.add_argument("--dci", choices=["gbt", "hist"], default="gbt",
-                   help="DCI classifier: gbt = disentanglement_lib's GradientBoostingClassifier (default), "
-                        "hist = a ~20x faster approximation (never mix the two in one table)")
-    args = train.settle(p.parse_args(argv))
-    drl.keep_freed_memory()  # recycle freed activations instead of page-faulting them back (see there)
-    if not args.target:
-        raise ValueError("--target is required; one of: " + ", ".join(train.data.TARGETS))
-    args.n_train = args.n_train or (2000 if args.quick else 10000)
-    args.n_test = args.n_test or (1000 if args.quick else 5000)
+    args = p.parse_args(argv)
+    cfg = train.config_from_args(args)
+    if not cfg.target:
+        raise ValueError("--target is required; one of: " + ", ".join(data.TARGETS))
+    train.check_writable(cfg.out)
+    train.keep_freed_memory()
     t0 = time.time()
-    target = train.load_target(args)
-    if args.holdout_class and args.holdout_class not in target.classes:
-        raise ValueError(f"--holdout-class {args.holdout_class!r} is not a class of {args.target}; "
-                         f"classes: {', '.join(target.classes)}")
-    train.resolve_backbone(args)
+    target = train.load_target(cfg)
+    res = train.resolve(cfg, say)
     if args.no_train:
-        missing = [p for p in _expected_checkpoints(args) if not train._done(p)]
+        missing = [p for p in expected_checkpoints(cfg, res) if not train.is_done(p)]
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
-    say(f"evaluate: {args.target}, backbone {args.backbone}, {len(args.seeds) * len(args.betas)} model(s); "
+    say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s); "
         "training what is missing")
-    pairs = train.train_finetune(args, target)
-    src = train.SourceInputs(args)
-    first = drl.load_checkpoint(pairs[0][0])
-    x_train = train.target_inputs(args, target.train, first, f"{args.target}-train")
-    x_test = train.target_inputs(args, target.test, first, f"{args.target}-test")
-    known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
-    if args.holdout_class:
-        held = target.classes.index(args.holdout_class)
-        known = {"train": target.train.labels != held, "test": target.test.labels != held}
+    pairs = train.finetune(cfg, res, target)
+    folder = os.path.join(cfg.out, "eval", cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class
+                                                         else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
+    results = evaluate_all(cfg, res, target, pairs, folder)
+    results["seconds"] = round(time.time() - t0, 1)
+    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=_json_default))
+    drl.write_text(os.path.join(folder, "report.md"), report(results))
+    say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
 
+
+def evaluate_all(cfg, res, target, pairs, folder):
+    """Every model before and after finetuning, the raw-input baseline and the figures: the results dict."""
+    src = train.SourceInputs(cfg, res)
+    first = drl.load_checkpoint(pairs[0][0])
+    x_train = train.target_inputs(cfg, res, target.train, first, f"{cfg.target}-train")
+    x_test = train.target_inputs(cfg, res, target.test, first, f"{cfg.target}-test")
+    known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
+    if cfg.holdout_class:
+        held = target.classes.index(cfg.holdout_class)
+        known = {"train": target.train.labels != held, "test": target.test.labels != held}
     per_model = []
     for src_path, ft_path in pairs:
         row = {}
         for state, path in zip(STATES, (src_path, ft_path)):
-            model, ckpt = drl.load_model(path, args.device)
-            say(f"evaluate: {state:6s} beta={ckpt['config']['beta']:g} seed={ckpt['config']['seed']}")
-            row[state] = evaluate_model(model, src, x_train, x_test, target, known, args,
-                                        f"{state} finetuning beta={ckpt['config']['beta']:g} seed={ckpt['config']['seed']}")
+            model, ckpt = drl.load_model(path, res.device)
+            label = f"{state} finetuning beta={ckpt['config']['beta']:g} seed={ckpt['config']['seed']}"
+            say(f"evaluate: {label}")
+            row[state] = evaluate_model(model, src, x_train, x_test, target, known, cfg, res.device, label)
         row["beta"], row["seed"] = ckpt["config"]["beta"], ckpt["config"]["seed"]
         per_model.append(row)
-    baseline = raw_baseline(args, x_train, x_test, target, known)
-
-    folder = os.path.join(args.out, "eval", args.target + (f"-without-{args.holdout_class}" if args.holdout_class
-                                                           else ""), train.model_tag(args) + f"-{args.epochs}ep")
-    figures = make_figures(folder, per_model, target, args, src.factor_names)
+    baseline = raw_baseline(x_train, x_test, target, known)
+    figures = make_figures(folder, per_model, target, cfg, src.factor_names)
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
-    results = {"target": args.target, "backbone": args.backbone, "arch": args.arch, "method": args.method,
-               "classes": target.classes, "holdout_class": args.holdout_class, "quick": args.quick,
-               "protocol": {k: getattr(args, k) for k in ("seeds", "betas", "steps", "epochs", "batch_size", "lr",
-                                                           "latent_dim", "n_train", "n_test")},
-               "n_train_images": len(target.train), "n_test_images": len(target.test),
-               "models": per_model, "summary": summarise(per_model), "raw_input_baseline": baseline,
-               "figures": figures, "seconds": round(time.time() - t0, 1)}
-    write_atomic(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=_json_default))
-    write_atomic(os.path.join(folder, "report.md"), report(results))
-    say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
+    return {"target": cfg.target, "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
+            "classes": target.classes, "holdout_class": cfg.holdout_class, "quick": cfg.quick,
+            "protocol": {k: getattr(cfg, k) for k in ("seeds", "betas", "steps", "epochs", "batch_size", "lr",
+                                                       "latent_dim", "n_train", "n_test")},
+            "n_train_images": len(target.train), "n_test_images": len(target.test),
+            "models": per_model, "summary": summarise(per_model), "raw_input_baseline": baseline,
+            "figures": figures}
 
 
-def _expected_checkpoints(args):
-    paths = []
-    for b in args.betas:
-        for s in args.seeds:
-            paths += [os.path.join(train.source_folder(args, b, s), "checkpoint.pt"),
-                      os.path.join(train.finetune_folder(args, b, s), "checkpoint.pt")]
-    return paths
+def expected_checkpoints(cfg, res):
+    return [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
+            for folder in (train.source_folder, train.finetune_folder)]
 
 
 def _json_default(o):
@@ -218,14 +210,6 @@ def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(type(o).__name__)
-
-
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,157 +229,177 @@ def num(summary, state, key, scale=1, digits=3):
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['sd']:.{digits}f}{partial}"
 
 
+def _rows(s, keys, fmt=pct):
+    """One table row per state (finetuned no / yes) with the mean ± SD of each summary key."""
+    return [f"| {mark} | " + " | ".join(fmt(s, state, k) for k in keys) + " |"
+            for state, mark in zip(STATES, ("no", "yes"))]
+
+
+def _header(cols):
+    return ["| finetuned | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+
+
 def report(res):
-    s = res["summary"]
-    n = len(res["models"])
-    lines = [f"# {res['target']}: transfer of a disentangled representation",
-             "",
-             f"Backbone **{res['backbone']}** ({res['arch']} VAE, source method {res['method']}); {n} model(s) "
-             f"(seeds {res['protocol']['seeds']}, β {res['protocol']['betas']}), {res['protocol']['steps']} source "
-             f"steps, {res['protocol']['epochs']} finetuning epochs" + (" — **quick run**" if res["quick"] else "")
+    s, p, d = res["summary"], res["protocol"], "disentanglement."
+    lines = [f"# {res['target']}: transfer of a disentangled representation", "",
+             f"Backbone **{res['backbone']}** ({res['arch']} VAE, source method {res['method']}); "
+             f"{len(res['models'])} model(s) (seeds {p['seeds']}, β {p['betas']}), {p['steps']} source steps, "
+             f"{p['epochs']} finetuning epochs" + (" — **quick run**" if res["quick"] else "")
              + f". Target: {res['n_train_images']} train / {res['n_test_images']} test images, classes: "
-             + ", ".join(res["classes"]) + ". Values are mean ± SD over models.",
-             "",
-             "## Table II — downstream accuracy (%) on the disentangled representation",
-             "",
-             "| finetuned | GBT | MLP | GBT balanced | MLP balanced |", "| --- | --- | --- | --- | --- |"]
-    for state, mark in zip(STATES, ("no", "yes")):
-        lines.append(f"| {mark} | {pct(s, state, 'downstream.gbt')} | {pct(s, state, 'downstream.mlp')} | "
-                     f"{pct(s, state, 'downstream.gbt_balanced')} | {pct(s, state, 'downstream.mlp_balanced')} |")
+             + ", ".join(res["classes"]) + ". Values are mean ± SD over models.", "",
+             "## Table II — downstream accuracy (%) on the disentangled representation", "",
+             *_header(["GBT", "MLP", "GBT balanced", "MLP balanced"]),
+             *_rows(s, ["downstream.gbt", "downstream.mlp", "downstream.gbt_balanced", "downstream.mlp_balanced"])]
     b = res["raw_input_baseline"]
+    raw = "DINO features Φ (768-d)" if res["backbone"] == "dino" else "pixels average-pooled to 8×8 RGB (192 values)"
     lines += ["", "## Table V — the same classifiers on the raw input (no disentanglement)", "",
-              f"Input: {'DINO features Φ (768-d)' if res['backbone'] == 'dino' else 'pixels average-pooled to 8×8 RGB (192 values)'}."
-              f" GBT {100 * b['gbt']:.2f} %, MLP {100 * b['mlp']:.2f} %.",
-              "", "## Table III — disentanglement on Texture-dSprites (%), before/after finetuning", "",
-              "| finetuned | DCI D | DCI C | DCI I (test) | MIG | OMES |", "| --- | --- | --- | --- | --- | --- |"]
-    for state, mark in zip(STATES, ("no", "yes")):
-        d = "disentanglement."
-        lines.append(f"| {mark} | {pct(s, state, d + 'dci.disentanglement')} | {pct(s, state, d + 'dci.completeness')}"
-                     f" | {pct(s, state, d + 'dci.informativeness_test')} | {pct(s, state, d + 'mig')} | "
-                     f"{pct(s, state, d + 'omes.omes')} |")
-    lines += ["", "## Clustering (K-Means, k = number of classes)", "", "| finetuned | AMI | silhouette |",
-              "| --- | --- | --- |"]
-    for state, mark in zip(STATES, ("no", "yes")):
-        lines.append(f"| {mark} | {num(s, state, 'clustering.ami')} | {num(s, state, 'clustering.silhouette')} |")
-    lines += ["", "## Interpretability", "",
-              "Each latent dim is named after the source factor it encodes best (DCI importance on Texture-dSprites)."
-              " Gini importance of the GBT per named dim, mean over models:", "",
-              "| finetuned | " + " | ".join(res["figures"]["factor_order"]) + " |",
-              "| --- |" + " --- |" * len(res["figures"]["factor_order"])]
+              f"Input: {raw}. GBT {100 * b['gbt']:.2f} %, MLP {100 * b['mlp']:.2f} %.", "",
+              "## Table III — disentanglement on Texture-dSprites (%), before/after finetuning", "",
+              *_header(["DCI D", "DCI C", "DCI I (test)", "MIG", "OMES"]),
+              *_rows(s, [d + "dci.disentanglement", d + "dci.completeness", d + "dci.informativeness_test",
+                         d + "mig", d + "omes.omes"]),
+              "", "## Clustering (K-Means, k = number of classes)", "", *_header(["AMI", "silhouette"]),
+              *_rows(s, ["clustering.ami", "clustering.silhouette"], num)]
+    return "\n".join(lines + _interpretability(res) + _open_set(res) + [
+        "", "## Figures", ""] + [f"- {k}: `{v}`" for k, v in res["figures"].items() if isinstance(v, str)] + [
+        "", f"Every number above is in `results.json` (per model). Run time {res['seconds']} s.", ""])
+
+
+def _interpretability(res):
+    s, order = res["summary"], res["figures"]["factor_order"]
+    lines = ["", "## Interpretability", "",
+             "Each latent dim is named after the source factor it encodes best (DCI importance on Texture-dSprites;"
+             " a second dim of the same factor is `factor#2`). Gini importance of the GBT per factor, summed over"
+             " its dims, mean over models:", "", *_header(order)]
     for state, mark in zip(STATES, ("no", "yes")):
         imp = res["figures"]["importance_by_factor"][state]
-        lines.append(f"| {mark} | " + " | ".join(f"{imp[f]:.3f}" for f in res["figures"]["factor_order"]) + " |")
-    corr_keys = sorted({k for m in res["models"] for k in m["after"].get("correlation", {})})
-    if corr_keys:
+        lines.append(f"| {mark} | " + " | ".join(f"{imp[f]:.3f}" for f in order) + " |")
+    keys = sorted({k for m in res["models"] for k in m["after"].get("correlation", {})})
+    if keys:
         lines += ["", "|Pearson r| between the latent dim named after a factor and a handcrafted feature of the test "
-                  "split (from masks; the sign of a latent axis is arbitrary):", "",
+                  "split (from masks; the sign of a latent axis is arbitrary), mean ± SD over models:", "",
                   "| latent:feature | before | after |", "| --- | --- | --- |"]
-        for k in corr_keys:
-            lines.append(f"| {k} | {num(s, 'before', 'correlation.' + k + '.abs_r')} | "
-                         f"{num(s, 'after', 'correlation.' + k + '.abs_r')} |")
-    if res["holdout_class"]:
-        lines += ["", f"## Open set: held-out class {res['holdout_class']}", "",
-                  "| finetuned | detection rate | false alarms | AUROC |", "| --- | --- | --- | --- |"]
-        for state, mark in zip(STATES, ("no", "yes")):
-            lines.append(f"| {mark} | {pct(s, state, 'open_set.detection_rate')} | "
-                         f"{pct(s, state, 'open_set.false_alarm_rate')} | {num(s, state, 'open_set.auroc')} |")
-        for state in STATES:
-            counts = {}
-            for m in res["models"]:
-                for c, n in (m[state]["open_set"] or {"predicted_counts": {}})["predicted_counts"].items():
-                    counts[res["classes"][int(c)]] = counts.get(res["classes"][int(c)], 0) + n
-            lines.append(f"\nHeld-out test samples classified by the GBT of the known classes ({state} finetuning, "
-                         "summed over models): " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) + ".")
-    lines += ["", "## Figures", ""] + [f"- {k}: `{v}`" for k, v in res["figures"].items()
-                                        if isinstance(v, str)]
-    lines += ["", f"Every number above is in `results.json` (per model). Run time {res['seconds']} s.", ""]
-    return "\n".join(lines)
+        lines += [f"| {k} | {num(s, 'before', 'correlation.' + k + '.abs_r')} | "
+                  f"{num(s, 'after', 'correlation.' + k + '.abs_r')} |" for k in keys]
+    return lines
+
+
+def _open_set(res):
+    if not res["holdout_class"]:
+        return []
+    s = res["summary"]
+    lines = ["", f"## Open set: held-out class {res['holdout_class']}", "",
+             *_header(["detection rate", "false alarms", "AUROC"]),
+             *_rows(s, ["open_set.detection_rate", "open_set.false_alarm_rate"]  # AUROC is no percentage
+                    + ["open_set.auroc"], lambda s, st, k: (num if k.endswith("auroc") else pct)(s, st, k))]
+    for state in STATES:
+        counts = {}
+        for m in res["models"]:
+            for c, n in (m[state]["open_set"] or {"predicted_counts": {}})["predicted_counts"].items():
+                counts[res["classes"][int(c)]] = counts.get(res["classes"][int(c)], 0) + n
+        lines.append(f"\nHeld-out test samples classified by the GBT of the known classes ({state} finetuning, "
+                     "summed over models): " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) + ".")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Figures (paper Figs. 3-7)
 # ---------------------------------------------------------------------------------------------------------
 
-def make_figures(folder, per_model, target, args, factor_names):
+def make_figures(folder, per_model, target, cfg, factor_names):
+    """Paper Figs. 3-7 as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Figs. 4-7
+    show one model, the first (its seed and β are in the titles); Fig. 3 the mean over models."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig_dir = os.path.join(folder, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    out = {"factor_order": list(factor_names), "importance_by_factor": {}}
+    out = {"factor_order": list(factor_names),
+           "importance_by_factor": {s: importance_by_factor(per_model, s, factor_names) for s in STATES}}
+    out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
+    m, who = per_model[0]["after"], f"seed {per_model[0]['seed']}, β {per_model[0]['beta']:g}, after finetuning"
+    out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
+    if target.test.has_masks:
+        pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
+        if pairs:
+            out["fig6_correlation"] = _fig_correlation(fig_dir, m, test_handcrafted(target), pairs, who)
+    if cfg.holdout_class and m.get("open_set") and m["open_set"].get("centroid_distance_assigned") is not None:
+        out["fig7_open_set"] = _fig_open_set(fig_dir, m, target, cfg.holdout_class, who)
+    return out
 
-    # Fig. 3: Gini importance per factor (dims grouped by the factor they encode best), before/after
-    for state in STATES:
-        acc = {f: [] for f in factor_names}
-        for m in per_model:
-            per_f = {f: 0.0 for f in factor_names}
-            for name, imp in zip(m[state]["dim_names"], m[state]["gini_importance"]):
-                base = name.split("#")[0]
-                if base in per_f:
-                    per_f[base] += imp
-            for f in factor_names:
-                acc[f].append(per_f[f])
-        out["importance_by_factor"][state] = {f: float(np.mean(v)) for f, v in acc.items()}
+
+def importance_by_factor(per_model, state, factor_names):
+    """Fig. 3: the GBT's Gini importance summed over the dims named after each factor, mean over models."""
+    acc = {f: [] for f in factor_names}
+    for m in per_model:
+        per_f = {f: 0.0 for f in factor_names}
+        for name, imp in zip(m[state]["dim_names"], m[state]["gini_importance"]):
+            if name.split("#")[0] in per_f:
+                per_f[name.split("#")[0]] += imp
+        for f in factor_names:
+            acc[f].append(per_f[f])
+    return {f: float(np.mean(v)) for f, v in acc.items()}
+
+
+def _fig_importance(fig_dir, importance):
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
     for ax, state in zip(axes, STATES):
-        vals = out["importance_by_factor"][state]
+        vals = importance[state]
         ax.bar(list(vals), list(vals.values()), color="tab:blue" if state == "before" else "tab:orange")
-        ax.set_title(f"{state} finetuning")
+        ax.set_title(f"{state} finetuning (mean over models)")
         ax.tick_params(axis="x", rotation=30)
     axes[0].set_ylabel("Gini importance (GBT)")
-    out["fig3_importance"] = _save(fig, fig_dir, "fig3_importance.png")
+    return _save(fig, fig_dir, "fig3_importance.png")
 
-    # Figs. 4-5: the two most important dims of the first model after finetuning, coloured by class
-    m = per_model[0]["after"]
-    order = np.argsort(m["gini_importance"])[::-1][:2]
-    z = m["_z_test"]
+
+def _fig_top2(fig_dir, m, target, who):
+    """Figs. 4-5: the two dims the GBT relies on most, the test split coloured by class."""
+    import matplotlib.pyplot as plt
+    order, z = np.argsort(m["gini_importance"])[::-1][:2], m["_z_test"]
     fig, ax = plt.subplots(figsize=(5, 4))
     for c, name in enumerate(target.classes):
         sel = target.test.labels == c
         ax.scatter(z[sel, order[0]], z[sel, order[1]], s=8, label=name, alpha=0.7)
     ax.set_xlabel(f"z{order[0]} ({m['dim_names'][order[0]]})")
     ax.set_ylabel(f"z{order[1]} ({m['dim_names'][order[1]]})")
+    ax.set_title(f"two most important dims ({who})", fontsize=9)
     ax.legend(fontsize=7, markerscale=2)
-    out["fig4_top2_dims"] = _save(fig, fig_dir, "fig4_top2_dims.png")
+    return _save(fig, fig_dir, "fig4_top2_dims.png")
 
-    # Fig. 6: latent scale / colour / shape dims against handcrafted area / mean red / solidity
-    if target.test.has_masks:
-        feats = test_handcrafted(target)
-        pairs = [(f, h) for f, h in (("scale", "area"), ("colour", "mean_r"), ("shape", "solidity"))
-                 if f in m["dim_names"]]
-        if pairs:
-            fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
-            for ax, (f, h) in zip(axes[0], pairs):
-                d = m["dim_names"].index(f)
-                ax.scatter(feats[h], z[:, d], s=6, alpha=0.6)
-                r = m.get("correlation", {}).get(f"{f}:{h}", {}).get("r", float("nan"))
-                ax.set_title(f"{f} dim z{d} vs {h}: r = {r:.2f}")
-                ax.set_xlabel(f"handcrafted {h}")
-                ax.set_ylabel(f"z{d}")
-            out["fig6_correlation"] = _save(fig, fig_dir, "fig6_correlation.png")
 
-    # Fig. 7: per-dim mean |z - centroid| of the held-out class to its most likely known class
-    if args.holdout_class and m.get("open_set"):
-        dist = m["open_set"].get("centroid_distance_assigned")
-        if dist is not None:
-            names = [m["dim_names"][d] for d in m["active_dims"]]
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            ax.bar(range(len(dist)), dist)
-            ax.set_xticks(range(len(dist)), names, rotation=30)
-            ax.set_ylabel("mean |z - centroid|")
-            assigned = target.classes[int(m["open_set"]["assigned"])]
-            ax.set_title(f"held-out {args.holdout_class}: distance to the centroid of {assigned}")
-            out["fig7_open_set"] = _save(fig, fig_dir, "fig7_open_set.png")
-    return out
+def _fig_correlation(fig_dir, m, feats, pairs, who):
+    """Fig. 6: the latent scale / colour / shape dims against mask area / mean red / solidity."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
+    for ax, (f, h) in zip(axes[0], pairs):
+        d = m["dim_names"].index(f)
+        ax.scatter(feats[h], m["_z_test"][:, d], s=6, alpha=0.6)
+        r = m.get("correlation", {}).get(f"{f}:{h}", {}).get("r", float("nan"))
+        ax.set_title(f"{f} dim z{d} vs {h}: r = {r:.2f}", fontsize=9)
+        ax.set_xlabel(f"handcrafted {h}" + (" (mask pixels at 224x224)" if h == "area" else ""))
+        ax.set_ylabel(f"z{d}")
+    fig.suptitle(who, fontsize=9)
+    return _save(fig, fig_dir, "fig6_correlation.png")
+
+
+def _fig_open_set(fig_dir, m, target, holdout, who):
+    """Fig. 7: per-dim mean |z − centroid| of the held-out class to the known class it is assigned to."""
+    import matplotlib.pyplot as plt
+    dist = m["open_set"]["centroid_distance_assigned"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(range(len(dist)), dist)
+    ax.set_xticks(range(len(dist)), [m["dim_names"][d] for d in m["active_dims"]], rotation=30)
+    ax.set_ylabel("mean |z - centroid|")
+    assigned = target.classes[int(m["open_set"]["assigned"])]
+    ax.set_title(f"held-out {holdout}: distance to the centroid of {assigned} ({who})", fontsize=8)
+    return _save(fig, fig_dir, "fig7_open_set.png")
 
 
 def _save(fig, folder, name):
     import matplotlib.pyplot as plt
     fig.tight_layout()
     path = os.path.join(folder, name)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    with drl.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return os.path.relpath(path, os.path.dirname(folder))
 

@@ -370,8 +370,8 @@ def ada_gvae_average(mu1, logvar1, logp1, mu2, logvar2, logp2):
 class SE2VAE(nn.Module):
     """Orientation-disentangled VAE with z_ISO (Gaussian, rotation invariant) and z_ORI (angles).
 
-    Implements the project VAE protocol: loss, pair_loss, representation, config. `width` gives the
-    channels per orientation of the three encoder blocks (the decoder mirrors them); `beta_ori`
+    Implements the project VAE protocol: model(batch, beta), loss, pair_loss, representation, config.
+    `width` gives the channels per orientation of the three encoder blocks (the decoder mirrors them); `beta_ori`
     (None: same as beta) is β_ORI of Eq. 5.
     """
 
@@ -452,10 +452,15 @@ class SE2VAE(nn.Module):
         z_ori = inverse_transform_sample(log_q.exp(), torch.rand(log_q.shape[:-1], dtype=log_q.dtype, device=log_q.device))
         return z_iso, z_ori
 
-    def forward(self, x):
+    def reconstruct(self, x):
         """A sampled reconstruction (logits) of x."""
         self._check_images(x)
         return self.decode(*self.sample_latents(*self.encode(x)))
+
+    def forward(self, batch, beta):
+        """The training objective, as for the project's other VAEs: `loss` of a batch of images, `pair_loss`
+        of a pair batch (x1, x2). (The noise of both latents is drawn inside.)"""
+        return self.pair_loss(*batch, beta) if isinstance(batch, (tuple, list)) else self.loss(batch, beta)
 
     # Eq. 5 -----------------------------------------------------------------------------------
     def _terms(self, x, mu, logvar, log_q):

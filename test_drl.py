@@ -11,7 +11,6 @@ import warnings
 
 from PIL import Image
 from scipy.stats import special_ortho_group
-from sklearn.ensemble import GradientBoostingClassifier
 import numpy as np
 import pytest
 import torch
@@ -398,12 +397,11 @@ def test_env_var_root(tmp_path, monkeypatch):
 
 def test_folder_with_native_split_and_masks(tmp_path):
     _make_folder(tmp_path, "vacuoles", ["single", "negative"], 8, native=True, masks=True)
-    t = data.load_target("vacuoles", root=str(tmp_path), split_file=str(tmp_path / "split.json"))
-    assert t.native_split and t.classes == ["negative", "single"]
+    t = data.load_target("vacuoles", root=str(tmp_path))
+    assert t.native_split and t.classes == ["negative", "single"] and t.split is None  # nothing to save
     assert len(t.train) == 16 and len(t.test) == 4
     assert all(n.startswith("train/") for n in t.train.names)
     assert all(n.startswith("test/") for n in t.test.names)
-    assert not (tmp_path / "split.json").exists()                     # native split: nothing saved
     assert t.train.has_masks
     m = t.train.masks([0, 1], 12)
     # 12 × 8 image padded to 12 × 12 (2 rows each side): mask = top half of the image = rows 2:6
@@ -425,25 +423,34 @@ def test_folder_with_native_split_and_masks(tmp_path):
 
 def test_saved_split_reused(tmp_path):
     _make_folder(tmp_path, "lensless", ["a", "b"], 10)
-    sf = tmp_path / "run" / "split.json"
-    t1 = data.load_target("lensless", root=str(tmp_path), seed=0, split_file=str(sf))
-    saved = json.loads(sf.read_text())
+    cfg = train.Config(target="lensless", data_root=str(tmp_path), out=str(tmp_path / "run"))
+    t1 = train.load_target(cfg)                                        # saves the split it made
+    sf = tmp_path / "run" / "splits" / "lensless.json"
+    saved = data.read_split(sf)
     assert saved["test"] == t1.test.names and saved["train"] == t1.train.names
-    t2 = data.load_target("lensless", root=str(tmp_path), seed=123, split_file=str(sf))
+    t2 = data.load_target("lensless", root=str(tmp_path), seed=123, split=saved)
     assert t2.test.names == t1.test.names                              # the saved split wins
     assert data.load_target("lensless", root=str(tmp_path), seed=123).test.names != t1.test.names
-    # files changed since the split was saved → clear error
+    assert train.load_target(cfg).test.names == t1.test.names
+    # files changed since the split was saved → clear error naming the file
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "lensless" / "a" / "new.png")
-    with pytest.raises(ValueError, match="does not match.*delete it"):
-        data.load_target("lensless", root=str(tmp_path), split_file=str(sf))
+    with pytest.raises(ValueError, match=r"lensless.json does not match.*1 new.*delete it"):
+        train.load_target(cfg)
+    sf.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid split"):
+        train.load_target(cfg)
 
 
-def test_synthetic_split_file(tmp_path):
-    sf = tmp_path / "s.json"
-    t1 = data.load_target("synthetic-cells", split_file=str(sf))
-    assert json.loads(sf.read_text())["test"] == t1.test.names
-    t2 = data.load_target("synthetic-cells", split_file=str(sf))
+def test_synthetic_split_saved_and_reused(tmp_path):
+    t1 = data.load_target("synthetic-cells")
+    assert data.read_split(_write(tmp_path / "s.json", data.split_json(t1)))["test"] == t1.test.names
+    t2 = data.load_target("synthetic-cells", split=data.read_split(tmp_path / "s.json"))
     assert t2.test.names == t1.test.names
+
+
+def _write(path, text):
+    drl.write_text(path, text)
+    return path
 
 
 def test_mask_errors(tmp_path):
@@ -586,7 +593,7 @@ def test_synthetic_cells_properties():
 
 
 # ========================================================================================================
-# drl.py §1-4: ViT-B/16, DINO weights, feature extraction
+# drl.py: ViT-B/16, DINO weights, feature extraction, KL, Ada-GVAE, VAEs, checkpoints
 # ========================================================================================================
 
 SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4)
@@ -640,7 +647,7 @@ def test_vit_base_state_dict_matches_dino_table():
 def test_torchvision_key_mapping_full_size():
     torchvision = pytest.importorskip("torchvision")
     with torch.device("meta"):
-        ours = drl.dino_to_torchvision_state_dict(drl.vit_base().state_dict())
+        ours = bench.dino_to_torchvision_state_dict(drl.vit_base().state_dict())
         tv = torchvision.models.vit_b_16().state_dict()
     tv = {k: tuple(v.shape) for k, v in tv.items() if not k.startswith("heads.")}
     assert {k: tuple(v.shape) for k, v in ours.items()} == tv
@@ -649,7 +656,7 @@ def test_torchvision_key_mapping_full_size():
 def test_matches_torchvision_small():
     pytest.importorskip("torchvision")
     m = small_model()
-    tv = drl.torchvision_reference(m)
+    tv = bench.torchvision_reference(m)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ours, ref = m(x), tv(x)
@@ -906,25 +913,6 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def test_keep_freed_memory_stops_page_faults():
-    # each run in a fresh interpreter (the malloc settings are process-wide); best of 3, because glibc
-    # falls back to mmap where address-space layout randomisation puts a mapping right after the heap
-    import subprocess
-    import sys
-    faults = {"default": [], "keep": []}
-    for case in ("default", "keep") * 3:
-        out = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, case], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(drl.__file__)), timeout=120)
-        assert out.returncode == 0, out.stderr
-        applied, n = out.stdout.split()
-        if case == "keep" and applied != "True":
-            pytest.skip("not glibc: keep_freed_memory does nothing here")
-        faults[case].append(int(n))
-    # glibc's default hands the 60 MB back after a pass and faults 5,000-15,000 pages in again per pass
-    assert min(faults["default"]) > 10_000, faults
-    assert min(faults["keep"]) < 500, faults
-
-
 def test_extract_features_cache_and_reuse(tmp_path):
     images, fn = image_source(10)
     model = CountingModel(small_model(SMALL224))
@@ -997,10 +985,6 @@ def test_feature_stats_and_standardise():
     zt = drl.standardise(torch.from_numpy(f), mean, std)
     np.testing.assert_allclose(zt.numpy(), z, atol=1e-6)
 
-
-# ========================================================================================================
-# drl.py §5-8: KL, Ada-GVAE, VAEs, warm-up, checkpoints, fit
-# ========================================================================================================
 
 # ---- KL terms and Ada-GVAE aggregation --------------------------------------------------------------------
 
@@ -1082,107 +1066,6 @@ def test_conv_vae_shapes_and_bernoulli_loss():
         drl.ConvVAE(size=32)
 
 
-# ---- training loop: loss falls, exact resume, bad input --------------------------------------------------
-
-def _feature_batches(n_dim=8):
-    basis = torch.randn(3, n_dim, generator=torch.Generator().manual_seed(0))
-
-    def batch_fn(rng, step):
-        f1 = torch.from_numpy(rng.normal(size=(32, 3))).float()
-        f2 = f1.clone()
-        j = rng.integers(0, 3, size=32)
-        f2[torch.arange(32), torch.from_numpy(j)] = torch.from_numpy(rng.normal(size=32)).float()
-        return f1 @ basis, f2 @ basis
-    return batch_fn
-
-
-def _fit(folder, steps, **kw):
-    torch.manual_seed(0)
-    model = drl.FeatureVAE(in_dim=8, hidden=16, latent_dim=4)
-    cfg = {"seed": 0, "beta": 1.0, "steps": steps}
-    return model, drl.fit(model, _feature_batches(), steps=steps, beta=1.0, folder=str(folder), config=cfg,
-                          paired=True, lr=3e-3, seed=0, warmup_steps=10, **kw)
-
-
-def test_fit_lowers_loss_and_writes_log(tmp_path):
-    _, ckpt = _fit(tmp_path, 300, log_every=50)
-    rows = (tmp_path / "log.csv").read_text().strip().splitlines()
-    assert rows[0].split(",")[:4] == ["step", "loss", "recon", "kl"]
-    first, last = float(rows[1].split(",")[1]), float(rows[-1].split(",")[1])
-    assert last < 0.5 * first
-    assert ckpt["done"] and ckpt["step"] == 300
-
-
-@pytest.mark.parametrize("name, reference", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
-def test_make_optimizer_is_fused_adam_with_torchs_numbers(name, reference):
-    # the fused kernel (one pass) must compute torch's textbook Adam/AdamW up to float rounding
-    torch.manual_seed(0)
-    a = [torch.nn.Parameter(torch.randn(37, 5)), torch.nn.Parameter(torch.randn(20))]
-    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    start = [p.detach().clone() for p in a]
-    fast = drl.make_optimizer(a, name, lr=1e-2, weight_decay=0.1)
-    plain = reference(b, lr=1e-2, weight_decay=0.1, foreach=False)
-    assert fast.param_groups[0]["fused"] and type(fast) is reference
-    for _ in range(50):
-        g = [torch.randn_like(p) for p in a]
-        for p, q, gi in zip(a, b, g):
-            p.grad, q.grad = gi.clone(), gi.clone()
-        fast.step()
-        plain.step()
-    assert max((p - p0).abs().max().item() for p, p0 in zip(a, start)) > 0.1  # it really trained
-    assert max((p - q).abs().max().item() for p, q in zip(a, b)) < 1e-5
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
-        drl.make_optimizer(a, "sgd")
-
-
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    full, _ = _fit(tmp_path / "a", 120)
-
-    class Stop(Exception):
-        pass
-
-    calls = []
-
-    def stop_at_70(info):
-        calls.append(info["step"])
-        if info["step"] >= 70:
-            raise Stop
-
-    with pytest.raises(Stop):  # interrupted after a checkpoint at step 70 (checkpoint_every_s=0)
-        _fit(tmp_path / "b", 120, progress=stop_at_70, progress_every_s=0, checkpoint_every_s=0)
-    assert drl.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] in (69, 70)
-    resumed, ckpt = _fit(tmp_path / "b", 120)
-    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
-    steps = [int(r.split(",")[0]) for r in (tmp_path / "b" / "log.csv").read_text().splitlines()[1:]]
-    assert steps == sorted(set(steps))  # no duplicated rows after the resume
-
-
-def test_resume_with_other_config_is_refused(tmp_path):
-    _fit(tmp_path, 20)
-    model = drl.FeatureVAE(in_dim=8, hidden=16, latent_dim=4)
-    with pytest.raises(ValueError, match="another configuration.*beta"):
-        drl.fit(model, _feature_batches(), steps=20, beta=2.0, folder=str(tmp_path),
-                config={"seed": 0, "beta": 2.0, "steps": 20}, paired=True)
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    good_batches = _feature_batches()
-
-    def nan_from_step_20(rng, step):
-        x1, x2 = good_batches(rng, step)
-        return (x1, x2) if step < 20 else (x1 * float("nan"), x2)
-
-    model = drl.FeatureVAE(in_dim=8, hidden=16, latent_dim=4)
-    with pytest.raises(drl.TrainingDiverged, match="step 20"):
-        drl.fit(model, nan_from_step_20, steps=40, beta=1.0, folder=str(tmp_path), config={"seed": 0},
-                paired=True, checkpoint_every_s=0)
-    ckpt = drl.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["step"] == 20 and not ckpt["done"]
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
-
-
 def test_checkpoint_roundtrip_and_garbage(tmp_path):
     model = drl.ConvVAE(latent_dim=5)
     drl.save_checkpoint(tmp_path / "m.pt", {"config": {"model": model.config}, "model": model.state_dict()})
@@ -1196,195 +1079,6 @@ def test_checkpoint_roundtrip_and_garbage(tmp_path):
     drl.save_checkpoint(tmp_path / "o.pt", {"config": {"model": model.config}, "model": other.state_dict()})
     with pytest.raises(ValueError, match="does not match"):
         drl.load_model(tmp_path / "o.pt")
-
-
-# ========================================================================================================
-# drl.py §9: fit_parallel equals fit, model by model
-# ========================================================================================================
-
-SEEDS, BETAS = [0, 1, 0], [1.0, 1.0, 2.0]  # two seeds share a batch stream, as β = 1 and β = 2 do in a sweep
-
-
-def _feature_model(seed):
-    torch.manual_seed(seed)
-    return drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=6)
-
-
-def _conv_model(seed):
-    torch.manual_seed(seed)
-    return drl.ConvVAE(latent_dim=4)
-
-
-def _batch_fn(x, n, paired):
-    def batch_fn(rng, step):
-        i = torch.as_tensor(rng.integers(0, len(x), n))
-        if not paired:
-            return x[i]
-        return x[i], x[torch.as_tensor(rng.integers(0, len(x), n))]
-    return batch_fn
-
-
-def _kw(steps, paired, **extra):
-    return dict(dict(steps=steps, paired=paired, warmup_steps=steps // 4, grad_clip=1.0, log_every=10,
-                     checkpoint_every_s=1e9), **extra)
-
-
-def _sequential(make, batch_fn, root, seeds, betas, **kw):
-    for s, b in zip(seeds, betas):
-        drl.fit(make(s), batch_fn, beta=b, seed=s, folder=os.path.join(root, f"b{b:g}-s{s}"),
-                config={"seed": s, "beta": b}, **kw)
-
-
-def _parallel(make, batch_fn, root, seeds, betas, **kw):
-    return drl.fit_parallel([make(s) for s in seeds], batch_fn, betas=betas, seeds=seeds,
-                            folders=[os.path.join(root, f"b{b:g}-s{s}") for s, b in zip(seeds, betas)],
-                            configs=[{"seed": s, "beta": b} for s, b in zip(seeds, betas)], **kw)
-
-
-def _log(folder):
-    with open(os.path.join(folder, "log.csv")) as f:
-        return [line.split(",")[:5] for line in f]  # every column but the wall-clock seconds
-
-
-def _assert_same_runs(root_a, root_b, seeds, betas):
-    """Weights, optimiser state, step, done flag and log of every model: bitwise equal."""
-    for s, b in zip(seeds, betas):
-        fa, fb = os.path.join(root_a, f"b{b:g}-s{s}"), os.path.join(root_b, f"b{b:g}-s{s}")
-        a, c = (drl.load_checkpoint(os.path.join(f, "checkpoint.pt")) for f in (fa, fb))
-        assert sorted(a) == sorted(c) and a["config"] == c["config"]
-        assert (a["step"], a["done"]) == (c["step"], c["done"])
-        diff = max((a["model"][k] - c["model"][k]).abs().max().item() for k in a["model"])
-        # Issue 6 allows 1e-5 where reduction order changes; here the stacked kernels are chosen to be exact.
-        assert diff == 0.0, f"seed {s} beta {b}: weights differ by {diff}"
-        oa, oc = a["optimizer"], c["optimizer"]
-        assert oa["param_groups"] == oc["param_groups"] and oa["state"].keys() == oc["state"].keys()
-        for i in oa["state"]:
-            for k in oa["state"][i]:
-                assert oa["state"][i][k].dtype == oc["state"][i][k].dtype
-                assert torch.equal(oa["state"][i][k], oc["state"][i][k]), (i, k)
-        assert _log(fa) == _log(fb)
-    # and the models actually trained apart: different seeds, different weights
-    w = [drl.load_checkpoint(os.path.join(root_b, f"b{b:g}-s{s}", "checkpoint.pt"))["model"]["decoder.0.weight"]
-         for s, b in zip(seeds, betas)]
-    assert not torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
-
-
-def test_fit_parallel_equals_fit_feature_adagvae(tmp_path):
-    x = torch.randn(200, 48)
-    fn, kw = _batch_fn(x, 16, True), _kw(100, True)
-    _sequential(_feature_model, fn, tmp_path / "seq", SEEDS, BETAS, **kw)
-    ckpts = _parallel(_feature_model, fn, tmp_path / "par", SEEDS, BETAS, **kw)
-    _assert_same_runs(tmp_path / "seq", tmp_path / "par", SEEDS, BETAS)
-    assert [c["step"] for c in ckpts] == [100] * 3 and all(c["done"] for c in ckpts)
-    # the checkpoints load with load_model and give fit's representation
-    model, ckpt = drl.load_model(os.path.join(tmp_path / "par", "b2-s0", "checkpoint.pt"))
-    ref, _ = drl.load_model(os.path.join(tmp_path / "seq", "b2-s0", "checkpoint.pt"))
-    assert isinstance(model, drl.FeatureVAE) and ckpt["config"]["model"]["hidden"] == 32
-    assert torch.equal(model.representation(x[:8]), ref.representation(x[:8]))
-
-
-def test_fit_parallel_equals_fit_feature_betavae_adamw(tmp_path):
-    # unpaired β-VAE with AdamW + weight decay and extra statistics: the finetuning settings
-    x = torch.randn(200, 48)
-    stats = {"feature_mean": torch.arange(3.0)}
-    fn, kw = _batch_fn(x, 16, False), _kw(100, False, optimizer="adamw", weight_decay=0.01, extra=stats)
-    _sequential(_feature_model, fn, tmp_path / "seq", SEEDS, BETAS, **kw)
-    _parallel(_feature_model, fn, tmp_path / "par", SEEDS, BETAS, **kw)
-    _assert_same_runs(tmp_path / "seq", tmp_path / "par", SEEDS, BETAS)
-    ckpt = drl.load_checkpoint(os.path.join(tmp_path / "par", "b1-s1", "checkpoint.pt"))
-    assert torch.equal(ckpt["feature_mean"], stats["feature_mean"])
-
-
-def test_fit_parallel_equals_fit_conv(tmp_path):
-    x = torch.rand(20, 3, 64, 64)
-    seeds, betas = [0, 1], [1.0, 2.0]
-    for paired, n, steps in ((True, 1, 50), (False, 2, 25)):
-        fn, kw = _batch_fn(x, n, paired), _kw(steps, paired)
-        _sequential(_conv_model, fn, tmp_path / f"seq{paired}", seeds, betas, **kw)
-        _parallel(_conv_model, fn, tmp_path / f"par{paired}", seeds, betas, **kw)
-        for s, b in zip(seeds, betas):
-            a = drl.load_checkpoint(os.path.join(tmp_path / f"seq{paired}", f"b{b:g}-s{s}", "checkpoint.pt"))
-            c = drl.load_checkpoint(os.path.join(tmp_path / f"par{paired}", f"b{b:g}-s{s}", "checkpoint.pt"))
-            diff = max((a["model"][k] - c["model"][k]).abs().max().item() for k in a["model"])
-            assert diff == 0.0, f"paired={paired} seed {s}: weights differ by {diff}"
-    model, _ = drl.load_model(os.path.join(tmp_path / "parTrue", "b2-s1", "checkpoint.pt"))
-    assert isinstance(model, drl.ConvVAE) and model.representation(x[:3]).shape == (3, 4)
-
-
-class _Interrupt(Exception):
-    pass
-
-
-def _interrupting(batch_fn, at_step):
-    def fn(rng, step):
-        if step == at_step:
-            raise _Interrupt
-        return batch_fn(rng, step)
-    return fn
-
-
-def test_fit_parallel_resume_equals_uninterrupted(tmp_path):
-    x = torch.randn(200, 48)
-    fn, kw = _batch_fn(x, 16, True), _kw(100, True)
-    _sequential(_feature_model, fn, tmp_path / "ref", SEEDS, BETAS, **kw)
-    # a parallel run killed at step 60, checkpointing every step. (Killed between log rows, the first row after
-    # the resume would average fewer steps, exactly as with fit.)
-    with pytest.raises(_Interrupt):
-        _parallel(_feature_model, _interrupting(fn, 60), tmp_path / "run", SEEDS, BETAS,
-                  **dict(kw, checkpoint_every_s=0))
-    assert drl.load_checkpoint(os.path.join(tmp_path / "run", "b1-s0", "checkpoint.pt"))["step"] == 60
-    # resumed in parallel, the same command: equal to the uninterrupted run, log included
-    _parallel(_feature_model, fn, tmp_path / "run", SEEDS, BETAS, **kw)
-    _assert_same_runs(tmp_path / "ref", tmp_path / "run", SEEDS, BETAS)
-
-
-def test_fit_parallel_and_fit_resume_each_other(tmp_path):
-    x = torch.randn(200, 48)
-    fn, kw = _batch_fn(x, 16, True), _kw(100, True)
-    _sequential(_feature_model, fn, tmp_path / "ref", SEEDS, BETAS, **kw)
-    run = tmp_path / "run"
-    # parallel run interrupted at 40; sequential fit finishes model (0, β=1) from that checkpoint
-    with pytest.raises(_Interrupt):
-        _parallel(_feature_model, _interrupting(fn, 40), run, SEEDS, BETAS, **dict(kw, checkpoint_every_s=0))
-    _sequential(_feature_model, fn, run, SEEDS[:1], BETAS[:1], **kw)
-    # sequential fit takes model (1, β=1) to step 70; fit_parallel brings the three models (at 100, 70, 40) level
-    with pytest.raises(_Interrupt):
-        _sequential(_feature_model, _interrupting(fn, 70), run, SEEDS[1:2], BETAS[1:2],
-                    **dict(kw, checkpoint_every_s=0))
-    assert [drl.load_checkpoint(os.path.join(run, f"b{b:g}-s{s}", "checkpoint.pt"))["step"]
-            for s, b in zip(SEEDS, BETAS)] == [100, 70, 40]
-    ckpts = _parallel(_feature_model, fn, run, SEEDS, BETAS, **kw)
-    assert [c["step"] for c in ckpts] == [100, 100, 100]
-    for s, b in zip(SEEDS, BETAS):
-        a = drl.load_checkpoint(os.path.join(tmp_path / "ref", f"b{b:g}-s{s}", "checkpoint.pt"))
-        c = drl.load_checkpoint(os.path.join(run, f"b{b:g}-s{s}", "checkpoint.pt"))
-        assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"]), (s, b)
-
-
-def test_fit_parallel_nan_guard_keeps_checkpoints(tmp_path):
-    good = _batch_fn(torch.randn(200, 48), 16, True)
-
-    def bad(rng, step):  # model 1's own batch_fn turns to NaN at step 7
-        x1, x2 = good(rng, step)
-        return (x1 * float("nan"), x2) if step == 7 else (x1, x2)
-
-    with pytest.raises(drl.TrainingDiverged, match=r"step 7 \(seed 1, beta 1.0\).*b1-s1"):
-        _parallel(_feature_model, [good, bad, good], tmp_path, SEEDS, BETAS, **_kw(20, True, checkpoint_every_s=0))
-    assert [drl.load_checkpoint(os.path.join(tmp_path, f"b{b:g}-s{s}", "checkpoint.pt"))["step"]
-            for s, b in zip(SEEDS, BETAS)] == [7, 7, 7]
-
-
-def test_fit_parallel_refuses_what_it_cannot_stack(tmp_path):
-    import se2
-    fn = _batch_fn(torch.rand(8, 3, 64, 64), 2, True)
-    kw = dict(steps=2, paired=True, betas=[1.0], seeds=[0], folders=[str(tmp_path)], configs={})
-    with pytest.raises(ValueError, match="drop --parallel-models"):
-        drl.fit_parallel([se2.SE2VAE(n_iso=2, width=(2, 2, 2))], fn, **kw)
-    with pytest.raises(ValueError, match="one architecture"):
-        drl.fit_parallel([_feature_model(0), drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=5)], fn,
-                         **dict(kw, betas=[1.0, 1.0], seeds=[0, 1], folders=[str(tmp_path / "a"), str(tmp_path / "b")]))
-    with pytest.raises(ValueError, match="2 seeds for 1 models"):
-        drl.fit_parallel([_feature_model(0)], fn, **dict(kw, seeds=[0, 1]))
 
 
 # ========================================================================================================
@@ -1619,7 +1313,7 @@ def test_se2vae_invariance_and_equivariance_90():
     x = torch.rand(4, 3, 64, 64)
     model.train()
     with torch.no_grad():
-        model(x)  # non-trivial running statistics
+        model.reconstruct(x)  # non-trivial running statistics
     model.eval()
     with torch.no_grad():
         mu, logvar, log_q = model.encode(x)
@@ -1736,513 +1430,6 @@ def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="u of shape"):
         se2.inverse_transform_sample(torch.full((3, N), 1 / N), torch.rand(4))
 
-
-# ========================================================================================================
-# metrics.py: DCI, MIG, OMES, downstream and interpretability helpers
-# ========================================================================================================
-
-SIZES = (5, 7, 3, 6, 40)  # Texture-dSprites factor sizes
-
-
-class FakeSource:
-    """A factor grid whose 'images' are the factor rows themselves; counts what it renders."""
-
-    def __init__(self, sizes=SIZES):
-        self.factor_sizes = tuple(sizes)
-        self.rendered = []
-
-    def render(self, factors):
-        self.rendered.append(np.array(factors))
-        return np.asarray(factors, dtype=np.float64)
-
-
-def fake_encoder(sizes, d=10, seed=0, mix=0.3, noise=0.05):
-    """Nonlinear 10-dim code: dim k mostly encodes factor k, some mixing, 2 nuisance dims, 3 inactive dims."""
-    rng = np.random.default_rng(seed)
-    K = len(sizes)
-    W = np.zeros((K, d))
-    W[:, :K] = np.eye(K) + mix * rng.normal(size=(K, K))
-    W[:, K:K + 2] = rng.normal(size=(K, 2))
-    P = 37 * rng.normal(size=(K, d))
-    amp = np.where(np.arange(d) < K + 2, noise, 0.01)     # last d - K - 2 dims: std 0.01, inactive
-    sizes = np.asarray(sizes)
-
-    def encode(f):
-        x = (np.asarray(f) + 0.5) / sizes - 0.5
-        x = np.where(sizes == 40, np.cos(2 * np.pi * x), x)   # orientation is cyclic
-        h = np.tanh(2 * x @ W)
-        wobble = np.sqrt(2) * np.sin(np.asarray(f) @ P)   # pseudo-random, std 1, a fixed function of the image
-        return h + wobble * amp
-    return encode
-
-
-def grid(sizes, n, seed):
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, s, n) for s in sizes], axis=1)
-
-
-def standardise(y):
-    return (y - y.mean(0)) / y.std(0)
-
-
-def one_factor_pairs(y_sizes, n, seed, code):
-    """OMES pairs from a small grid, one factor redrawn ("resample"): (z_a, z_b, changed factor)."""
-    rng = np.random.default_rng(seed)
-    K = len(y_sizes)
-    fa = grid(y_sizes, n * K, seed + 1)
-    changed = np.repeat(np.arange(K), n)
-    fb = fa.copy()
-    fb[np.arange(n * K), changed] = rng.integers(0, np.asarray(y_sizes)[changed])
-    return code(fa), code(fb), changed
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference test vectors (anchor-methods A1, A2)
-# --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("R, D, C", [
-    (np.eye(3), 1.0, 1.0),
-    (np.ones((3, 3)), 0.0, 0.0),
-    ([[1, 0], [1, 0]], 1.0, 0.0),
-    ([[.9, .1], [.1, .9], [0, 0], [0, 0]], 0.531004, 0.765502),
-])
-def test_dci_reference_vectors(R, D, C):
-    d, c, _, _ = metrics.dci_from_importance(R)
-    assert d == pytest.approx(D, abs=1e-6)
-    assert c == pytest.approx(C, abs=1e-6)
-
-
-def test_mig_reference_vectors():
-    g = np.array([(a, b) for a in range(4) for b in range(4)])  # 4x4 full-factorial design
-    assert metrics.mig(g, g) == pytest.approx(1.0)
-    assert metrics.mig(g[:, ::-1] * [2.5, 0.3] + [1.0, -7.0], g) == pytest.approx(1.0)  # swapped + affine
-    assert metrics.mig(np.stack([g[:, 0], g[:, 0]], 1), g) == pytest.approx(0.0)       # factor 0 twice
-
-
-def test_histogram_discretize_matches_disentanglement_lib():
-    z = np.array([[0.0], [0.5], [1.0], [0.04], [0.96]])
-    b = metrics.histogram_discretize(z, 20)[:, 0]
-    assert b.tolist() == [1, 11, 20, 1, 20]  # 1..20, the max falls in bin 20
-
-
-# --------------------------------------------------------------------------------------------------
-# Properties with known answers
-# --------------------------------------------------------------------------------------------------
-
-SMALL_GBT = (2, 3, 4)  # 1 + 3 + 4 trees per boosting stage: keeps the GBT fits fast
-
-
-def small_split(seed=0, n_train=400, n_test=200):
-    return grid(SMALL_GBT, n_train, seed), grid(SMALL_GBT, n_test, seed + 100)
-
-
-def test_codes_equal_factors_score_one():
-    y_tr, y_te = small_split()
-    d = metrics.dci(y_tr.astype(float), y_tr, y_te.astype(float), y_te, n_jobs=1)
-    assert d["disentanglement"] > 0.97 and d["completeness"] > 0.97
-    assert d["informativeness_train"] == 1.0 and d["informativeness_test"] == 1.0
-    assert np.argmax(d["importance"], axis=0).tolist() == [0, 1, 2]
-    assert metrics.mig(y_tr, y_tr) == pytest.approx(1.0, abs=0.02)  # < 1 only by sampling noise
-    za, zb, f = one_factor_pairs(SMALL_GBT, 400, 0, lambda y: y.astype(float))
-    o = metrics.omes(za, zb, f)     # sampled pairs: M = 1 - |r| with r ≈ 0 ± 0.05
-    assert o["omes"] == pytest.approx(1.0, abs=0.05)
-    np.testing.assert_allclose(o["relation"], np.eye(3), atol=0.15)
-    full = np.stack(np.unravel_index(np.arange(24), SMALL_GBT), 1).astype(float)  # every grid point
-    assert metrics.omes_from_relation(metrics.grid_relation_matrix(full, SMALL_GBT))[0] == pytest.approx(1.0)
-
-
-def test_rotation_scores_clearly_lower():
-    y_tr, y_te = small_split()
-    Q = special_ortho_group.rvs(3, random_state=1)
-
-    def rot(y):
-        return standardise(y.astype(float)) @ Q
-    d_id = metrics.dci(y_tr.astype(float), y_tr, y_te.astype(float), y_te, n_jobs=1)
-    d_rot = metrics.dci(rot(y_tr), y_tr, rot(y_te), y_te, n_jobs=1)
-    assert d_rot["disentanglement"] < d_id["disentanglement"] - 0.3
-    assert d_rot["completeness"] < d_id["completeness"] - 0.3
-    assert metrics.mig(rot(y_tr), y_tr) < 0.5
-    za, zb, f = one_factor_pairs(SMALL_GBT, 400, 0, rot)
-    assert metrics.omes(za, zb, f)["omes"] < 0.7
-
-
-def test_independent_codes_score_near_zero():
-    y_tr, y_te = small_split()
-    rng = np.random.default_rng(3)
-    z_tr, z_te = rng.normal(size=(len(y_tr), 3)), rng.normal(size=(len(y_te), 3))
-    d = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
-    assert d["disentanglement"] < 0.15 and d["completeness"] < 0.15
-    assert metrics.mig(z_tr, y_tr) < 0.03
-    # Codes that ignore every factor: both images of a pair get the same code -> M = 0 -> OMES = 0.
-    za = rng.normal(size=(600, 3))
-    assert metrics.omes(za, za.copy(), np.repeat([0, 1, 2], 200))["omes"] == 0.0
-    # Fresh noise for every image: M ≈ 1 everywhere, OMES -> its chance level (1/K + 1/d) / 2 = 1/3.
-    o = metrics.omes(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)), np.repeat([0, 1, 2], 1000))
-    assert o["omes"] == pytest.approx(1 / 3, abs=0.04)
-
-
-def test_invariance_to_permutation_and_positive_rescaling():
-    y_tr, y_te = small_split()
-    enc = fake_encoder(SMALL_GBT, d=5, mix=0.5)
-    z_tr, z_te = enc(y_tr), enc(y_te)
-    perm, scale = np.array([3, 0, 4, 1, 2]), np.array([2.0, 0.5, 4.0, 1.0, 8.0])
-
-    def t(z):
-        return z[:, perm] * scale[perm]
-    a = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
-    s = metrics.dci(z_tr * [2.3, 0.7, 3.1, 1.0, 9.9], y_tr, z_te * [2.3, 0.7, 3.1, 1.0, 9.9], y_te, n_jobs=1)
-    for key in ("disentanglement", "completeness", "informativeness_test"):   # rescaling: exactly equal
-        assert s[key] == a[key]
-    # Permutation: equal up to the GBT's tie-breaking between features that give the same split (it visits
-    # features in a seeded random order); measured differences <= 0.03 on this small case.
-    b = metrics.dci(t(z_tr), y_tr, t(z_te), y_te, n_jobs=1)
-    for key in ("disentanglement", "completeness", "informativeness_test"):
-        assert b[key] == pytest.approx(a[key], abs=0.04)
-    np.testing.assert_allclose(b["importance"], a["importance"][perm], atol=0.06)
-    assert metrics.mig(t(z_tr), y_tr) == pytest.approx(metrics.mig(z_tr, y_tr), abs=1e-12)
-    za, zb, f = one_factor_pairs(SMALL_GBT, 500, 0, enc)
-    oa, ob = metrics.omes(za, zb, f), metrics.omes(t(za), t(zb), f)
-    assert ob["omes"] == pytest.approx(oa["omes"], abs=1e-4)
-    np.testing.assert_allclose(ob["relation"], oa["relation"][perm], atol=1e-4)
-    assert 0.2 < oa["omes"] < 0.95  # a non-trivial case
-
-
-def test_omes_relation_matrix_by_hand():
-    """3 dims, 2 factors, 4 pairs each, correlations chosen exactly (r = 0, 0.6, 1)."""
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    r0, r06 = np.array([1.0, 2.0, 2.0, 1.0]), np.array([2.0, 1.0, 4.0, 3.0])  # r(x, .) = 0 and 0.6
-    za = np.concatenate([np.stack([x, x, x], 1), np.stack([x, x, x], 1)])
-    zb = np.concatenate([np.stack([r0, r06, x], 1),      # factor 0: dim0 r=0, dim1 r=.6, dim2 r=1
-                         np.stack([x, x, r0], 1)])       # factor 1: dim0 r=1, dim1 r=1, dim2 r=0
-    f = np.array([0] * 4 + [1] * 4)
-    o = metrics.omes(za, zb, f)
-    np.testing.assert_allclose(o["relation"], [[1, 0], [0.4, 0], [0, 1]], atol=1e-12)
-    # By hand: O = [[1,0],[.7,.3],[0,1]], E = [[13/15,1/3],[7/15,1/3],[.2,1]]
-    # OS_0 = (1 + .16*.7)/1.4, ME_0 = (13/15 + .16*7/15)/1.4, OS_1 = ME_1 = 1 -> OMES = 13/15
-    assert o["modularity"] == pytest.approx((1.112 / 1.4 + 1) / 2)
-    assert o["compactness"] == pytest.approx(((13 / 15 + 0.16 * 7 / 15) / 1.4 + 1) / 2)
-    assert o["omes"] == pytest.approx(13 / 15)
-    np.testing.assert_allclose(o["per_factor"], [11 / 15, 1.0])
-    assert metrics.omes(za, zb, f, pooling="max")["omes"] == pytest.approx((0.5 * (1 + 13 / 15) + 1) / 2)
-    assert metrics.omes(za, zb, f, alpha=1.0)["omes"] == pytest.approx(o["modularity"])
-    # Factor names instead of indices give the same matrix; column order = sorted names.
-    o2 = metrics.omes(za, zb, np.where(f == 0, "a_shape", "b_scale"))
-    assert o2["factors"] == ["a_shape", "b_scale"] and o2["omes"] == pytest.approx(13 / 15)
-
-
-def test_omes_drops_inactive_dims():
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    r0 = np.array([1.0, 2.0, 2.0, 1.0])
-    za = np.concatenate([np.stack([x, x], 1)] * 2)
-    zb = np.concatenate([np.stack([r0, x], 1), np.stack([x, r0], 1)])
-    f = np.repeat([0, 1], 4)
-    tiny = np.array([[1, 0.01]] * 4 + [[1, 0.01]] * 4)  # scale dim 1 down to std < 0.05
-    base = metrics.omes(za, zb, f)
-    assert base["omes"] == pytest.approx(1.0)
-    o = metrics.omes(za * tiny, zb * tiny, f)
-    assert o["active"].tolist() == [0]
-    # Left: M = [[1, 0]] -> factor 0 scores 1, factor 1 is encoded by no active dim and scores 0.
-    assert o["omes"] == pytest.approx(0.5)
-    assert metrics.inactive_dims(za * tiny).tolist() == [1]
-
-
-# --------------------------------------------------------------------------------------------------
-# Edge cases: one-line ValueErrors or warnings, never NaN
-# --------------------------------------------------------------------------------------------------
-
-def test_edge_cases_raise_clear_errors():
-    y_tr, y_te = small_split(n_train=200, n_test=100)
-    z_tr, z_te = y_tr.astype(float), y_te.astype(float)
-    with pytest.raises(ValueError, match="rows but the codes have"):
-        metrics.dci(z_tr, y_tr[:-1], z_te, y_te)
-    with pytest.raises(ValueError, match="rows but the codes have"):
-        metrics.mig(z_tr, y_tr[:-1])
-    with pytest.raises(ValueError, match="same shape"):
-        metrics.omes(z_tr[:10], z_tr[:9], np.zeros(10))
-    with pytest.raises(ValueError, match="need at least 2"):
-        metrics.mig(z_tr[:, :1], y_tr)
-    with pytest.raises(ValueError, match="need at least 2"):
-        metrics.dci(z_tr[:, :1], y_tr, z_te[:, :1], y_te)
-    bad = z_tr.copy()
-    bad[5, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN or inf in code dim"):
-        metrics.mig(bad, y_tr)
-    bad[5, 1] = np.inf
-    with pytest.raises(ValueError, match="NaN or inf"):
-        metrics.dci(bad, y_tr, z_te, y_te)
-    with pytest.raises(ValueError, match="every code dim is constant"):
-        metrics.mig(np.ones_like(z_tr), y_tr)
-    with pytest.raises(ValueError, match="every code dim is constant"):
-        metrics.dci(np.ones_like(z_tr), y_tr, z_te, y_te)
-    y_single = y_tr.copy()
-    y_single[:, 2] = 0
-    with pytest.raises(ValueError, match="single value in the training split"):
-        metrics.dci(z_tr, y_single, z_te, y_te)
-    with pytest.raises(ValueError, match="pair"):
-        metrics.omes(z_tr[:5], z_te[:5], [0, 0, 0, 0, 1])  # factor 1 has one pair
-    with pytest.raises(ValueError, match="inactive"):
-        metrics.omes(z_tr[:20] * 1e-3, z_te[:20] * 1e-3, np.repeat([0, 1], 10))
-    with pytest.raises(ValueError, match="alpha"):
-        metrics.omes(z_tr[:20], z_te[:20], np.repeat([0, 1], 10), alpha=2)
-    with pytest.raises(ValueError, match="pooling"):
-        metrics.omes(z_tr[:20], z_te[:20], np.repeat([0, 1], 10), pooling="mean")
-    with pytest.raises(ValueError, match="method"):
-        metrics.dci(z_tr, y_tr, z_te, y_te, method="xgb")
-
-
-def test_constant_factor_is_skipped_with_warning():
-    y_tr, y_te = small_split(n_train=300, n_test=150)
-    y3_tr = np.column_stack([y_tr, np.full(len(y_tr), 7)])
-    y3_te = np.column_stack([y_te, np.full(len(y_te), 7)])
-    z_tr, z_te = y_tr.astype(float), y_te.astype(float)
-    with pytest.warns(UserWarning, match="factor 3 is constant"):
-        m = metrics.mig(z_tr, y3_tr)
-    assert m == pytest.approx(metrics.mig(z_tr, y_tr))
-    with pytest.warns(UserWarning, match="factor 3 is constant"):
-        d = metrics.dci(z_tr, y3_tr, z_te, y3_te, n_jobs=1)
-    ref = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
-    assert d["factors_used"] == [0, 1, 2]
-    assert d["disentanglement"] == pytest.approx(ref["disentanglement"])
-    assert d["importance"].shape == (3, 4) and np.all(d["importance"][:, 3] == 0)
-    assert all(np.isfinite(v) for v in (d["disentanglement"], d["completeness"], m))
-
-
-def test_constant_code_dim_is_allowed():
-    y_tr, y_te = small_split(n_train=300, n_test=150)
-    z_tr = np.column_stack([y_tr.astype(float), np.zeros(len(y_tr))])
-    z_te = np.column_stack([y_te.astype(float), np.zeros(len(y_te))])
-    d = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
-    assert np.all(d["importance"][3] == 0) and d["disentanglement"] > 0.97
-    assert metrics.mig(z_tr, y_tr) == pytest.approx(metrics.mig(z_tr[:, :3], y_tr))
-
-
-def test_non_integer_labels_are_encoded():
-    y_tr, y_te = small_split(n_train=300, n_test=150)
-    z_tr, z_te = y_tr + 0.1 * np.random.default_rng(0).normal(size=y_tr.shape), y_te.astype(float)
-    names = np.array(["a", "b", "c", "d", "e"])
-    scales = np.array([0.5, 0.6, 0.7, 0.8, 0.9])
-    lab_tr = np.column_stack([names[y_tr[:, 0]], scales[y_tr[:, 1]], y_tr[:, 2] * 10]).astype(object)
-    lab_te = np.column_stack([names[y_te[:, 0]], scales[y_te[:, 1]], y_te[:, 2] * 10]).astype(object)
-    lab_tr = np.array(lab_tr.tolist(), dtype=str)
-    lab_te = np.array(lab_te.tolist(), dtype=str)
-    a = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
-    b = metrics.dci(z_tr, lab_tr, z_te, lab_te, n_jobs=1)
-    assert b["disentanglement"] == pytest.approx(a["disentanglement"])
-    assert b["informativeness_test"] == pytest.approx(a["informativeness_test"])
-    assert metrics.mig(z_tr, lab_tr) == pytest.approx(metrics.mig(z_tr, y_tr))
-
-
-# --------------------------------------------------------------------------------------------------
-# disentanglement_scores on a fake factor-grid source
-# --------------------------------------------------------------------------------------------------
-
-def test_grid_relation_matrix_equals_all_pairs():
-    """The exact grid matrix equals relation_matrix() on the explicit list of every pair of the grid."""
-    sizes = (2, 3, 4)
-    full = np.stack(np.unravel_index(np.arange(24), sizes), 1)
-    z = fake_encoder(sizes, d=6, mix=0.8)(full)
-    for pairs in ("resample", "differ"):
-        za, zb, f = [], [], []
-        for i, x in enumerate(full):
-            for k, s in enumerate(sizes):
-                for v in range(s):
-                    if pairs == "differ" and v == x[k]:
-                        continue
-                    y = x.copy()
-                    y[k] = v
-                    za.append(z[i])
-                    zb.append(z[np.ravel_multi_index(y, sizes)])
-                    f.append(k)
-        M, _ = metrics.relation_matrix(np.array(za), np.array(zb), np.array(f))
-        np.testing.assert_allclose(metrics.grid_relation_matrix(z, sizes, pairs), M, atol=1.01e-4)
-    # "differ" on a perfect linear code of a 3-valued factor: r = -1/2 -> M = 0.5 (why "resample" is default)
-    M = metrics.grid_relation_matrix(full[:, [1]].astype(float), sizes, "differ")
-    np.testing.assert_allclose(M, [[0, 0.5, 0]])
-
-
-def test_disentanglement_scores_small_grid_is_exhaustive():
-    src = FakeSource((3, 4, 1, 5))   # factor 2 has a single value: skipped by DCI/MIG, no OMES pairs
-    calls = []
-
-    def enc(images):
-        calls.append(len(images))
-        return fake_encoder((3, 4, 1, 5), d=6)(images)
-    with pytest.warns(UserWarning, match="factor 2 is constant"):
-        r = metrics.disentanglement_scores(enc, src, n_train=700, n_test=300, n_pairs=200, seed=0,
-                                           batch_size=25, n_jobs=1)
-    assert r["exhaustive"] and calls == [25, 25, 10]         # the 60 grid points, encoded once
-    assert r["omes"]["factors"] == [0, 1, 3] and r["omes"]["pairs"] == "all"
-    assert r["dci"]["importance"].shape == (6, 4) and r["dci"]["factors_used"] == [0, 1, 3]
-    assert 0.3 < r["dci"]["disentanglement"] < 1 and 0.2 < r["mig"] < 1 and 0.2 < r["omes"]["omes"] < 1
-    # The same numbers as the sampled path would give for DCI/MIG (same factor rows, looked up).
-    rng = np.random.default_rng(0)
-    f_train = np.stack([rng.integers(0, s, 700) for s in (3, 4, 1, 5)], 1)
-    with pytest.warns(UserWarning, match="factor 2 is constant"):
-        assert r["mig"] == pytest.approx(metrics.mig(enc(f_train), f_train))
-    # A permuted, rescaled copy of the model gets the same MIG and OMES.
-    with pytest.warns(UserWarning):
-        r2 = metrics.disentanglement_scores(lambda x: enc(x)[:, ::-1] * 3, src, n_train=700, n_test=300,
-                                            n_pairs=200, seed=0, n_jobs=1)
-    assert r2["mig"] == pytest.approx(r["mig"]) and r2["omes"]["omes"] == pytest.approx(r["omes"]["omes"])
-
-
-def test_disentanglement_scores_large_grid_samples_pairs():
-    sizes = (3, 4, 5, 6)     # 360 points > n_train + n_test + 4 * n_pairs = 330: pairs are sampled
-    src = FakeSource(sizes)
-    calls = []
-
-    def enc(images):
-        calls.append(len(images))
-        return fake_encoder(sizes, d=6)(images)
-    r = metrics.disentanglement_scores(enc, src, n_train=150, n_test=60, n_pairs=30, seed=0, batch_size=50,
-                                       n_jobs=1)
-    assert not r["exhaustive"] and r["omes"]["pairs"] == 30
-    assert calls == [50, 50, 50, 50, 10, 50, 50, 20]          # train, test, partners; <= batch_size each
-    train, partners = np.concatenate(src.rendered[:3]), np.concatenate(src.rendered[5:])
-    diff = partners != train[:120]                     # anchors reuse training rows k * n_pairs + i
-    for k in range(4):                                 # block k: only factor k redrawn (may repeat)
-        block = diff[k * 30:(k + 1) * 30]
-        assert block.sum() == block[:, k].sum() and block[:, k].sum() >= 15
-    first = [f.copy() for f in src.rendered]
-    src.rendered.clear()
-    r2 = metrics.disentanglement_scores(enc, src, n_train=150, n_test=60, n_pairs=30, seed=0, batch_size=50,
-                                        n_jobs=1)
-    assert all(np.array_equal(a, b) for a, b in zip(first, src.rendered))   # same images for every model
-    assert r2["omes"]["omes"] == r["omes"]["omes"] and r2["dci"]["disentanglement"] == r["dci"]["disentanglement"]
-    with pytest.raises(ValueError, match="encode must return"):
-        metrics.disentanglement_scores(lambda x: np.zeros(3), src, n_train=20, n_test=10, n_pairs=5)
-    with pytest.raises(ValueError, match="factor_sizes"):
-        metrics.disentanglement_scores(enc, object())
-
-
-def test_omes_stable_between_seeds(monkeypatch):
-    """Texture-dSprites grid (25,200 points) is enumerated: OMES is exact and the same for every seed.
-    A grid too large to enumerate (x 32 positions = 806,400 points) uses n_pairs = 10,000 pairs per factor:
-    within ±0.005 of the exact value (DCI/MIG stubbed out: only OMES is run)."""
-    monkeypatch.setattr(metrics, "dci", lambda *a, **k: {})
-    monkeypatch.setattr(metrics, "mig", lambda *a, **k: 0.0)
-    enc = fake_encoder(SIZES)
-    runs = [metrics.disentanglement_scores(enc, FakeSource(), seed=s) for s in range(3)]
-    assert all(r["exhaustive"] for r in runs)
-    assert max(r["omes"]["omes"] for r in runs) - min(r["omes"]["omes"] for r in runs) < 1e-12
-    assert 0.3 < runs[0]["omes"]["omes"] < 0.9
-    big = SIZES + (32,)
-    enc = fake_encoder(big)
-    n = int(np.prod(big))
-    z_grid = np.concatenate([enc(np.stack(np.unravel_index(np.arange(i, min(i + 200000, n)), big), 1))
-                             for i in range(0, n, 200000)])
-    exact = metrics.omes_from_relation(metrics.grid_relation_matrix(z_grid, big)[:8])[0]  # 8 active dims
-    scores = [metrics.disentanglement_scores(enc, FakeSource(big), seed=s)["omes"]["omes"] for s in range(4)]
-    assert np.max(np.abs(np.array(scores) - exact)) < 0.005, (exact, scores)
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation helpers
-# --------------------------------------------------------------------------------------------------
-
-def clusters(n_per, centres, seed, spread=0.3):
-    rng = np.random.default_rng(seed)
-    centres = np.asarray(centres, dtype=float)
-    z = np.concatenate([c + spread * rng.normal(size=(n_per, centres.shape[1])) for c in centres])
-    return z, np.repeat(np.arange(len(centres)), n_per)
-
-
-CENTRES = [[0, 0, 0], [4, 0, 0], [0, 4, 0], [4, 4, 0]]   # separable along dims 0 and 1, dim 2 is noise
-
-
-def test_downstream_accuracy_separable():
-    z_tr, y_tr = clusters(60, CENTRES, 0)
-    z_te, y_te = clusters(30, CENTRES, 1)
-    r = metrics.downstream_accuracy(z_tr, y_tr, z_te, y_te, seed=0)
-    # (GBT with 100 depth-4 trees overfits 240 points a little: a few test points off the training range)
-    assert r["gbt"] >= 0.95 and r["mlp"] == 1.0 and r["gbt_balanced"] >= 0.95 and r["mlp_balanced"] == 1.0
-    assert r["gbt_importance"].sum() == pytest.approx(1.0) and r["gbt_importance"][2] < 0.05
-    r2 = metrics.downstream_accuracy(z_tr, y_tr, z_te, y_te, seed=0)
-    assert r2["mlp"] == r["mlp"] and np.array_equal(r2["gbt_importance"], r["gbt_importance"])
-    # Unbalanced test set where the classifier always says class 0: accuracy 0.75, balanced accuracy 0.5.
-    z_tr2, y_tr2 = clusters(40, [[0, 0], [8, 8]], 2)
-    z_te2 = np.zeros((8, 2))
-    y_te2 = np.array([0, 0, 0, 0, 0, 0, 1, 1])
-    r3 = metrics.downstream_accuracy(z_tr2, y_tr2, z_te2, y_te2, seed=0)
-    assert r3["gbt"] == 0.75 and r3["gbt_balanced"] == 0.5
-
-
-def test_prune_inactive():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(100, 4))
-    z[:, 1] *= 0.01
-    other = rng.normal(size=(7, 4))
-    kept, a, b = metrics.prune_inactive(z, other)
-    assert kept.tolist() == [0, 2, 3]
-    assert np.array_equal(a, z[:, [0, 2, 3]]) and np.array_equal(b, other[:, [0, 2, 3]])
-    with pytest.raises(ValueError, match="collapsed"):
-        metrics.prune_inactive(z * 1e-3)
-    with pytest.raises(ValueError, match="shape"):
-        metrics.prune_inactive(z, other[:, :3])
-
-
-def test_name_dims():
-    names = ("texture", "colour", "shape", "scale", "orientation")
-    R = np.array([[0.1, 0.0, 0.0, 0.9, 0.0],     # scale (second best)  -> scale#2
-                  [0.0, 0.0, 0.0, 0.0, 0.0],     # nothing              -> dim1
-                  [0.8, 0.1, 0.1, 0.0, 0.0],     # texture
-                  [0.0, 0.05, 0.0, 0.95, 0.0],   # scale (best)
-                  [0.0, 0.3, 0.3, 0.0, 0.4],     # orientation
-                  [0.0, 0.5, 0.5, 0.0, 0.0]])    # tie colour/shape -> first: colour
-    assert metrics.name_dims(R, names) == ["scale#2", "dim1", "texture", "scale", "orientation", "colour"]
-    with pytest.raises(ValueError, match="factor names"):
-        metrics.name_dims(R, names[:4])
-
-
-def test_correlations():
-    rng = np.random.default_rng(0)
-    z = rng.normal(size=(50, 3))
-    feats = {"area": 3 * z[:, 0] + 1, "red": -0.5 * z[:, 2], "noise": rng.normal(size=50)}
-    c = metrics.correlations(z, feats)
-    assert c[0]["area"]["r"] == pytest.approx(1.0) and c[0]["area"]["p"] < 1e-10
-    assert c[2]["red"]["r"] == pytest.approx(-1.0)
-    assert abs(c[1]["noise"]["r"]) < 0.5 and 0 < c[1]["noise"]["p"] <= 1
-    with pytest.warns(UserWarning, match="constant"):
-        c2 = metrics.correlations(np.column_stack([z[:, 0], np.ones(50)]), {"area": feats["area"]})
-    assert c2[1]["area"] == {"r": 0.0, "p": 1.0}
-    with pytest.raises(ValueError, match="values but there are"):
-        metrics.correlations(z, {"area": np.ones(49)})
-
-
-def test_clustering_scores():
-    z, y = clusters(50, CENTRES, 0, spread=0.2)
-    r = metrics.clustering_scores(z, y, seed=0)
-    assert r["ami"] == pytest.approx(1.0) and r["silhouette"] > 0.8 and r["silhouette_classes"] > 0.8
-    rng = np.random.default_rng(1)
-    r2 = metrics.clustering_scores(rng.normal(size=(200, 3)), rng.integers(0, 4, 200), seed=0)
-    assert abs(r2["ami"]) < 0.05 and r2["silhouette_classes"] < 0.05
-    with pytest.raises(ValueError, match="classes"):
-        metrics.clustering_scores(z, np.zeros(len(z)))
-
-
-def test_open_set_far_cluster():
-    known = [[0, 0, 0], [3, 0, 0], [0, 3, 0]]
-    z_tr, y_tr = clusters(80, known, 0)
-    z_te, y_te = clusters(40, known + [[3, 0, 8]], 1)   # class 3 held out: class 1 + 8 along dim 2
-    r = metrics.open_set(z_tr, y_tr, z_te, y_te, holdout_label=3, k=5, quantile=0.95, seed=0)
-    assert r["detection_rate"] == 1.0 and r["auroc"] == pytest.approx(1.0)
-    assert r["false_alarm_rate"] < 0.15
-    assert r["assigned"] == 1 and r["known_classes"] == [0, 1, 2] and r["n_holdout"] == 40
-    assert sum(r["predicted_counts"].values()) == 40
-    d = r["centroid_distance_assigned"]          # per-dim mean |z - centroid of class 1|
-    assert d[2] == pytest.approx(8.0, abs=0.2) and d[0] < 0.5 and d[1] < 0.5
-    assert r["centroid_distance"].shape == (3, 3) and r["spread_known"][1, 2] < 0.5
-    # Held-out samples inside a known cluster cannot be detected: AUROC ≈ 0.5.
-    z_te2, y_te2 = clusters(40, known + [[3, 0, 0]], 1)
-    r2 = metrics.open_set(z_tr, y_tr, z_te2, y_te2, holdout_label=3)
-    assert 0.3 < r2["auroc"] < 0.7 and r2["detection_rate"] < 0.3
-    with pytest.raises(ValueError, match="held-out label"):
-        metrics.open_set(z_tr, y_tr, z_te, y_te, holdout_label=9)
-
-
-# ========================================================================================================
-# se2.py: more SE(2,N) checks (operator as buffer, one conv2d, sampler edges, Eq. 5)
-# ========================================================================================================
 
 def act(f, k=1):
     """The action of a k·90° rotation on SE(2,N) maps (B, C, N, H, W): rotate the planes, roll by k·N/4."""
@@ -2512,166 +1699,717 @@ def test_more_bad_shapes_raise_one_line_errors():
 
 
 # ========================================================================================================
-# metrics.py: the numpy GBT of DCI against scikit-learn
+# metrics.py: DCI, MIG, OMES, downstream and interpretability helpers
 # ========================================================================================================
 
-def _gbt_codes(n, n_classes, seed, d=4):
+SIZES = (5, 7, 3, 6, 40)  # Texture-dSprites factor sizes
+
+
+class FakeSource:
+    """A factor grid whose 'images' are the factor rows themselves; counts what it renders."""
+
+    def __init__(self, sizes=SIZES):
+        self.factor_sizes = tuple(sizes)
+        self.rendered = []
+
+    def render(self, factors):
+        self.rendered.append(np.array(factors))
+        return np.asarray(factors, dtype=np.float64)
+
+
+def fake_encoder(sizes, d=10, seed=0, mix=0.3, noise=0.05):
+    """Nonlinear 10-dim code: dim k mostly encodes factor k, some mixing, 2 nuisance dims, 3 inactive dims."""
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, n_classes, n)
-    z = rng.normal(size=(n, d))
-    z[:, 0] += 0.8 * np.cos(2 * np.pi * y / n_classes)
-    z[:, 1] += 0.8 * np.sin(2 * np.pi * y / n_classes)
-    return z, y
+    K = len(sizes)
+    W = np.zeros((K, d))
+    W[:, :K] = np.eye(K) + mix * rng.normal(size=(K, K))
+    W[:, K:K + 2] = rng.normal(size=(K, 2))
+    P = 37 * rng.normal(size=(K, d))
+    amp = np.where(np.arange(d) < K + 2, noise, 0.01)     # last d - K - 2 dims: std 0.01, inactive
+    sizes = np.asarray(sizes)
+
+    def encode(f):
+        x = (np.asarray(f) + 0.5) / sizes - 0.5
+        x = np.where(sizes == 40, np.cos(2 * np.pi * x), x)   # orientation is cyclic
+        h = np.tanh(2 * x @ W)
+        wobble = np.sqrt(2) * np.sin(np.asarray(f) @ P)   # pseudo-random, std 1, a fixed function of the image
+        return h + wobble * amp
+    return encode
 
 
-@pytest.mark.parametrize("n_classes, n_stages, depth", [(2, 8, 3), (6, 2, 3), (2, 3, 4)])
-def test_exact_gbt_equals_sklearn(n_classes, n_stages, depth):
-    """Same trees as sklearn: raw predictions, importances and predictions equal up to float rounding.
-    Cases without exact ties between features (the only place the two may differ: sklearn breaks them in a
-    random feature order, we take the lower index; e.g. (3 classes, 3 stages) on these codes has such a tie,
-    as stage-0 residuals take two values, so isolating any one sample of a class scores the same)."""
-    z, y = _gbt_codes(600, n_classes, seed=n_classes)
-    z_new, _ = _gbt_codes(300, n_classes, seed=99)
-    ours = metrics._ExactGBT(n_estimators=n_stages, max_depth=depth).fit(z, y)
-    ref = GradientBoostingClassifier(n_estimators=n_stages, max_depth=depth, random_state=0).fit(z, y)
-    raw_ref = ref.decision_function(z_new).T.reshape(ours.K, -1)
-    np.testing.assert_allclose(metrics._gbt_raw(ours, z_new), raw_ref, atol=1e-9)
-    np.testing.assert_allclose(ours.raw_train_, ref.decision_function(z).T.reshape(ours.K, -1), atol=1e-9)
-    np.testing.assert_allclose(ours.feature_importances_, ref.feature_importances_, atol=1e-9)
-    assert np.array_equal(metrics._gbt_predict(ours, z_new), ref.predict(z_new))
+def grid(sizes, n, seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.integers(0, s, n) for s in sizes], axis=1)
 
 
-def test_downstream_gbt_agrees_with_sklearn():
-    """The downstream GBT (depth 4, where small nodes make exact ties between features common, so single
-    trees may differ from sklearn's randomly broken ties) predicts as accurately as sklearn's own fit."""
-    z, y = _gbt_codes(400, 4, seed=4)
-    z_new, y_new = _gbt_codes(400, 4, seed=98)
-    ours = metrics.downstream_accuracy(z, y, z_new, y_new)["gbt"]
-    ref = GradientBoostingClassifier(learning_rate=0.1, max_depth=4, random_state=0).fit(z, y).score(z_new, y_new)
-    assert 0.4 < ref and abs(ours - ref) <= 0.03, (ours, ref)
-    # labels need not be 0..C-1: classes are encoded on the train labels and mapped back
-    shifted = metrics.downstream_accuracy(z, y + 5, z_new, y_new + 5)
-    assert shifted["gbt"] == ours
+def standardise(y):
+    return (y - y.mean(0)) / y.std(0)
 
 
-def test_dci_gbt_matches_sklearn_method():
-    """Full 100-stage fits: "gbt" and "sklearn" agree as closely as sklearn agrees with itself across seeds."""
-    rng = np.random.default_rng(0)
-    y = np.stack([rng.integers(0, 3, 500), rng.integers(0, 4, 500)], 1)
-    z = np.column_stack([y + 0.4 * rng.normal(size=y.shape), rng.normal(size=500)])
-    tr, te = slice(0, 350), slice(350, None)
-    a = metrics.dci(z[tr], y[tr], z[te], y[te], n_jobs=1)
-    b = metrics.dci(z[tr], y[tr], z[te], y[te], n_jobs=1, method="sklearn")
-    for key in ("disentanglement", "completeness", "informativeness_train", "informativeness_test"):
-        assert a[key] == pytest.approx(b[key], abs=0.02), key
-    np.testing.assert_allclose(a["importance"], b["importance"], atol=0.03)
-    assert 0.6 < a["disentanglement"] < 1 and a["informativeness_test"] > 0.6
+def one_factor_pairs(y_sizes, n, seed, code):
+    """OMES pairs from a small grid, one factor redrawn ("resample"): (z_a, z_b, changed factor)."""
+    rng = np.random.default_rng(seed)
+    K = len(y_sizes)
+    fa = grid(y_sizes, n * K, seed + 1)
+    changed = np.repeat(np.arange(K), n)
+    fb = fa.copy()
+    fb[np.arange(n * K), changed] = rng.integers(0, np.asarray(y_sizes)[changed])
+    return code(fa), code(fb), changed
 
 
-def test_dci_gbt_train_class_missing_from_train_split():
-    """A factor value seen only in the test split: labels are encoded on train classes (like sklearn)."""
-    rng = np.random.default_rng(1)
-    y_tr = np.stack([rng.integers(0, 3, 200), rng.integers(0, 3, 200)], 1)
-    y_te = np.stack([rng.integers(0, 4, 100), rng.integers(0, 3, 100)], 1)   # value 3 only in test
-    z_tr, z_te = y_tr + 0.1 * rng.normal(size=y_tr.shape), y_te + 0.1 * rng.normal(size=y_te.shape)
+# --------------------------------------------------------------------------------------------------
+# Reference test vectors (anchor-methods A1, A2)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("R, D, C", [
+    (np.eye(3), 1.0, 1.0),
+    (np.ones((3, 3)), 0.0, 0.0),
+    ([[1, 0], [1, 0]], 1.0, 0.0),
+    ([[.9, .1], [.1, .9], [0, 0], [0, 0]], 0.531004, 0.765502),
+])
+def test_dci_reference_vectors(R, D, C):
+    d, c, _, _ = metrics.dci_from_importance(R)
+    assert d == pytest.approx(D, abs=1e-6)
+    assert c == pytest.approx(C, abs=1e-6)
+
+
+def test_mig_reference_vectors():
+    g = np.array([(a, b) for a in range(4) for b in range(4)])  # 4x4 full-factorial design
+    assert metrics.mig(g, g) == pytest.approx(1.0)
+    assert metrics.mig(g[:, ::-1] * [2.5, 0.3] + [1.0, -7.0], g) == pytest.approx(1.0)  # swapped + affine
+    assert metrics.mig(np.stack([g[:, 0], g[:, 0]], 1), g) == pytest.approx(0.0)       # factor 0 twice
+
+
+def test_histogram_discretize_matches_disentanglement_lib():
+    z = np.array([[0.0], [0.5], [1.0], [0.04], [0.96]])
+    b = metrics.histogram_discretize(z, 20)[:, 0]
+    assert b.tolist() == [1, 11, 20, 1, 20]  # 1..20, the max falls in bin 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Properties with known answers
+# --------------------------------------------------------------------------------------------------
+
+SMALL_GBT = (2, 3, 4)  # 1 + 3 + 4 trees per boosting stage: keeps the GBT fits fast
+
+
+def small_split(seed=0, n_train=400, n_test=200):
+    return grid(SMALL_GBT, n_train, seed), grid(SMALL_GBT, n_test, seed + 100)
+
+
+def test_codes_equal_factors_score_one():
+    y_tr, y_te = small_split()
+    d = metrics.dci(y_tr.astype(float), y_tr, y_te.astype(float), y_te, n_jobs=1)
+    assert d["disentanglement"] > 0.97 and d["completeness"] > 0.97
+    assert d["informativeness_train"] == 1.0 and d["informativeness_test"] == 1.0
+    assert np.argmax(d["importance"], axis=0).tolist() == [0, 1, 2]
+    assert metrics.mig(y_tr, y_tr) == pytest.approx(1.0, abs=0.02)  # < 1 only by sampling noise
+    za, zb, f = one_factor_pairs(SMALL_GBT, 400, 0, lambda y: y.astype(float))
+    o = metrics.omes(za, zb, f)     # sampled pairs: M = 1 - |r| with r ≈ 0 ± 0.05
+    assert o["omes"] == pytest.approx(1.0, abs=0.05)
+    np.testing.assert_allclose(o["relation"], np.eye(3), atol=0.15)
+    full = np.stack(np.unravel_index(np.arange(24), SMALL_GBT), 1).astype(float)  # every grid point
+    assert metrics.omes_from_relation(metrics.grid_relation_matrix(full, SMALL_GBT))[0] == pytest.approx(1.0)
+
+
+def test_rotation_scores_clearly_lower():
+    y_tr, y_te = small_split()
+    Q = special_ortho_group.rvs(3, random_state=1)
+
+    def rot(y):
+        return standardise(y.astype(float)) @ Q
+    d_id = metrics.dci(y_tr.astype(float), y_tr, y_te.astype(float), y_te, n_jobs=1)
+    d_rot = metrics.dci(rot(y_tr), y_tr, rot(y_te), y_te, n_jobs=1)
+    assert d_rot["disentanglement"] < d_id["disentanglement"] - 0.3
+    assert d_rot["completeness"] < d_id["completeness"] - 0.3
+    assert metrics.mig(rot(y_tr), y_tr) < 0.5
+    za, zb, f = one_factor_pairs(SMALL_GBT, 400, 0, rot)
+    assert metrics.omes(za, zb, f)["omes"] < 0.7
+
+
+def test_independent_codes_score_near_zero():
+    y_tr, y_te = small_split()
+    rng = np.random.default_rng(3)
+    z_tr, z_te = rng.normal(size=(len(y_tr), 3)), rng.normal(size=(len(y_te), 3))
+    d = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
+    assert d["disentanglement"] < 0.15 and d["completeness"] < 0.15
+    assert metrics.mig(z_tr, y_tr) < 0.03
+    # Codes that ignore every factor: both images of a pair get the same code -> M = 0 -> OMES = 0.
+    za = rng.normal(size=(600, 3))
+    assert metrics.omes(za, za.copy(), np.repeat([0, 1, 2], 200))["omes"] == 0.0
+    # Fresh noise for every image: M ≈ 1 everywhere, OMES -> its chance level (1/K + 1/d) / 2 = 1/3.
+    o = metrics.omes(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)), np.repeat([0, 1, 2], 1000))
+    assert o["omes"] == pytest.approx(1 / 3, abs=0.04)
+
+
+def test_invariance_to_permutation_and_positive_rescaling():
+    y_tr, y_te = small_split()
+    enc = fake_encoder(SMALL_GBT, d=5, mix=0.5)
+    z_tr, z_te = enc(y_tr), enc(y_te)
+    perm, scale = np.array([3, 0, 4, 1, 2]), np.array([2.0, 0.5, 4.0, 1.0, 8.0])
+
+    def t(z):
+        return z[:, perm] * scale[perm]
     a = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
-    b = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1, method="sklearn")
-    assert a["accuracy_test"][0] == pytest.approx(b["accuracy_test"][0], abs=0.02)
-    assert a["accuracy_test"][0] == pytest.approx(np.mean(y_te[:, 0] < 3), abs=0.02)
-
-
-def test_dci_gbt_is_deterministic():
-    z, y = _gbt_codes(1500, 10, seed=5, d=6)
-    yy = np.stack([y, y % 3], 1)
-    a = metrics.dci(z[:1000], yy[:1000], z[1000:], yy[1000:], n_jobs=1)
-    b = metrics.dci(z[:1000], yy[:1000], z[1000:], yy[1000:], n_jobs=2, seed=7)   # seed unused by "gbt"
-    assert a["disentanglement"] == b["disentanglement"] and np.array_equal(a["importance"], b["importance"])
-
-
-@pytest.mark.slow
-def test_full_size_speed_faithful():
-    """DCI (default "gbt") + MIG + OMES for a 10-dim model on
-    10,000 + 5,000 samples of the Texture-dSprites grid (5, 7, 3, 6, 40) in < 60 s on 2 workers, and
-    "hist" within 0.02 of it."""
-    t = time.time()
-    ref = metrics.disentanglement_scores(fake_encoder(SIZES), FakeSource(), n_jobs=2)
-    assert time.time() - t < 60, time.time() - t
-    fast = metrics.disentanglement_scores(fake_encoder(SIZES), FakeSource(), n_jobs=2,
-                                          dci_method="hist")
+    s = metrics.dci(z_tr * [2.3, 0.7, 3.1, 1.0, 9.9], y_tr, z_te * [2.3, 0.7, 3.1, 1.0, 9.9], y_te, n_jobs=1)
+    for key in ("disentanglement", "completeness", "informativeness_test"):   # rescaling: exactly equal
+        assert s[key] == a[key]
+    # Permutation: equal up to the GBT's tie-breaking between features that give the same split (it visits
+    # features in a seeded random order); measured differences <= 0.03 on this small case.
+    b = metrics.dci(t(z_tr), y_tr, t(z_te), y_te, n_jobs=1)
     for key in ("disentanglement", "completeness", "informativeness_test"):
-        assert fast["dci"][key] == pytest.approx(ref["dci"][key], abs=0.02), key
-    assert 0.3 < ref["dci"]["disentanglement"] < 1 and ref["dci"]["informativeness_test"] > 0.5
+        assert b[key] == pytest.approx(a[key], abs=0.04)
+    np.testing.assert_allclose(b["importance"], a["importance"][perm], atol=0.06)
+    assert metrics.mig(t(z_tr), y_tr) == pytest.approx(metrics.mig(z_tr, y_tr), abs=1e-12)
+    za, zb, f = one_factor_pairs(SMALL_GBT, 500, 0, enc)
+    oa, ob = metrics.omes(za, zb, f), metrics.omes(t(za), t(zb), f)
+    assert ob["omes"] == pytest.approx(oa["omes"], abs=1e-4)
+    np.testing.assert_allclose(ob["relation"], oa["relation"][perm], atol=1e-4)
+    assert 0.2 < oa["omes"] < 0.95  # a non-trivial case
+
+
+def test_omes_relation_matrix_by_hand():
+    """3 dims, 2 factors, 4 pairs each, correlations chosen exactly (r = 0, 0.6, 1)."""
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    r0, r06 = np.array([1.0, 2.0, 2.0, 1.0]), np.array([2.0, 1.0, 4.0, 3.0])  # r(x, .) = 0 and 0.6
+    za = np.concatenate([np.stack([x, x, x], 1), np.stack([x, x, x], 1)])
+    zb = np.concatenate([np.stack([r0, r06, x], 1),      # factor 0: dim0 r=0, dim1 r=.6, dim2 r=1
+                         np.stack([x, x, r0], 1)])       # factor 1: dim0 r=1, dim1 r=1, dim2 r=0
+    f = np.array([0] * 4 + [1] * 4)
+    o = metrics.omes(za, zb, f)
+    np.testing.assert_allclose(o["relation"], [[1, 0], [0.4, 0], [0, 1]], atol=1e-12)
+    # By hand: O = [[1,0],[.7,.3],[0,1]], E = [[13/15,1/3],[7/15,1/3],[.2,1]]
+    # OS_0 = (1 + .16*.7)/1.4, ME_0 = (13/15 + .16*7/15)/1.4, OS_1 = ME_1 = 1 -> OMES = 13/15
+    assert o["modularity"] == pytest.approx((1.112 / 1.4 + 1) / 2)
+    assert o["compactness"] == pytest.approx(((13 / 15 + 0.16 * 7 / 15) / 1.4 + 1) / 2)
+    assert o["omes"] == pytest.approx(13 / 15)
+    np.testing.assert_allclose(o["per_factor"], [11 / 15, 1.0])
+    assert metrics.omes(za, zb, f, pooling="max")["omes"] == pytest.approx((0.5 * (1 + 13 / 15) + 1) / 2)
+    assert metrics.omes(za, zb, f, alpha=1.0)["omes"] == pytest.approx(o["modularity"])
+    # Factor names instead of indices give the same matrix; column order = sorted names.
+    o2 = metrics.omes(za, zb, np.where(f == 0, "a_shape", "b_scale"))
+    assert o2["factors"] == ["a_shape", "b_scale"] and o2["omes"] == pytest.approx(13 / 15)
+
+
+def test_omes_drops_inactive_dims():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    r0 = np.array([1.0, 2.0, 2.0, 1.0])
+    za = np.concatenate([np.stack([x, x], 1)] * 2)
+    zb = np.concatenate([np.stack([r0, x], 1), np.stack([x, r0], 1)])
+    f = np.repeat([0, 1], 4)
+    tiny = np.array([[1, 0.01]] * 4 + [[1, 0.01]] * 4)  # scale dim 1 down to std < 0.05
+    base = metrics.omes(za, zb, f)
+    assert base["omes"] == pytest.approx(1.0)
+    o = metrics.omes(za * tiny, zb * tiny, f)
+    assert o["active"].tolist() == [0]
+    # Left: M = [[1, 0]] -> factor 0 scores 1, factor 1 is encoded by no active dim and scores 0.
+    assert o["omes"] == pytest.approx(0.5)
+    assert metrics.inactive_dims(za * tiny).tolist() == [1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Edge cases: one-line ValueErrors or warnings, never NaN
+# --------------------------------------------------------------------------------------------------
+
+def test_edge_cases_raise_clear_errors():
+    y_tr, y_te = small_split(n_train=200, n_test=100)
+    z_tr, z_te = y_tr.astype(float), y_te.astype(float)
+    with pytest.raises(ValueError, match="rows but the codes have"):
+        metrics.dci(z_tr, y_tr[:-1], z_te, y_te)
+    with pytest.raises(ValueError, match="rows but the codes have"):
+        metrics.mig(z_tr, y_tr[:-1])
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.omes(z_tr[:10], z_tr[:9], np.zeros(10))
+    with pytest.raises(ValueError, match="need at least 2"):
+        metrics.mig(z_tr[:, :1], y_tr)
+    with pytest.raises(ValueError, match="need at least 2"):
+        metrics.dci(z_tr[:, :1], y_tr, z_te[:, :1], y_te)
+    bad = z_tr.copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf in code dim"):
+        metrics.mig(bad, y_tr)
+    bad[5, 1] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.dci(bad, y_tr, z_te, y_te)
+    with pytest.raises(ValueError, match="every code dim is constant"):
+        metrics.mig(np.ones_like(z_tr), y_tr)
+    with pytest.raises(ValueError, match="every code dim is constant"):
+        metrics.dci(np.ones_like(z_tr), y_tr, z_te, y_te)
+    y_single = y_tr.copy()
+    y_single[:, 2] = 0
+    with pytest.raises(ValueError, match="single value in the training split"):
+        metrics.dci(z_tr, y_single, z_te, y_te)
+    with pytest.raises(ValueError, match="pair"):
+        metrics.omes(z_tr[:5], z_te[:5], [0, 0, 0, 0, 1])  # factor 1 has one pair
+    with pytest.raises(ValueError, match="inactive"):
+        metrics.omes(z_tr[:20] * 1e-3, z_te[:20] * 1e-3, np.repeat([0, 1], 10))
+    with pytest.raises(ValueError, match="alpha"):
+        metrics.omes(z_tr[:20], z_te[:20], np.repeat([0, 1], 10), alpha=2)
+    with pytest.raises(ValueError, match="pooling"):
+        metrics.omes(z_tr[:20], z_te[:20], np.repeat([0, 1], 10), pooling="mean")
+
+
+def test_constant_factor_is_skipped_with_warning():
+    y_tr, y_te = small_split(n_train=300, n_test=150)
+    y3_tr = np.column_stack([y_tr, np.full(len(y_tr), 7)])
+    y3_te = np.column_stack([y_te, np.full(len(y_te), 7)])
+    z_tr, z_te = y_tr.astype(float), y_te.astype(float)
+    with pytest.warns(UserWarning, match="factor 3 is constant"):
+        m = metrics.mig(z_tr, y3_tr)
+    assert m == pytest.approx(metrics.mig(z_tr, y_tr))
+    with pytest.warns(UserWarning, match="factor 3 is constant"):
+        d = metrics.dci(z_tr, y3_tr, z_te, y3_te, n_jobs=1)
+    ref = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
+    assert d["factors_used"] == [0, 1, 2]
+    assert d["disentanglement"] == pytest.approx(ref["disentanglement"])
+    assert d["importance"].shape == (3, 4) and np.all(d["importance"][:, 3] == 0)
+    assert all(np.isfinite(v) for v in (d["disentanglement"], d["completeness"], m))
+
+
+def test_constant_code_dim_is_allowed():
+    y_tr, y_te = small_split(n_train=300, n_test=150)
+    z_tr = np.column_stack([y_tr.astype(float), np.zeros(len(y_tr))])
+    z_te = np.column_stack([y_te.astype(float), np.zeros(len(y_te))])
+    d = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
+    assert np.all(d["importance"][3] == 0) and d["disentanglement"] > 0.97
+    assert metrics.mig(z_tr, y_tr) == pytest.approx(metrics.mig(z_tr[:, :3], y_tr))
+
+
+def test_non_integer_labels_are_encoded():
+    y_tr, y_te = small_split(n_train=300, n_test=150)
+    z_tr, z_te = y_tr + 0.1 * np.random.default_rng(0).normal(size=y_tr.shape), y_te.astype(float)
+    names = np.array(["a", "b", "c", "d", "e"])
+    scales = np.array([0.5, 0.6, 0.7, 0.8, 0.9])
+    lab_tr = np.column_stack([names[y_tr[:, 0]], scales[y_tr[:, 1]], y_tr[:, 2] * 10]).astype(object)
+    lab_te = np.column_stack([names[y_te[:, 0]], scales[y_te[:, 1]], y_te[:, 2] * 10]).astype(object)
+    lab_tr = np.array(lab_tr.tolist(), dtype=str)
+    lab_te = np.array(lab_te.tolist(), dtype=str)
+    a = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
+    b = metrics.dci(z_tr, lab_tr, z_te, lab_te, n_jobs=1)
+    assert b["disentanglement"] == pytest.approx(a["disentanglement"])
+    assert b["informativeness_test"] == pytest.approx(a["informativeness_test"])
+    assert metrics.mig(z_tr, lab_tr) == pytest.approx(metrics.mig(z_tr, y_tr))
+
+
+# --------------------------------------------------------------------------------------------------
+# disentanglement_scores on a fake factor-grid source
+# --------------------------------------------------------------------------------------------------
+
+def test_grid_relation_matrix_equals_all_pairs():
+    """The exact grid matrix equals relation_matrix() on the explicit list of every pair of the grid."""
+    sizes = (2, 3, 4)
+    full = np.stack(np.unravel_index(np.arange(24), sizes), 1)
+    z = fake_encoder(sizes, d=6, mix=0.8)(full)
+    for pairs in ("resample", "differ"):
+        za, zb, f = [], [], []
+        for i, x in enumerate(full):
+            for k, s in enumerate(sizes):
+                for v in range(s):
+                    if pairs == "differ" and v == x[k]:
+                        continue
+                    y = x.copy()
+                    y[k] = v
+                    za.append(z[i])
+                    zb.append(z[np.ravel_multi_index(y, sizes)])
+                    f.append(k)
+        M, _ = metrics.relation_matrix(np.array(za), np.array(zb), np.array(f))
+        np.testing.assert_allclose(metrics.grid_relation_matrix(z, sizes, pairs), M, atol=1.01e-4)
+    # "differ" on a perfect linear code of a 3-valued factor: r = -1/2 -> M = 0.5 (why "resample" is default)
+    M = metrics.grid_relation_matrix(full[:, [1]].astype(float), sizes, "differ")
+    np.testing.assert_allclose(M, [[0, 0.5, 0]])
+
+
+def test_disentanglement_scores_small_grid_is_exhaustive():
+    src = FakeSource((3, 4, 1, 5))   # factor 2 has a single value: skipped by DCI/MIG, no OMES pairs
+    calls = []
+
+    def enc(images):
+        calls.append(len(images))
+        return fake_encoder((3, 4, 1, 5), d=6)(images)
+    with pytest.warns(UserWarning, match="factor 2 is constant"):
+        r = metrics.disentanglement_scores(enc, src, n_train=700, n_test=300, n_pairs=200, seed=0,
+                                           batch_size=25, n_jobs=1)
+    assert r["exhaustive"] and calls == [25, 25, 10]         # the 60 grid points, encoded once
+    assert r["omes"]["factors"] == [0, 1, 3] and r["omes"]["pairs"] == "all"
+    assert r["dci"]["importance"].shape == (6, 4) and r["dci"]["factors_used"] == [0, 1, 3]
+    assert 0.3 < r["dci"]["disentanglement"] < 1 and 0.2 < r["mig"] < 1 and 0.2 < r["omes"]["omes"] < 1
+    # The same numbers as the sampled path would give for DCI/MIG (same factor rows, looked up).
+    rng = np.random.default_rng(0)
+    f_train = np.stack([rng.integers(0, s, 700) for s in (3, 4, 1, 5)], 1)
+    with pytest.warns(UserWarning, match="factor 2 is constant"):
+        assert r["mig"] == pytest.approx(metrics.mig(enc(f_train), f_train))
+    # A permuted, rescaled copy of the model gets the same MIG and OMES.
+    with pytest.warns(UserWarning):
+        r2 = metrics.disentanglement_scores(lambda x: enc(x)[:, ::-1] * 3, src, n_train=700, n_test=300,
+                                            n_pairs=200, seed=0, n_jobs=1)
+    assert r2["mig"] == pytest.approx(r["mig"]) and r2["omes"]["omes"] == pytest.approx(r["omes"]["omes"])
+
+
+def test_disentanglement_scores_large_grid_samples_pairs():
+    sizes = (3, 4, 5, 6)     # 360 points > n_train + n_test + 4 * n_pairs = 330: pairs are sampled
+    src = FakeSource(sizes)
+    calls = []
+
+    def enc(images):
+        calls.append(len(images))
+        return fake_encoder(sizes, d=6)(images)
+    r = metrics.disentanglement_scores(enc, src, n_train=150, n_test=60, n_pairs=30, seed=0, batch_size=50,
+                                       n_jobs=1)
+    assert not r["exhaustive"] and r["omes"]["pairs"] == 30
+    assert calls == [50, 50, 50, 50, 10, 50, 50, 20]          # train, test, partners; <= batch_size each
+    train, partners = np.concatenate(src.rendered[:3]), np.concatenate(src.rendered[5:])
+    diff = partners != train[:120]                     # anchors reuse training rows k * n_pairs + i
+    for k in range(4):                                 # block k: only factor k redrawn (may repeat)
+        block = diff[k * 30:(k + 1) * 30]
+        assert block.sum() == block[:, k].sum() and block[:, k].sum() >= 15
+    first = [f.copy() for f in src.rendered]
+    src.rendered.clear()
+    r2 = metrics.disentanglement_scores(enc, src, n_train=150, n_test=60, n_pairs=30, seed=0, batch_size=50,
+                                        n_jobs=1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, src.rendered))   # same images for every model
+    assert r2["omes"]["omes"] == r["omes"]["omes"] and r2["dci"]["disentanglement"] == r["dci"]["disentanglement"]
+    with pytest.raises(ValueError, match="encode must return"):
+        metrics.disentanglement_scores(lambda x: np.zeros(3), src, n_train=20, n_test=10, n_pairs=5)
+    with pytest.raises(ValueError, match="factor_sizes"):
+        metrics.disentanglement_scores(enc, object())
+
+
+def test_omes_stable_between_seeds(monkeypatch):
+    """Texture-dSprites grid (25,200 points) is enumerated: OMES is exact and the same for every seed.
+    A grid too large to enumerate (x 32 positions = 806,400 points) uses n_pairs = 10,000 pairs per factor:
+    within ±0.005 of the exact value (DCI/MIG stubbed out: only OMES is run)."""
+    monkeypatch.setattr(metrics, "dci", lambda *a, **k: {})
+    monkeypatch.setattr(metrics, "mig", lambda *a, **k: 0.0)
+    enc = fake_encoder(SIZES)
+    runs = [metrics.disentanglement_scores(enc, FakeSource(), seed=s) for s in range(3)]
+    assert all(r["exhaustive"] for r in runs)
+    assert max(r["omes"]["omes"] for r in runs) - min(r["omes"]["omes"] for r in runs) < 1e-12
+    assert 0.3 < runs[0]["omes"]["omes"] < 0.9
+    big = SIZES + (32,)
+    enc = fake_encoder(big)
+    n = int(np.prod(big))
+    z_grid = np.concatenate([enc(np.stack(np.unravel_index(np.arange(i, min(i + 200000, n)), big), 1))
+                             for i in range(0, n, 200000)])
+    exact = metrics.omes_from_relation(metrics.grid_relation_matrix(z_grid, big)[:8])[0]  # 8 active dims
+    scores = [metrics.disentanglement_scores(enc, FakeSource(big), seed=s)["omes"]["omes"] for s in range(4)]
+    assert np.max(np.abs(np.array(scores) - exact)) < 0.005, (exact, scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation helpers
+# --------------------------------------------------------------------------------------------------
+
+def clusters(n_per, centres, seed, spread=0.3):
+    rng = np.random.default_rng(seed)
+    centres = np.asarray(centres, dtype=float)
+    z = np.concatenate([c + spread * rng.normal(size=(n_per, centres.shape[1])) for c in centres])
+    return z, np.repeat(np.arange(len(centres)), n_per)
+
+
+CENTRES = [[0, 0, 0], [4, 0, 0], [0, 4, 0], [4, 4, 0]]   # separable along dims 0 and 1, dim 2 is noise
+
+
+def test_downstream_accuracy_separable():
+    z_tr, y_tr = clusters(60, CENTRES, 0)
+    z_te, y_te = clusters(30, CENTRES, 1)
+    r = metrics.downstream_accuracy(z_tr, y_tr, z_te, y_te, seed=0)
+    # (GBT with 100 depth-4 trees overfits 240 points a little: a few test points off the training range)
+    assert r["gbt"] >= 0.95 and r["mlp"] == 1.0 and r["gbt_balanced"] >= 0.95 and r["mlp_balanced"] == 1.0
+    assert r["gbt_importance"].sum() == pytest.approx(1.0) and r["gbt_importance"][2] < 0.05
+    r2 = metrics.downstream_accuracy(z_tr, y_tr, z_te, y_te, seed=0)
+    assert r2["mlp"] == r["mlp"] and np.array_equal(r2["gbt_importance"], r["gbt_importance"])
+    # Unbalanced test set where the classifier always says class 0: accuracy 0.75, balanced accuracy 0.5.
+    z_tr2, y_tr2 = clusters(40, [[0, 0], [8, 8]], 2)
+    z_te2 = np.zeros((8, 2))
+    y_te2 = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    r3 = metrics.downstream_accuracy(z_tr2, y_tr2, z_te2, y_te2, seed=0)
+    assert r3["gbt"] == 0.75 and r3["gbt_balanced"] == 0.5
+
+
+def test_prune_inactive():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(100, 4))
+    z[:, 1] *= 0.01
+    other = rng.normal(size=(7, 4))
+    kept, a, b = metrics.prune_inactive(z, other)
+    assert kept.tolist() == [0, 2, 3]
+    assert np.array_equal(a, z[:, [0, 2, 3]]) and np.array_equal(b, other[:, [0, 2, 3]])
+    with pytest.raises(ValueError, match="collapsed"):
+        metrics.prune_inactive(z * 1e-3)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.prune_inactive(z, other[:, :3])
+
+
+def test_name_dims():
+    names = ("texture", "colour", "shape", "scale", "orientation")
+    R = np.array([[0.1, 0.0, 0.0, 0.9, 0.0],     # scale (second best)  -> scale#2
+                  [0.0, 0.0, 0.0, 0.0, 0.0],     # nothing              -> dim1
+                  [0.8, 0.1, 0.1, 0.0, 0.0],     # texture
+                  [0.0, 0.05, 0.0, 0.95, 0.0],   # scale (best)
+                  [0.0, 0.3, 0.3, 0.0, 0.4],     # orientation
+                  [0.0, 0.5, 0.5, 0.0, 0.0]])    # tie colour/shape -> first: colour
+    assert metrics.name_dims(R, names) == ["scale#2", "dim1", "texture", "scale", "orientation", "colour"]
+    with pytest.raises(ValueError, match="factor names"):
+        metrics.name_dims(R, names[:4])
+
+
+def test_correlations():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(50, 3))
+    feats = {"area": 3 * z[:, 0] + 1, "red": -0.5 * z[:, 2], "noise": rng.normal(size=50)}
+    c = metrics.correlations(z, feats)
+    assert c[0]["area"]["r"] == pytest.approx(1.0) and c[0]["area"]["p"] < 1e-10
+    assert c[2]["red"]["r"] == pytest.approx(-1.0)
+    assert abs(c[1]["noise"]["r"]) < 0.5 and 0 < c[1]["noise"]["p"] <= 1
+    with pytest.warns(UserWarning, match="constant"):
+        c2 = metrics.correlations(np.column_stack([z[:, 0], np.ones(50)]), {"area": feats["area"]})
+    assert c2[1]["area"] == {"r": 0.0, "p": 1.0}
+    with pytest.raises(ValueError, match="values but there are"):
+        metrics.correlations(z, {"area": np.ones(49)})
+
+
+def test_clustering_scores():
+    z, y = clusters(50, CENTRES, 0, spread=0.2)
+    r = metrics.clustering_scores(z, y, seed=0)
+    assert r["ami"] == pytest.approx(1.0) and r["silhouette"] > 0.8 and r["silhouette_classes"] > 0.8
+    rng = np.random.default_rng(1)
+    r2 = metrics.clustering_scores(rng.normal(size=(200, 3)), rng.integers(0, 4, 200), seed=0)
+    assert abs(r2["ami"]) < 0.05 and r2["silhouette_classes"] < 0.05
+    with pytest.raises(ValueError, match="classes"):
+        metrics.clustering_scores(z, np.zeros(len(z)))
+
+
+def test_open_set_far_cluster():
+    known = [[0, 0, 0], [3, 0, 0], [0, 3, 0]]
+    z_tr, y_tr = clusters(80, known, 0)
+    z_te, y_te = clusters(40, known + [[3, 0, 8]], 1)   # class 3 held out: class 1 + 8 along dim 2
+    r = metrics.open_set(z_tr, y_tr, z_te, y_te, holdout_label=3, k=5, quantile=0.95, seed=0)
+    assert r["detection_rate"] == 1.0 and r["auroc"] == pytest.approx(1.0)
+    assert r["false_alarm_rate"] < 0.15
+    assert r["assigned"] == 1 and r["known_classes"] == [0, 1, 2] and r["n_holdout"] == 40
+    assert sum(r["predicted_counts"].values()) == 40
+    d = r["centroid_distance_assigned"]          # per-dim mean |z - centroid of class 1|
+    assert d[2] == pytest.approx(8.0, abs=0.2) and d[0] < 0.5 and d[1] < 0.5
+    assert r["centroid_distance"].shape == (3, 3) and r["spread_known"][1, 2] < 0.5
+    # Held-out samples inside a known cluster cannot be detected: AUROC ≈ 0.5.
+    z_te2, y_te2 = clusters(40, known + [[3, 0, 0]], 1)
+    r2 = metrics.open_set(z_tr, y_tr, z_te2, y_te2, holdout_label=3)
+    assert 0.3 < r2["auroc"] < 0.7 and r2["detection_rate"] < 0.3
+    with pytest.raises(ValueError, match="held-out label"):
+        metrics.open_set(z_tr, y_tr, z_te, y_te, holdout_label=9)
 
 
 # ========================================================================================================
-# bench.py: the fast paths it measures equal the plain ones
+# train.py: the training loop, stacked models, identifiability, the command line
 # ========================================================================================================
 
-def _plain_preprocess(images, size=224):
-    """The textbook order: /255, antialiased bilinear resize, then ImageNet mean/std."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(drl.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(drl.IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+# ---- the training loop (train.fit): loss falls, exact resume, refused configs, NaN guard --------------------
+
+def _feature_batches(n_dim=8):
+    basis = torch.randn(3, n_dim, generator=torch.Generator().manual_seed(0))
+
+    def batch_fn(seed, step):
+        rng = np.random.default_rng((seed, step))
+        f1 = torch.from_numpy(rng.normal(size=(32, 3))).float()
+        f2 = f1.clone()
+        j = rng.integers(0, 3, size=32)
+        f2[torch.arange(32), torch.from_numpy(j)] = torch.from_numpy(rng.normal(size=32)).float()
+        return f1 @ basis, f2 @ basis
+    return batch_fn
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (300, 260), (224, 224), (40, 500)])
-def test_preprocess_fast_path_equals_plain(shape):
-    torch.set_num_threads(1)
-    images = np.random.default_rng(0).integers(0, 256, (3, *shape, 3), dtype=np.uint8)
-    fast, plain = drl.preprocess_images(images), _plain_preprocess(images)
-    assert fast.shape == plain.shape == (3, 3, 224, 224)
-    assert fast.dtype == torch.float32
-    assert (fast - plain).abs().max().item() < 2e-5  # values span about [-2.2, 2.7]
+def _run(folder, seed=0, beta=1.0, config=None):
+    torch.manual_seed(seed)
+    return train.Run(drl.FeatureVAE(in_dim=8, hidden=16, latent_dim=4), seed, beta, str(folder),
+                     config or {"seed": seed, "beta": beta})
 
 
-def test_preprocess_downscale_is_antialiased():
-    # a 1-pixel checkerboard shrunk 3× must average to grey; plain bilinear would alias to black/white
-    board = ((np.indices((672, 672)).sum(0) % 2) * 255).astype(np.uint8)
-    x = drl.preprocess_images(np.repeat(board[None, :, :, None], 3, axis=3))
-    grey = (0.5 - np.array(drl.IMAGENET_MEAN)) / np.array(drl.IMAGENET_STD)
-    assert np.allclose(x[0].mean(dim=(1, 2)).numpy(), grey, atol=1e-2)
-    assert x.std().item() < 0.25  # without antialiasing: pure black and white, std ≈ 2.2
-    aliased = F.interpolate(torch.from_numpy(board / 255.0)[None, None].float(), size=(224, 224), mode="bilinear")
-    assert aliased.std().item() > 0.4
+def _fit(folder, steps, batch_fn=None, **kw):
+    run = _run(folder)
+    ckpt = train.fit([run], batch_fn or _feature_batches(), steps=steps, lr=3e-3, warmup_steps=10, **kw)[0]
+    return run.model, ckpt
 
 
-def test_index_source_round_trips_the_grid():
-    source = data.TextureDSprites()
-    idx = np.array([0, 1, 39, 40, 25199])
-    assert np.array_equal(bench._IndexSource().render(source.index_to_factors(idx)), idx)
+def test_fit_lowers_loss_and_writes_log(tmp_path):
+    _, ckpt = _fit(tmp_path, 300, log_every=50)
+    rows = (tmp_path / "log.csv").read_text().strip().splitlines()
+    assert rows[0].split(",") == ["step", "loss", "recon", "kl", "beta", "seconds"]
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(50, 301, 50))
+    first, last = float(rows[1].split(",")[1]), float(rows[-1].split(",")[1])
+    assert last < 0.5 * first
+    assert ckpt["done"] and ckpt["step"] == 300 and ckpt["loss"] == pytest.approx(last, rel=1e-5)
 
 
-def test_verdict_pass_fail_and_bf16_note():
-    r = {"vit_img_s_fp32": {"value": 2.0, "workload": {}}, "torchvision_vit_img_s_fp32": {"value": 1.0, "workload": {}},
-         "metrics_s": {"value": 75.0, "workload": {}},
-         "vit_img_s_bf16": {"value": 0.1, "workload": {"bf16_supported": False, "device": "cpu"}}}
-    assert bench.verdict("vit_img_s_fp32", r) == ("ours / torchvision = 2", "PASS (>= 1)")
-    assert bench.verdict("metrics_s", r)[1] == "FAIL (< 60)"
-    assert bench.verdict("vit_img_s_bf16", r)[1] == "n/a: bf16 not supported on this CPU"
+class _Interrupt(Exception):
+    pass
 
 
-def test_bench_writes_json_with_workloads(tmp_path, capsys):
-    torch.set_num_threads(2)
-    out = tmp_path / "b.json"
-    assert bench.main(["--quick", "--device", "cpu", "--only", "matmul,render,convs", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert res["machine"]["device"] == "cpu" and res["machine"]["quick"] is True
-    for key in ("matmul_gflops", "render_img_s", "se2_groupconv_ms", "conv_equal_maps_ms", "e2cnn_r2conv_ms"):
-        assert key in res and {"value", "unit", "workload"} <= set(res[key])
-        assert res[key]["workload"]["threads"] == 2 and res[key]["workload"]["device"] == "cpu"
-    assert res["matmul_gflops"]["value"] > 0.1 and res["render_img_s"]["value"] > 1
-    assert not (tmp_path / "b.json.tmp").exists()
-    assert "matmul_gflops" in capsys.readouterr().out
+def _interrupted_at(step, batch_fn):
+    def fn(seed, s):
+        if s == step:
+            raise _Interrupt
+        return batch_fn(seed, s)
+    return fn
 
 
-def test_bench_bad_stage_is_one_line_error(tmp_path, capsys):
-    assert bench.main(["--only", "nope", "--out", str(tmp_path / "b.json")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: unknown stage 'nope'")
-    assert not (tmp_path / "b.json").exists()
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full, _ = _fit(tmp_path / "a", 120, log_every=10)
+    with pytest.raises(_Interrupt):  # checkpoints at every log step (10, 20, ...), interrupted at step 75
+        _fit(tmp_path / "b", 120, _interrupted_at(75, _feature_batches()), log_every=10, checkpoint_every_s=0)
+    assert drl.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 70
+    resumed, ckpt = _fit(tmp_path / "b", 120, log_every=10)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    a, b = ((tmp_path / d / "log.csv").read_text().splitlines() for d in "ab")
+    assert [r.split(",")[:5] for r in a] == [r.split(",")[:5] for r in b]  # rows 80..120 once, same numbers
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    _fit(tmp_path, 20)
+    with pytest.raises(ValueError, match="another configuration.*beta"):
+        train.fit([_run(tmp_path, beta=2.0)], _feature_batches(), steps=20)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    good = _feature_batches()
+
+    def nan_from_step_20(seed, step):
+        x1, x2 = good(seed, step)
+        return (x1, x2) if step < 20 else (x1 * float("nan"), x2)
+
+    with pytest.raises(train.TrainingDiverged, match=r"loss became nan by step 30 \(seed 0, beta 1.0\)"):
+        _fit(tmp_path, 40, nan_from_step_20, log_every=10, checkpoint_every_s=0)
+    ckpt = drl.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 20 and not ckpt["done"]
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_make_optimizer_refuses_unknown_names():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        train.make_optimizer([torch.nn.Parameter(torch.zeros(2))], "sgd")
+
+
+# ---- stacked models (torch.func + vmap): each equals the model its seed trains alone ---------------------
+
+SEEDS, BETAS = [0, 1, 0], [1.0, 1.0, 2.0]  # two runs share a seed (a batch stream), as β = 1 and β = 2 do
+
+
+def _stack_runs(root, make):
+    out = []
+    for s, b in zip(SEEDS, BETAS):
+        torch.manual_seed(s)
+        out.append(train.Run(make(), s, b, os.path.join(root, f"b{b:g}-s{s}"), {"seed": s, "beta": b}))
+    return out
+
+
+def _sampled(x, n, paired):
+    def batch_fn(seed, step):
+        rng = np.random.default_rng((seed, step))
+        i = torch.as_tensor(rng.integers(0, len(x), (2, n)))
+        return (x[i[0]], x[i[1]]) if paired else x[i[0]]
+    return batch_fn
+
+
+def _relative_difference(a, b):
+    """‖a − b‖ / ‖a‖ over every tensor of two state dicts."""
+    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in a)
+    return float(num.sqrt() / sum(a[k].double().pow(2).sum() for k in a).sqrt())
+
+
+def _alone_vs_stacked(tmp_path, make, batch_fn, steps, **kw):
+    kw = dict(steps=steps, warmup_steps=steps // 4, log_every=10, **kw)
+    alone = train.fit(_stack_runs(tmp_path / "alone", make), batch_fn, **kw)
+    stacked = train.fit(_stack_runs(tmp_path / "stacked", make), batch_fn, stack=True, **kw)
+    return alone, stacked
+
+
+@pytest.mark.parametrize("paired, optimizer", [(True, "adam"), (False, "adamw")])
+def test_stacked_feature_vaes_equal_their_runs_alone(tmp_path, paired, optimizer):
+    make = lambda: drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=6)  # noqa: E731
+    alone, stacked = _alone_vs_stacked(tmp_path, make, _sampled(torch.randn(200, 48), 16, paired), 100,
+                                       optimizer=optimizer, weight_decay=0.01 if optimizer == "adamw" else 0.0)
+    for a, s in zip(alone, stacked):
+        assert (a["step"], a["done"], a["config"]) == (s["step"], s["done"], s["config"])
+        assert _relative_difference(a["model"], s["model"]) <= 1e-4
+        assert _relative_difference(a["optimizer"]["state"][0], s["optimizer"]["state"][0]) <= 1e-4
+    assert _relative_difference(stacked[0]["model"], stacked[1]["model"]) > 0.1  # they trained apart
+    logs = [(tmp_path / d / "b2-s0" / "log.csv").read_text().splitlines() for d in ("alone", "stacked")]
+    assert [r.split(",")[0] for r in logs[0]] == [r.split(",")[0] for r in logs[1]]
+
+
+def test_stacked_conv_vaes_equal_their_runs_alone_after_a_step(tmp_path):
+    # Under vmap the convolutions of the stack run as one grouped convolution, which rounds differently
+    # (2e-8 after one step). Training amplifies any rounding change (1 vs 2 threads: ~1e-2 after 100 steps),
+    # so the first step is where the stack is compared.
+    alone, stacked = _alone_vs_stacked(tmp_path, lambda: drl.ConvVAE(latent_dim=4),
+                                       _sampled(torch.rand(40, 3, 64, 64), 4, True), 1)
+    for a, s in zip(alone, stacked):
+        assert _relative_difference(a["model"], s["model"]) <= 1e-6
+
+
+def test_stack_resumes_models_at_different_steps(tmp_path):
+    make = lambda: drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=6)  # noqa: E731
+    batch_fn, kw = _sampled(torch.randn(200, 48), 16, True), dict(log_every=10, checkpoint_every_s=0)
+    full = train.fit(_stack_runs(tmp_path / "full", make), batch_fn, steps=60, stack=True, **kw)
+    runs = _stack_runs(tmp_path / "part", make)
+    train.fit(runs[:1], batch_fn, steps=60, **kw)                      # model 0 alone, finished
+    with pytest.raises(_Interrupt):                                    # models 1 and 2 stacked, stopped at 35
+        train.fit(runs[1:], _interrupted_at(35, batch_fn), steps=60, stack=True, **kw)
+    assert [drl.load_checkpoint(os.path.join(r.folder, "checkpoint.pt"))["step"] for r in runs] == [60, 30, 30]
+    resumed = train.fit(_stack_runs(tmp_path / "part", make), batch_fn, steps=60, stack=True, **kw)
+    for a, b in zip(full, resumed):
+        assert b["done"] and _relative_difference(a["model"], b["model"]) <= 1e-4
+
+
+def test_stack_refuses_models_with_batchnorm(tmp_path):
+    runs = [train.Run(se2.SE2VAE(n_iso=2, n_ori=1, width=(1, 1, 1)), s, 1.0, str(tmp_path / str(s)), {})
+            for s in (0, 1)]
+    with pytest.raises(ValueError, match="BatchNorm.*--parallel-models"):
+        train.fit(runs, _sampled(torch.rand(8, 3, 64, 64), 2, True), steps=2, stack=True)
+
+
+# ---- identifiability: Ada-GVAE recovers factors that a β-VAE does not (Locatello et al. 2020) ------------
+
+def _nonlinear_mixing(out_dim=32):
+    """Features = a fixed random 2-layer tanh network of the five Texture-dSprites factors (scaled to [-1, 1]),
+    standardised. The tanh layer folds the factors nonlinearly, so no linear map of the features returns them."""
+    g = torch.Generator().manual_seed(0)
+    w1, b1, w2 = torch.randn(5, 64, generator=g) * 2, torch.randn(64, generator=g), torch.randn(64, out_dim, generator=g) / 8
+    top = np.array(data.FACTOR_SIZES) - 1.0
+
+    def raw(f):
+        return torch.tanh((torch.as_tensor(f / top, dtype=torch.float32) * 2 - 1) @ w1 + b1) @ w2
+    grid = raw(np.stack(np.unravel_index(np.arange(int(np.prod(data.FACTOR_SIZES))), data.FACTOR_SIZES), 1))
+    return lambda f: (raw(f) - grid.mean(0)) / grid.std(0)
+
+
+@pytest.mark.slow  # ~2 min on one core
+def test_adagvae_identifies_nonlinearly_mixed_factors_and_betavae_does_not(tmp_path):
+    mix, sizes = _nonlinear_mixing(), data.FACTOR_SIZES
+    rng = np.random.default_rng(123)
+    f_train, f_test = (np.stack([rng.integers(0, s, n) for s in sizes], 1) for n in (2000, 1000))
+
+    def batches(paired):
+        def batch_fn(seed, step):
+            r = np.random.default_rng((seed, step))
+            if paired:
+                f1, f2, _ = data.sample_pairs(sizes, 64, r)
+                return mix(f1), mix(f2)
+            return mix(data.sample_factors(sizes, 64, r))
+        return batch_fn
+
+    scores = {}
+    for method in ("adagvae", "betavae"):
+        torch.manual_seed(0)
+        run = train.Run(drl.FeatureVAE(in_dim=32, hidden=64, latent_dim=10), 0, 1.0, str(tmp_path / method), {})
+        train.fit([run], batches(method == "adagvae"), steps=8000, lr=1e-3, warmup_steps=1000)
+        z_train, z_test = (run.model.eval().representation(mix(f)).numpy() for f in (f_train, f_test))
+        scores[method] = (metrics.dci(z_train, f_train, z_test, f_test)["disentanglement"],
+                          metrics.mig(z_train, f_train))
+    print("identifiability (DCI D, MIG):", scores)
+    assert scores["adagvae"][0] >= 0.8 and scores["adagvae"][1] >= 0.5
+    assert scores["betavae"][0] <= scores["adagvae"][0] - 0.2 and scores["betavae"][1] <= scores["adagvae"][1] - 0.2
 
 
 # ========================================================================================================
@@ -2791,7 +2529,8 @@ def test_train_nan_loss_stops_with_one_line_and_keeps_no_bad_checkpoint(tmp_path
 
 
 def test_train_parallel_models_equals_one_by_one(tmp_path, offline_hub, capsys):
-    argv = ["--stage", "source", "--steps", "4", "--seeds", "0", "1", "--betas", "1", "2", "--batch-size", "4",
+    # conv VAEs: stacked, one grouped convolution rounds differently, so one step (see the stacked-conv test)
+    argv = ["--stage", "source", "--steps", "1", "--seeds", "0", "1", "--betas", "1", "2", "--batch-size", "4",
             "--latent-dim", "4"]
     assert run_script(train.main, argv + ["--out", str(tmp_path / "seq")], capsys)[0] == 0
     code, out, err = run_script(train.main, argv + ["--out", str(tmp_path / "par"), "--parallel-models"], capsys)
@@ -2799,10 +2538,10 @@ def test_train_parallel_models_equals_one_by_one(tmp_path, offline_hub, capsys):
     assert "stacked (--parallel-models)" in out
     for beta in (1, 2):
         for seed in (0, 1):
-            rel = f"source/pixels-conv-adagvae-z4-4steps/beta{beta}-seed{seed}/checkpoint.pt"
+            rel = f"source/pixels-conv-adagvae-z4-1steps/beta{beta}-seed{seed}/checkpoint.pt"
             a = drl.load_checkpoint(str(tmp_path / "seq" / rel))["model"]
             b = drl.load_checkpoint(str(tmp_path / "par" / rel))["model"]
-            assert all(torch.equal(a[k], b[k]) for k in a), rel
+            assert _relative_difference(a, b) <= 1e-6, rel
 
 
 def test_train_se2_arch_runs_and_its_representation_has_angles(tmp_path, offline_hub, capsys):
@@ -2844,7 +2583,7 @@ def test_finetuned_model_beats_chance_on_synthetic_cells(tmp_path, offline_hub, 
     assert code == 0, err
     model, _ = drl.load_model(str(out / "finetune/synthetic-cells/pixels-conv-adagvae-z10-100steps-3ep/"
                                         "beta1-seed0/checkpoint.pt"))
-    target = data.load_target("synthetic-cells", split_file=str(out / "splits/synthetic-cells.json"))
+    target = data.load_target("synthetic-cells", split=data.read_split(out / "splits/synthetic-cells.json"))
     z = [evaluate.encode(model, torch.from_numpy(part.images(np.arange(len(part)), 64)).permute(0, 3, 1, 2),
                          "cpu") for part in (target.train, target.test)]
     d = metrics.downstream_accuracy(z[0], target.train.labels, z[1], target.test.labels)
@@ -2863,7 +2602,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     monkeypatch.setattr(data, "SYNTHETIC_N", 1000)   # 800 train / 200 test images keep this under 3 min
     out = tmp_path / "r"
     argv = ["--target", "synthetic-cells", "--quick", "--out", str(out), "--steps", "150", "--epochs", "5",
-            "--n-train", "600", "--n-test", "300", "--dci", "hist", "--holdout-class", "negative"]
+            "--n-train", "600", "--n-test", "300", "--holdout-class", "negative"]
     code, stdout, err = run_script(evaluate.main, argv, capsys)
     assert code == 0, err
     folder = out / "eval/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-5ep"
@@ -2872,7 +2611,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     assert res["backbone"] == "pixels" and "**pixels**" in report
     assert len(res["models"]) == 2
     # finetuning changed the weights and lowered the target loss
-    target = data.load_target("synthetic-cells", split_file=str(out / "splits/synthetic-cells.json"))
+    target = data.load_target("synthetic-cells", split=data.read_split(out / "splits/synthetic-cells.json"))
     train_images = target.train.subset(np.flatnonzero(target.train.labels != target.classes.index("negative")))
     x_target = torch.from_numpy(train_images.images(np.arange(len(train_images)), 64)).permute(0, 3, 1, 2) / 255
     for m in res["models"]:
@@ -2919,4 +2658,76 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
 def test_readme_test_command_is_the_ci_command():
     readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
     ci = open(os.path.join(os.path.dirname(__file__), ".ci", "run")).read().strip().splitlines()[-1]
-    assert ci.startswith(".venv/bin/python -m pytest") and ci in readme
+    assert ci.startswith("python -m pytest") and ci in readme
+    assert "rm -rf .venv" not in open(os.path.join(os.path.dirname(__file__), ".ci", "run")).read()
+
+
+# ========================================================================================================
+# bench.py: the fast paths it measures equal the plain ones
+# ========================================================================================================
+
+def _plain_preprocess(images, size=224):
+    """The textbook order: /255, antialiased bilinear resize, then ImageNet mean/std."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(drl.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(drl.IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (300, 260), (224, 224), (40, 500)])
+def test_preprocess_fast_path_equals_plain(shape):
+    torch.set_num_threads(1)
+    images = np.random.default_rng(0).integers(0, 256, (3, *shape, 3), dtype=np.uint8)
+    fast, plain = drl.preprocess_images(images), _plain_preprocess(images)
+    assert fast.shape == plain.shape == (3, 3, 224, 224)
+    assert fast.dtype == torch.float32
+    assert (fast - plain).abs().max().item() < 2e-5  # values span about [-2.2, 2.7]
+
+
+def test_preprocess_downscale_is_antialiased():
+    # a 1-pixel checkerboard shrunk 3× must average to grey; plain bilinear would alias to black/white
+    board = ((np.indices((672, 672)).sum(0) % 2) * 255).astype(np.uint8)
+    x = drl.preprocess_images(np.repeat(board[None, :, :, None], 3, axis=3))
+    grey = (0.5 - np.array(drl.IMAGENET_MEAN)) / np.array(drl.IMAGENET_STD)
+    assert np.allclose(x[0].mean(dim=(1, 2)).numpy(), grey, atol=1e-2)
+    assert x.std().item() < 0.25  # without antialiasing: pure black and white, std ≈ 2.2
+    aliased = F.interpolate(torch.from_numpy(board / 255.0)[None, None].float(), size=(224, 224), mode="bilinear")
+    assert aliased.std().item() > 0.4
+
+
+def test_index_source_round_trips_the_grid():
+    source = data.TextureDSprites()
+    idx = np.array([0, 1, 39, 40, 25199])
+    assert np.array_equal(bench._IndexSource().render(source.index_to_factors(idx)), idx)
+
+
+def test_verdict_pass_fail_and_bf16_note():
+    r = {"vit_img_s_fp32": {"value": 2.0, "workload": {}}, "torchvision_vit_img_s_fp32": {"value": 1.0, "workload": {}},
+         "metrics_s": {"value": 75.0, "workload": {}},
+         "vit_img_s_bf16": {"value": 0.1, "workload": {"bf16_supported": False, "device": "cpu"}}}
+    assert bench.verdict("vit_img_s_fp32", r) == ("ours / torchvision = 2", "PASS (>= 1)")
+    assert bench.verdict("metrics_s", r)[1] == "FAIL (< 60)"
+    assert bench.verdict("vit_img_s_bf16", r)[1] == "n/a: bf16 not supported on this CPU"
+
+
+def test_bench_writes_json_with_workloads(tmp_path, capsys):
+    torch.set_num_threads(2)
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--device", "cpu", "--only", "matmul,render,convs", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["machine"]["device"] == "cpu" and res["machine"]["quick"] is True
+    for key in ("matmul_gflops", "render_img_s", "se2_groupconv_ms", "conv_equal_maps_ms", "e2cnn_r2conv_ms"):
+        assert key in res and {"value", "unit", "workload"} <= set(res[key])
+        assert res[key]["workload"]["threads"] == 2 and res[key]["workload"]["device"] == "cpu"
+    assert res["matmul_gflops"]["value"] > 0.1 and res["render_img_s"]["value"] > 1
+    assert not (tmp_path / "b.json.tmp").exists()
+    assert "matmul_gflops" in capsys.readouterr().out
+
+
+def test_bench_bad_stage_is_one_line_error(tmp_path, capsys):
+    assert bench.main(["--only", "nope", "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown stage 'nope'")
+    assert not (tmp_path / "b.json").exists()

@@ -5,13 +5,21 @@
 
 Everything goes under --out (default runs/): feature caches in features/, one folder per model with its
 checkpoint.pt (weights, config, optimiser; written atomically, resumed automatically) and log.csv.
+
+Read top to bottom: the Config (every setting, the paper's values as defaults), what is resolved at run time
+(backbone, weights, device), the inputs (Φ or pixels of Texture-dSprites and of a target), the one training
+loop `fit`, and the pipeline that evaluate.py calls (train_source, finetune).
 """
 import argparse
+import collections
+import csv
+import dataclasses
 import math
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,63 +27,618 @@ import torch
 import data
 import drl
 
-PAPER = {"seeds": list(range(10)), "betas": [1.0, 2.0], "steps": 400_000, "warmup": 50_000, "epochs": 20}
-QUICK = {"seeds": [0, 1], "betas": [1.0], "steps": 500, "epochs": 5}
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Config: every setting of the protocol; the defaults are the paper's (Dapueto et al. 2025, Sec. III)
+# ---------------------------------------------------------------------------------------------------------
+
+def _opt(default, help, **argparse_kw):
+    return field(default=default, metadata=dict(help=help, **argparse_kw))
+
+
+@dataclass(frozen=True)
+class Config:
+    # inputs
+    backbone: str = _opt("auto", "dino: frozen DINO ViT-B/16 features; pixels: 64x64 RGB; auto: dino when "
+                                 "weights resolve", choices=["auto", "dino", "pixels"])
+    arch: str = _opt("conv", "pixel VAE: conv or SE(2,N) (se2.py)", choices=["conv", "se2"])
+    method: str = _opt("adagvae", "source-stage objective", choices=["adagvae", "betavae"])
+    dino_weights: str = _opt(None, "DINO ViT-B/16 checkpoint (else $DRL_DINO_WEIGHTS, hub cache, download)")
+    textures: str = _opt(None, "folder with five grayscale texture images (default: procedural)")
+    dsprites: str = _opt(None, "the real dsprites_ndarray_*.npz for the shape masks (default: procedural)")
+    precision: str = _opt("fp32", "DINO feature extraction precision", choices=["fp32", "bf16"])
+    # protocol
+    seeds: tuple = _opt(tuple(range(10)), "model seeds", type=int)
+    betas: tuple = _opt((1.0, 2.0), "β values; every seed is trained with every β", type=float)
+    steps: int = _opt(400_000, "source-stage steps; β warms up over the first 1/8 (50k of 400k)")
+    epochs: int = _opt(20, "finetuning epochs on the target train split")
+    batch_size: int = _opt(64, "pairs (source) or images (finetune) per step")
+    lr: float = _opt(1e-4, "learning rate (Adam on the source, AdamW on the target)")
+    latent_dim: int = _opt(10, "latent dims (z_ISO dims for --arch se2)")
+    n_train: int = _opt(10_000, "DCI/MIG training samples of Texture-dSprites")
+    n_test: int = _opt(5_000, "DCI test samples")
+    # target
+    target: str = _opt(None, "target dataset: " + ", ".join(data.TARGETS))
+    data_root: str = _opt(None, "folder holding the real targets (default $DRL_DATA or ./data)")
+    holdout_class: str = _opt(None, "leave this class out of finetuning and classifiers (open set)")
+    # run
+    out: str = _opt("runs", "run folder")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parallel_models: bool = _opt(False, "train all seeds x betas at once, weights stacked with torch.func "
+                                        "(feature and conv VAEs; each equals its own run to ~1e-5)")
+    quick: bool = _opt(False, "the same pipeline at a size a 2-core CPU finishes in minutes (QUICK)")
+
+    def __post_init__(self):
+        for k in ("steps", "epochs", "batch_size", "latent_dim", "n_train", "n_test"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not self.seeds or not self.betas:
+            raise ValueError("--seeds and --betas need at least one value each")
+
+    @property
+    def warmup_steps(self):
+        """The paper's 50k warm-up steps of 400k, the same fraction for shorter runs."""
+        return round(self.steps * 50_000 / 400_000)
+
+
+QUICK = dict(seeds=(0, 1), betas=(1.0,), steps=500, epochs=5, n_train=2000, n_test=1000)
+
+
+def add_config_args(parser):
+    """One --flag per Config field, its help from the field; defaults stay None so that the preset
+    (paper or --quick) can fill what the command line leaves out."""
+    for f in dataclasses.fields(Config):
+        meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
+        preset = f" (default {f.default!r}" + (f", quick {QUICK[f.name]!r})" if f.name in QUICK else ")")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=meta.pop("help"))
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="+", help=meta.pop("help") + preset, **meta)
+        else:
+            kind = type(f.default) if f.default is not None else str
+            parser.add_argument(flag, type=kind, help=meta.pop("help") + preset, **meta)
+
+
+def config_from_args(args):
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return Config(**{**(QUICK if given.get("quick") else {}), **given})
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line
+# 2. What is resolved at run time: the backbone actually used, its weights, the device
 # ---------------------------------------------------------------------------------------------------------
 
-def add_common_args(p):
-    g = p.add_argument_group("inputs")
-    g.add_argument("--backbone", choices=["auto", "dino", "pixels"], default="auto",
-                   help="dino: frozen DINO ViT-B/16 features; pixels: 64x64 RGB; auto: dino when weights resolve")
-    g.add_argument("--arch", choices=["conv", "se2"], default="conv", help="pixel VAE: conv or SE(2,N) (se2.py)")
-    g.add_argument("--method", choices=["adagvae", "betavae"], default="adagvae", help="source-stage objective")
-    g.add_argument("--dino-weights", help="DINO ViT-B/16 checkpoint (else $DRL_DINO_WEIGHTS, hub cache, download)")
-    g.add_argument("--textures", help="folder with five grayscale texture images (default: procedural)")
-    g.add_argument("--dsprites", help="the real dsprites_ndarray_*.npz for the shape masks (default: procedural)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="DINO feature extraction")
-    g = p.add_argument_group("protocol (defaults: the paper's)")
-    g.add_argument("--seeds", type=int, nargs="+", help="default: 0..9 (quick: 0 1)")
-    g.add_argument("--betas", type=float, nargs="+", help="default: 1 2 (quick: 1)")
-    g.add_argument("--steps", type=int, help=f"source steps (default {PAPER['steps']}, quick {QUICK['steps']})")
-    g.add_argument("--epochs", type=int, help=f"finetuning epochs (default {PAPER['epochs']}, quick {QUICK['epochs']})")
-    g.add_argument("--batch-size", type=int, default=64, help="pairs (source) or images (finetune) per step")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--latent-dim", type=int, default=10)
-    g.add_argument("--quick", action="store_true", help="the same pipeline, small enough for a 2-core CPU")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs", help="run folder (default runs/)")
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--parallel-models", action="store_true",
-                   help="train all seeds x betas of the source sweep in one process with stacked weights "
-                        "(feature and conv VAEs; same weights as training them one by one)")
-    g.add_argument("--target", help="target dataset: " + ", ".join(data.TARGETS))
-    g.add_argument("--data-root", help="folder holding the real targets (default $DRL_DATA or ./data)")
-    g.add_argument("--holdout-class", help="leave this class out of finetuning (open-set study)")
+@dataclass(frozen=True)
+class Resolved:
+    backbone: str          # "dino" or "pixels" (what "auto" became)
+    weights: str = None    # the DINO weights file
+    device: str = "cpu"
 
 
-def settle(args):
-    """Fill protocol defaults (paper, or --quick) and check what argparse cannot."""
-    preset = dict(PAPER, **QUICK) if args.quick else PAPER
-    for k in ("seeds", "betas", "steps", "epochs"):
-        if getattr(args, k) is None:
-            setattr(args, k, preset[k])
-    args.warmup = round(args.steps * PAPER["warmup"] / PAPER["steps"])  # the paper's 50k of 400k, same fraction
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    for k in ("steps", "epochs", "batch_size", "latent_dim"):
-        if getattr(args, k) <= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
-    if args.lr <= 0 or not math.isfinite(args.lr):
-        raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    _check_writable(args.out)
-    return args
+def resolve(cfg, announce=print):
+    """Decide dino vs pixels (design §4) and the device; `announce` gets the one line that says which."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.backbone == "dino" and cfg.arch == "se2":
+        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
+    if cfg.backbone == "pixels":
+        return Resolved("pixels", None, device)
+    try:
+        weights, how = drl.resolve_dino_weights(cfg.dino_weights)
+    except FileNotFoundError as e:
+        if cfg.backbone == "dino" or cfg.dino_weights:
+            raise
+        announce(f"backbone: {e}; falling back to --backbone pixels")
+        return Resolved("pixels", None, device)
+    if cfg.arch == "se2":
+        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
+    announce(f"backbone: DINO ViT-B/16 from {weights} ({how})")
+    return Resolved("dino", weights, device)
 
 
-def _check_writable(folder):
+def model_tag(cfg, res):
+    arch = "mlp" if res.backbone == "dino" else cfg.arch
+    return f"{res.backbone}-{arch}-{cfg.method}-z{cfg.latent_dim}-{cfg.steps}steps"
+
+
+def source_folder(cfg, res, beta, seed):
+    return os.path.join(cfg.out, "source", model_tag(cfg, res), f"beta{beta:g}-seed{seed}")
+
+
+def finetune_folder(cfg, res, beta, seed):
+    target = cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class else "")
+    return os.path.join(cfg.out, "finetune", target, model_tag(cfg, res) + f"-{cfg.epochs}ep",
+                        f"beta{beta:g}-seed{seed}")
+
+
+def new_model(cfg, res):
+    if res.backbone == "dino":
+        return drl.FeatureVAE(latent_dim=cfg.latent_dim)
+    if cfg.arch == "se2":
+        import se2
+        return se2.SE2VAE(n_iso=cfg.latent_dim)
+    return drl.ConvVAE(latent_dim=cfg.latent_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Inputs: Φ (cached) or 64×64 pixels of Texture-dSprites and of a target
+# ---------------------------------------------------------------------------------------------------------
+
+def features(cfg, res, name, digest, n, images_fn):
+    """Φ of n images through the frozen ViT, cached under out/features/ by everything that changes it."""
+    key = drl.feature_cache_key(dataset=digest, weights=drl.weights_digest(res.weights), precision=cfg.precision,
+                                preprocess="pad-square,resize224-bilinear-antialias,imagenet-norm,cls-final-norm")
+    path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    say(f"features: extracting DINO features of {n} {name} images -> {path}")
+    vit = drl.load_dino(res.weights, device=res.device)
+    t0 = time.time()
+
+    def progress(done, total):
+        say(f"  features {done}/{total} ({done / max(time.time() - t0, 1e-9):.1f} img/s)")
+    return drl.extract_features(vit, images_fn, n, path, precision=cfg.precision, device=res.device,
+                                progress=progress)
+
+
+def to_model(x):
+    """Stored inputs -> model inputs: uint8 pixels become floats in [0, 1]; features pass through."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+class SourceInputs:
+    """The model input of every Texture-dSprites image as one tensor on the device, addressed by factors.
+
+    pixels: uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch; dino: standardised Φ (N, 768).
+    Exposes `factor_sizes` and `render(factors)` so metrics.disentanglement_scores can use it directly.
+    """
+
+    def __init__(self, cfg, res):
+        self.dataset = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites)
+        self.factor_sizes, self.factor_names = self.dataset.factor_sizes, self.dataset.factor_names
+        n = len(self.dataset)
+        if res.backbone == "pixels":
+            images = self.dataset.images(np.arange(n))
+            self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(res.device)
+            self.stats = None
+        else:
+            phi = features(cfg, res, "texture-dsprites", self.dataset.digest, n, self.dataset.images)
+            mean, std = drl.feature_stats(phi)
+            self.stats = {"feature_mean": torch.as_tensor(mean), "feature_std": torch.as_tensor(std)}
+            self.x = torch.as_tensor(drl.standardise(phi, mean, std), dtype=torch.float32).to(res.device)
+
+    def render(self, factors):
+        idx = torch.as_tensor(self.dataset.factors_to_index(np.asarray(factors)), device=self.x.device)
+        return to_model(self.x[idx])
+
+    def batches(self, batch_size, paired):
+        """batch_fn(seed, step) for fit: pairs that differ in one factor (Ada-GVAE) or single images."""
+        def batch_fn(seed, step):
+            rng = np.random.default_rng(step_seed(seed, step))
+            if paired:
+                f1, f2, _ = data.sample_pairs(self.factor_sizes, batch_size, rng)
+                return self.render(f1), self.render(f2)
+            return self.render(data.sample_factors(self.factor_sizes, batch_size, rng))
+        return batch_fn
+
+
+def load_target(cfg):
+    """The target dataset; a random split is saved under out/splits/ and reused by every later run."""
+    if not cfg.target:
+        raise ValueError(f"--target is required for this stage; one of: {', '.join(data.TARGETS)}")
+    split_file = os.path.join(cfg.out, "splits", f"{cfg.target}.json")
+    saved = data.read_split(split_file) if os.path.exists(split_file) else None
+    target = data.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file)
+    if saved is None and target.split is not None:
+        drl.write_text(split_file, data.split_json(target))
+    if cfg.holdout_class and cfg.holdout_class not in target.classes:
+        raise ValueError(f"--holdout-class {cfg.holdout_class!r} is not a class of {cfg.target}; "
+                         f"classes: {', '.join(target.classes)}")
+    return target
+
+
+def target_inputs(cfg, res, images, stats, name):
+    """The model input for an ImageSet: uint8 64×64 pixels or standardised Φ (source statistics)."""
+    if res.backbone == "dino":
+        phi = features(cfg, res, name, images.digest, len(images), lambda idx: images.images(idx, 224))
+        return torch.as_tensor(drl.standardise(phi, stats["feature_mean"].numpy(), stats["feature_std"].numpy()),
+                               dtype=torch.float32)
+    return torch.from_numpy(images.images(np.arange(len(images)), 64)).permute(0, 3, 1, 2).contiguous()
+
+
+def epoch_batches(x, batch_size):
+    """batch_fn(seed, step) for finetuning: shuffled epochs, step t takes its slice of the permutation of
+    epoch t // steps_per_epoch (a pure function of (seed, step), so a resumed run sees the same batches)."""
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+
+    def batch_fn(seed, step):
+        epoch, i = divmod(step, steps_per_epoch)
+        perm = np.random.default_rng((seed, epoch)).permutation(len(x))
+        return to_model(x[torch.as_tensor(perm[i * batch_size:(i + 1) * batch_size], device=x.device)])
+    return batch_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The training loop. Models of one architecture train as one stack: every trainable tensor gets a
+#    leading model dim (torch.func.stack_module_state) and the objective runs through torch.vmap. One model
+#    is a stack of one, called without vmap (BatchNorm's running statistics, as in se2, then work). Adam is
+#    elementwise, so one Adam over the stacked tensors is each model's own Adam; gradient clipping is per
+#    model. Every random draw is a pure function of (seed, step): a resumed run equals an uninterrupted one.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One model to train and where it goes."""
+    model: torch.nn.Module
+    seed: int
+    beta: float
+    folder: str
+    config: dict                                 # every setting that defines the run (checked on resume)
+    extra: dict = field(default_factory=dict)    # stored in the checkpoint too (feature statistics)
+    start: int = 0                               # the step its checkpoint reached
+    optimizer_state: dict = None
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient: the run stops and its last good checkpoint is kept."""
+
+
+def step_seed(seed, step):
+    """The seed of step `step` of run `seed`: every draw of a step depends on (seed, step) alone."""
+    return (int(seed) * 1_000_003 + int(step)) % (2 ** 63)
+
+
+def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
+    """Adam (Kingma & Ba 2015) or AdamW (Loshchilov & Hutter 2019), PyTorch's fused kernel where there is one."""
+    if optimizer not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r} (adam or adamw)")
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    return (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(
+        params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def fit(runs, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+        device="cpu", stack=False, log_every=50, checkpoint_every_s=120.0, progress=None):
+    """Train every run to `steps` optimiser steps, resuming each from `folder/checkpoint.pt`.
+
+    batch_fn(seed, step) returns x (β-VAE) or (x1, x2) (Ada-GVAE), a pure function of its arguments.
+    stack=False trains the runs one after another; stack=True all at once (runs at different steps are
+    grouped by step). Writes folder/checkpoint.pt and folder/log.csv per run; progress(dict) is called
+    about every 5 s. A non-finite loss raises TrainingDiverged. Returns the final checkpoints, in order.
+    """
+    for r in runs:
+        _resume(r, steps)
+    todo = [r for r in runs if r.start < steps]
+    groups = ([[r for r in todo if r.start == s] for s in sorted({r.start for r in todo})] if stack
+              else [[r] for r in todo])
+    for group in groups:
+        _fit_stack(group, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                   warmup_steps=warmup_steps, grad_clip=grad_clip, device=device, log_every=log_every,
+                   checkpoint_every_s=checkpoint_every_s, progress=progress)
+    return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
+
+
+def _ckpt_path(run):
+    return os.path.join(run.folder, "checkpoint.pt")
+
+
+def _resume(run, steps):
+    """Load the run's checkpoint, if any, into its model; another configuration is refused."""
+    run.config = dict(run.config, model=drl.model_config(run.model), steps=steps)
+    if os.path.exists(_ckpt_path(run)):
+        ckpt = drl.load_checkpoint(_ckpt_path(run))
+        check_config(_ckpt_path(run), ckpt["config"], run.config)
+        run.model.load_state_dict(ckpt["model"])
+        run.start, run.optimizer_state = ckpt["step"], ckpt["optimizer"]
+
+
+def check_config(path, saved, wanted):
+    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"checkpoint {path} was written with another configuration ({k}: {saved.get(k)!r} "
+                         f"there, {wanted.get(k)!r} now); use another --out or delete that run folder")
+
+
+def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device,
+               log_every, checkpoint_every_s, progress):
+    """Train the runs of `group`, all at the same step, to `steps` as one stack of M models."""
+    M, start, template = len(group), group[0].start, group[0].model
+    if M > 1:
+        _check_stackable([r.model for r in group])
+    for r in group:
+        r.model.to(device).train()
+    names = [k for k, p in template.named_parameters() if p.requires_grad]
+    params = {k: v.detach().requires_grad_() for k, v in
+              torch.func.stack_module_state([r.model for r in group])[0].items() if k in names}
+    opt = make_optimizer(params.values(), optimizer, lr=lr, weight_decay=weight_decay)
+    if start > 0:
+        opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]))
+    objective = _objective(template, M)
+    logs = [_Log(r.folder, start) for r in group]
+    stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, _RecentRate(start)
+    t0 = last_ckpt = last_progress = time.time()
+    for step in range(start, steps):
+        batch, noise = _draw(group, batch_fn, step, device, template, M)
+        beta = [drl.beta_warmup(step, r.beta, warmup_steps) for r in group]
+        out = objective(params, batch, beta, noise)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].sum().backward()
+        norms = _clip_per_model(list(params.values()), grad_clip)
+        opt.step()
+        # (M, 4) running sums stay on the device: the host reads them only when it logs
+        stats += torch.stack([out["loss"], out["recon"], out["kl"], norms], dim=1).detach().double()
+        n_stats += 1
+        done = step + 1
+        if done % log_every and done != steps:
+            continue
+        means = (stats / n_stats).cpu()
+        _check_finite(means, done, group)
+        for log, row, b in zip(logs, means.tolist(), beta):
+            log.write(done, row[:3], b, time.time() - t0)
+        stats.zero_()
+        n_stats = 0
+        now = time.time()
+        if progress and (now - last_progress >= 5.0 or done == steps):
+            r_now = rate(done)
+            progress({"step": done, "steps": steps, "loss": float(means[:, 0].mean()), "beta": sum(beta) / M,
+                      "models": M, "steps_per_s": r_now, "eta_s": (steps - done) / max(r_now, 1e-9)})
+            last_progress = now
+        if now - last_ckpt >= checkpoint_every_s or done == steps:
+            _write_checkpoints(group, params, opt, done, steps, means)
+            last_ckpt = now
+    for log in logs:
+        log.close()
+
+
+def _check_stackable(models):
+    first = models[0]
+    if any(True for _ in first.buffers()):
+        raise ValueError(f"{type(first).__name__} keeps buffers (BatchNorm running statistics) per model, which "
+                         f"torch.vmap cannot stack; drop --parallel-models")
+    for m in models:
+        if drl.model_config(m) != drl.model_config(first):
+            raise ValueError(f"--parallel-models needs models of one architecture, got {drl.model_config(first)} "
+                             f"and {drl.model_config(m)}")
+
+
+def _objective(template, M):
+    """(params, batch, beta, noise) -> dict of (M,) losses: template(batch, beta) with the stacked weights."""
+    if M == 1:
+        def one(params, batch, beta, noise):
+            out = torch.func.functional_call(template, {k: p.squeeze(0) for k, p in params.items()},
+                                             (batch, beta[0]))
+            return {k: v.unsqueeze(0) for k, v in out.items()}
+        return one
+    stacked = torch.vmap(lambda p, b, beta, noise: torch.func.functional_call(template, p, (b, beta, noise)))
+    return lambda params, batch, beta, noise: stacked(params, batch, torch.tensor(beta, device=noise.device), noise)
+
+
+def _draw(group, batch_fn, step, device, template, M):
+    """Each run's batch, and for a stack its reparameterisation noise ε, drawn right after seeding the torch
+    RNG with (seed, step) — where a model alone draws it inside — so a stacked model equals its run alone.
+    Runs with the same seed (β = 1 and β = 2) share a batch. Returns the batch (stacked when M > 1), noise."""
+    drawn = {}
+    for r in group:
+        if r.seed not in drawn:
+            torch.manual_seed(step_seed(r.seed, step))
+            batch = batch_fn(r.seed, step)
+            rows = 2 * len(batch[0]) if isinstance(batch, tuple) else len(batch)
+            noise = torch.randn(rows, template.config["latent_dim"], device=device) if M > 1 else None
+            drawn[r.seed] = (batch, noise)
+    if M == 1:
+        return drawn[group[0].seed]
+    batches = [drawn[r.seed][0] for r in group]
+    batch = (tuple(torch.stack([b[i] for b in batches]).to(device) for i in range(2))
+             if isinstance(batches[0], tuple) else torch.stack(batches).to(device))
+    return batch, torch.stack([drawn[r.seed][1] for r in group])
+
+
+def _clip_per_model(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ model by model: the norm of model m's gradients over all its tensors,
+    scaled by max_norm / (norm + 1e-6) where that is below 1 (0 or None: no clipping). Returns the (M,) norms."""
+    grads = [p.grad for p in params]
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1),
+                                     dim=1)
+    if max_norm:
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+    return norms
+
+
+def _check_finite(means, step, group):
+    bad = (~torch.isfinite(means)).any(dim=1).nonzero()
+    if len(bad):
+        m, r = int(bad[0]), group[int(bad[0])]
+        what = "loss" if not torch.isfinite(means[m, 0]) else "gradient norm"
+        raise TrainingDiverged(f"{what} became {means[m].tolist()[0 if what == 'loss' else 3]} by step {step} "
+                               f"(seed {r.seed}, beta {r.beta}); the last good checkpoint is kept in {r.folder}; "
+                               f"lower --lr or check the input data")
+
+
+def _stack_optimizer_states(states):
+    """Per-model optimiser state_dicts -> the state_dict of one optimiser over the stacked tensors."""
+    first = states[0]
+    return {"param_groups": first["param_groups"],
+            "state": {i: {k: v if k == "step" else torch.stack([s["state"][i][k] for s in states])
+                          for k, v in st.items()} for i, st in first["state"].items()}}
+
+
+def _model_optimizer_state(state, m):
+    """Model m's slice of a stacked optimiser's state_dict: what an optimiser of that model alone holds."""
+    return {"param_groups": state["param_groups"],
+            "state": {i: {k: v if k == "step" else v[m].clone() for k, v in st.items()}
+                      for i, st in state["state"].items()}}
+
+
+def _write_checkpoints(group, params, opt, step, steps, means):
+    """Copy model m's slice of the stack into its module and write its checkpoint (atomically)."""
+    state = opt.state_dict()
+    with torch.no_grad():
+        for m, r in enumerate(group):
+            own = dict(r.model.named_parameters())
+            for k, p in params.items():
+                own[k].copy_(p[m])
+            drl.save_checkpoint(_ckpt_path(r), {
+                "config": r.config, "model": r.model.state_dict(), "optimizer": _model_optimizer_state(state, m),
+                "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
+
+
+class _Log:
+    """folder/log.csv: one row per log interval; rows past the checkpoint of an interrupted run are dropped."""
+    HEADER = ["step", "loss", "recon", "kl", "beta", "seconds"]
+
+    def __init__(self, folder, start):
+        path = os.path.join(folder, "log.csv")
+        rows = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start]
+        with drl.atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([self.HEADER] + rows)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+
+    def write(self, step, losses, beta, seconds):
+        self.writer.writerow([step] + [f"{v:.6g}" for v in losses] + [f"{beta:.4g}", f"{seconds:.1f}"])
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class _RecentRate:
+    """Steps per second over the last ~30 s: a rate since the start drifts under changing load."""
+
+    def __init__(self, step, window=30.0):
+        self.points, self.window = collections.deque([(time.time(), step)]), window
+
+    def __call__(self, step):
+        now = time.time()
+        self.points.append((now, step))
+        while len(self.points) > 2 and now - self.points[1][0] >= self.window:
+            self.points.popleft()
+        t, s = self.points[0]
+        return (step - s) / max(now - t, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The pipeline evaluate.py calls: train the source models, finetune them on a target
+# ---------------------------------------------------------------------------------------------------------
+
+def is_done(path, config=None):
+    """Is the model at `path` fully trained? With `config`, a finished model of another configuration is an
+    error, never silently reused."""
+    if not os.path.exists(path):
+        return False
+    ckpt = drl.load_checkpoint(path)
+    if config is not None:
+        check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, config)
+    return ckpt.get("done", False)
+
+
+def _printer(label):
+    def progress(info):
+        say(f"[{label}] step {info['step']}/{info['steps']} loss {info['loss']:.2f} beta {info['beta']:.2f} | "
+            f"{info['steps_per_s']:.1f} steps/s, ETA {info['eta_s'] / 60:.1f} min")
+    return progress
+
+
+def _fit_and_report(runs, batch_fn, label, cfg, res, steps, **kw):
+    """fit() the runs (stacked with --parallel-models), then one summary line per model."""
+    t0 = time.time()
+    done = fit(runs, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models,
+               progress=_printer(label), **kw)
+    for r, ckpt in zip(runs, done):
+        say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt.get('loss', 0):.2f}, "
+            f"{time.time() - t0:.0f} s -> {r.folder}")
+
+
+def train_source(cfg, res):
+    """Train every seed × β source model that is not finished yet; returns their checkpoint paths."""
+    digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
+    runs, paths = [], []
+    for beta in cfg.betas:
+        for seed in cfg.seeds:
+            config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
+                      "latent_dim": cfg.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
+                      "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
+            folder = source_folder(cfg, res, beta, seed)
+            paths.append(os.path.join(folder, "checkpoint.pt"))
+            if not is_done(paths[-1], config):
+                torch.manual_seed(seed)
+                runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
+    if not runs:
+        return paths
+    src = SourceInputs(cfg, res)
+    say(f"source {model_tag(cfg, res)}: training {len(runs)} model(s), {cfg.steps} steps"
+        + (" each, stacked (--parallel-models)" if cfg.parallel_models else " each"))
+    for r in runs:
+        r.extra = src.stats or {}
+    _fit_and_report(runs, src.batches(cfg.batch_size, cfg.method == "adagvae"), f"source {model_tag(cfg, res)}",
+                    cfg, res, cfg.steps, lr=cfg.lr, optimizer="adam", warmup_steps=cfg.warmup_steps)
+    return paths
+
+
+def train_split(cfg, target):
+    """The finetuning images: the train split, minus the held-out class if any."""
+    if not cfg.holdout_class:
+        return target.train
+    return target.train.subset(np.flatnonzero(target.train.labels != target.classes.index(cfg.holdout_class)))
+
+
+def finetune(cfg, res, target):
+    """Finetune every source model on the target train split (β-VAE, whole model, AdamW, constant β);
+    returns the (source, finetuned) checkpoint path pairs."""
+    pairs, runs = [], []
+    for path in train_source(cfg, res):
+        ckpt = drl.load_checkpoint(path)
+        beta, seed = ckpt["config"]["beta"], ckpt["config"]["seed"]
+        folder = finetune_folder(cfg, res, beta, seed)
+        pairs.append((path, os.path.join(folder, "checkpoint.pt")))
+        config = {"stage": "finetune", "source": ckpt["config"], "target": target.digest,
+                  "holdout": cfg.holdout_class, "seed": seed, "beta": beta, "epochs": cfg.epochs,
+                  "batch_size": cfg.batch_size, "lr": cfg.lr}
+        if not is_done(pairs[-1][1], config):
+            stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
+            runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
+    if not runs:
+        return pairs
+    x = target_inputs(cfg, res, train_split(cfg, target), runs[0].extra, f"{cfg.target}-train").to(res.device)
+    steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
+    say(f"finetune {cfg.target}: {len(runs)} model(s), {cfg.epochs} epochs of {len(x)} images ({steps} steps)")
+    _fit_and_report(runs, epoch_batches(x, cfg.batch_size), f"finetune {cfg.target}", cfg, res, steps,
+                    lr=cfg.lr, optimizer="adamw", weight_decay=0.01)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The scripts: one line per event, one line per error
+# ---------------------------------------------------------------------------------------------------------
+
+def say(msg):
+    print(msg, flush=True)
+
+
+def keep_freed_memory():
+    """Process-wide: let glibc keep freed memory for reuse instead of returning it to the OS, so each ViT
+    activation of a few MB is not page-faulted back in and zeroed (12,900 faults per image at batch 4, a
+    tenth of the ViT's time on a 2-core CPU). No effect off glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def check_writable(folder):
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")
@@ -83,10 +646,6 @@ def _check_writable(folder):
         os.remove(probe)
     except OSError as e:
         raise OSError(f"cannot write to --out {folder} ({e.strerror}); choose a writable folder") from None
-
-
-def say(msg):
-    print(msg, flush=True)
 
 
 def run_main(main):
@@ -102,269 +661,21 @@ def run_main(main):
         sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Inputs: every source image (or its DINO feature vector) as one tensor indexed by the factor grid
-# ---------------------------------------------------------------------------------------------------------
-
-def resolve_backbone(args):
-    """Decide dino vs pixels once; remember it in args. Returns the DINO weights path or None."""
-    if getattr(args, "_weights", "unset") != "unset":
-        return args._weights
-    args._weights = None
-    if args.backbone in ("auto", "dino"):
-        try:
-            args._weights, how = drl.resolve_dino_weights(args.dino_weights)
-        except FileNotFoundError as e:
-            if args.backbone == "dino" or args.dino_weights:
-                raise
-            say(f"backbone: {e}; falling back to --backbone pixels")
-            args.backbone = "pixels"
-        else:
-            args.backbone = "dino"
-            say(f"backbone: DINO ViT-B/16 from {args._weights} ({how})")
-    if args.backbone == "dino" and args.arch == "se2":
-        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
-    return args._weights
-
-
-def source_dataset(args):
-    return data.TextureDSprites(textures=args.textures, dsprites=args.dsprites)
-
-
-def dino_features(args, name, digest, n, images_fn):
-    """Φ of n images through the frozen ViT, cached under out/features/ by everything that changes it."""
-    weights = resolve_backbone(args)
-    key = drl.feature_cache_key(dataset=digest, weights=drl.weights_digest(weights), precision=args.precision,
-                                preprocess="pad-square,resize224-bilinear-antialias,imagenet-norm,cls-final-norm")
-    path = os.path.join(args.out, "features", f"{name}-{key}.npy")
-    if os.path.exists(path):
-        return np.load(path, mmap_mode="r")
-    say(f"features: extracting DINO features of {n} {name} images -> {path}")
-    vit = drl.load_dino(weights, device=args.device)
-    t0 = time.time()
-
-    def progress(done, total):
-        say(f"  features {done}/{total} ({done / max(time.time() - t0, 1e-9):.1f} img/s)")
-    return drl.extract_features(vit, images_fn, n, path, precision=args.precision, device=args.device,
-                                progress=progress)
-
-
-def to_model(x):
-    """Stored inputs -> model inputs: uint8 pixels become floats in [0, 1]; features pass through."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
-
-
-class SourceInputs:
-    """The model input of every Texture-dSprites image as one tensor, addressed by factor values.
-
-    pixels: uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch; dino: standardised Φ (N, 768).
-    Exposes `factor_sizes` and `render(factors)` so metrics.disentanglement_scores can use it directly.
-    """
-
-    def __init__(self, args):
-        self.dataset = source_dataset(args)
-        self.factor_sizes, self.factor_names = self.dataset.factor_sizes, self.dataset.factor_names
-        n = len(self.dataset)
-        if resolve_backbone(args) is None:
-            images = self.dataset.images(np.arange(n))
-            self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(args.device)
-            self.stats = None
-        else:
-            phi = dino_features(args, "texture-dsprites", self.dataset.digest, n, self.dataset.images)
-            mean, std = drl.feature_stats(phi)
-            self.stats = {"feature_mean": torch.as_tensor(mean), "feature_std": torch.as_tensor(std)}
-            self.x = torch.as_tensor(drl.standardise(phi, mean, std), dtype=torch.float32).to(args.device)
-
-    def render(self, factors):
-        idx = torch.as_tensor(self.dataset.factors_to_index(np.asarray(factors)), device=self.x.device)
-        return to_model(self.x[idx])
-
-    def pair_batch(self, batch_size):
-        def batch_fn(rng, step):
-            f1, f2, _ = data.sample_pairs(self.factor_sizes, batch_size, rng)
-            return self.render(f1), self.render(f2)
-        return batch_fn
-
-    def single_batch(self, batch_size):
-        def batch_fn(rng, step):
-            return self.render(data.sample_factors(self.factor_sizes, batch_size, rng))
-        return batch_fn
-
-
-def new_model(args):
-    if args.backbone == "dino":
-        return drl.FeatureVAE(latent_dim=args.latent_dim)
-    if args.arch == "se2":
-        import se2
-        return se2.SE2VAE(n_iso=args.latent_dim)
-    return drl.ConvVAE(latent_dim=args.latent_dim)
-
-
-def model_tag(args):
-    arch = "mlp" if args.backbone == "dino" else args.arch
-    return f"{args.backbone}-{arch}-{args.method}-z{args.latent_dim}-{args.steps}steps"
-
-
-def source_folder(args, beta, seed):
-    return os.path.join(args.out, "source", model_tag(args), f"beta{beta:g}-seed{seed}")
-
-
-def _progress_printer(label):
-    def progress(info):
-        say(f"[{label}] step {info['step']}/{info['steps']} loss {info['loss']:.2f} recon {info['recon']:.2f} "
-            f"kl {info['kl']:.2f} beta {info['beta']:.2f} | {info['steps_per_s']:.1f} steps/s, "
-            f"ETA {info['eta_s'] / 60:.1f} min")
-    return progress
-
-
-def train_source(args):
-    """Train every seed × β source model that is not finished yet; returns their checkpoint paths."""
-    resolve_backbone(args)
-    digest = source_dataset(args).digest
-    paired = args.method == "adagvae"
-    todo = []
-    for beta in args.betas:
-        for seed in args.seeds:
-            config = {"stage": "source", "backbone": args.backbone, "arch": args.arch, "method": args.method,
-                      "latent_dim": args.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
-                      "steps": args.steps, "warmup_steps": args.warmup, "batch_size": args.batch_size, "lr": args.lr}
-            todo.append((config, os.path.join(source_folder(args, beta, seed), "checkpoint.pt")))
-    if all(_done(path, config) for config, path in todo):
-        return [path for _, path in todo]
-    src = SourceInputs(args)
-    batch_fn = src.pair_batch(args.batch_size) if paired else src.single_batch(args.batch_size)
-    if args.parallel_models:
-        # every model of the sweep in one process, weights stacked (drl §9); each equals its sequential run
-        models = []
-        for config, _ in todo:
-            torch.manual_seed(config["seed"])
-            models.append(new_model(args))
-        label = f"source {model_tag(args)} x{len(todo)} models"
-        say(f"{label}: training {args.steps} steps, stacked (--parallel-models)")
-        drl.fit_parallel(models, batch_fn, steps=args.steps, betas=[c["beta"] for c, _ in todo],
-                         seeds=[c["seed"] for c, _ in todo], folders=[os.path.dirname(p) for _, p in todo],
-                         configs=[c for c, _ in todo], paired=paired, lr=args.lr, warmup_steps=args.warmup,
-                         grad_clip=1.0, device=args.device, progress=_progress_printer(label), extra=src.stats)
-        return [path for _, path in todo]
-    for config, path in todo:
-        if _done(path, config):
-            continue
-        beta, seed = config["beta"], config["seed"]
-        label = f"source {model_tag(args)} beta={beta:g} seed={seed}"
-        say(f"{label}: training {args.steps} steps" + (" (resuming)" if os.path.exists(path) else ""))
-        torch.manual_seed(seed)
-        model = new_model(args)
-        drl.fit(model, batch_fn, steps=args.steps, beta=beta, folder=os.path.dirname(path), config=config,
-                paired=paired, lr=args.lr, optimizer="adam", warmup_steps=args.warmup, grad_clip=1.0, seed=seed,
-                device=args.device, progress=_progress_printer(label), extra=src.stats)
-    return [path for _, path in todo]
-
-
-def _done(path, config=None):
-    """Is the model at `path` fully trained? With `config`, a finished model of another configuration is an
-    error, never silently reused."""
-    if not os.path.exists(path):
-        return False
-    ckpt = drl.load_checkpoint(path)
-    if config is not None:
-        saved = {k: v for k, v in ckpt["config"].items() if k != "model"}  # fit() adds the model's own config
-        drl.check_config(path, saved, config)
-    return ckpt.get("done", False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Finetuning on a target (β-VAE, whole model, AdamW, constant β)
-# ---------------------------------------------------------------------------------------------------------
-
-def load_target(args):
-    if not args.target:
-        raise ValueError(f"--target is required for this stage; one of: {', '.join(data.TARGETS)}")
-    split = os.path.join(args.out, "splits", f"{args.target}.json")
-    os.makedirs(os.path.dirname(split), exist_ok=True)
-    return data.load_target(args.target, root=args.data_root, split_file=split)
-
-
-def target_inputs(args, images, stats, name):
-    """The model input for an ImageSet: uint8 64×64 pixels or standardised Φ (source statistics)."""
-    if args.backbone == "dino":
-        phi = dino_features(args, name, images.digest, len(images), lambda idx: images.images(idx, 224))
-        return torch.as_tensor(drl.standardise(phi, stats["feature_mean"].numpy(), stats["feature_std"].numpy()),
-                               dtype=torch.float32)
-    return torch.from_numpy(images.images(np.arange(len(images)), 64)).permute(0, 3, 1, 2).contiguous()
-
-
-def finetune_folder(args, beta, seed):
-    target = args.target + (f"-without-{args.holdout_class}" if args.holdout_class else "")
-    return os.path.join(args.out, "finetune", target, model_tag(args) + f"-{args.epochs}ep", f"beta{beta:g}-seed{seed}")
-
-
-def train_split(args, target):
-    """The training images of the finetuning stage: the train split, minus the held-out class if any."""
-    train = target.train
-    if args.holdout_class:
-        if args.holdout_class not in target.classes:
-            raise ValueError(f"--holdout-class {args.holdout_class!r} is not a class of {args.target}; "
-                             f"classes: {', '.join(target.classes)}")
-        keep = np.flatnonzero(train.labels != target.classes.index(args.holdout_class))
-        train = train.subset(keep)
-    return train
-
-
-def train_finetune(args, target=None):
-    """Finetune every source model on the target train split; returns (source, finetuned) checkpoint pairs."""
-    target = target or load_target(args)
-    sources = train_source(args)
-    pairs = []
-    x = None
-    for path in sources:
-        ckpt = drl.load_checkpoint(path)
-        beta, seed = ckpt["config"]["beta"], ckpt["config"]["seed"]
-        out = os.path.join(finetune_folder(args, beta, seed), "checkpoint.pt")
-        pairs.append((path, out))
-        config = {"stage": "finetune", "source": ckpt["config"], "target": target.digest,
-                  "holdout": args.holdout_class, "seed": seed, "beta": beta, "epochs": args.epochs,
-                  "batch_size": args.batch_size, "lr": args.lr}
-        if _done(out, config):
-            continue
-        if x is None:
-            train = train_split(args, target)
-            x = target_inputs(args, train, ckpt, f"{args.target}-train").to(args.device)
-            steps_per_epoch = math.ceil(len(x) / args.batch_size)
-        model, _ = drl.load_model(path)
-        label = f"finetune {args.target} {model_tag(args)} beta={beta:g} seed={seed}"
-        say(f"{label}: {args.epochs} epochs of {len(x)} images")
-        stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
-        drl.fit(model, _epoch_batches(x, args.batch_size, seed), steps=args.epochs * steps_per_epoch, beta=beta,
-                folder=os.path.dirname(out), config=config, paired=False, lr=args.lr, optimizer="adamw",
-                weight_decay=0.01, warmup_steps=0, grad_clip=1.0, seed=seed, device=args.device,
-                progress=_progress_printer(label), extra=stats)
-    return pairs
-
-
-def _epoch_batches(x, batch_size, seed):
-    """Shuffled epochs: step t takes its slice of the permutation of epoch t // steps_per_epoch."""
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-
-    def batch_fn(rng, step):
-        epoch, i = divmod(step, steps_per_epoch)
-        perm = np.random.default_rng((seed, epoch)).permutation(len(x))
-        idx = torch.as_tensor(perm[i * batch_size:(i + 1) * batch_size], device=x.device)
-        return to_model(x[idx])
-    return batch_fn
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["source", "finetune"], required=True)
-    add_common_args(p)
-    args = settle(p.parse_args(argv))
-    drl.keep_freed_memory()  # recycle freed activations instead of page-faulting them back (see there)
+    add_config_args(p)
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    check_writable(cfg.out)
+    keep_freed_memory()
     t0 = time.time()
+    res = resolve(cfg, say)
     if args.stage == "source":
-        paths = train_source(args)
+        paths = train_source(cfg, res)
     else:
-        paths = [ft for _, ft in train_finetune(args)]
-    say(f"done: {len(paths)} model(s) under {args.out} in {time.time() - t0:.0f} s")
+        paths = [ft for _, ft in finetune(cfg, res, load_target(cfg))]
+    say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
