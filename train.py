@@ -554,8 +554,9 @@ def _fit_and_report(runs, batch_fn, label, cfg, res, steps, **kw):
     done = fit(runs, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models,
                progress=_printer(label), **kw)
     for r, ckpt in zip(runs, done):
-        say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt.get('loss', 0):.2f}, "
-            f"{time.time() - t0:.0f} s -> {r.folder}")
+        say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt['loss']:.2f} "
+            f"-> {r.folder}")
+    say(f"[{label}] {len(runs)} model(s) trained in {time.time() - t0:.0f} s")
 
 
 def train_source(cfg, res):
