@@ -231,11 +231,11 @@ def load_target(cfg):
     split_file = os.path.join(cfg.out, "splits", f"{cfg.target}.json")
     saved = data.read_split(split_file) if os.path.exists(split_file) else None
     target = data.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file)
-    if saved is None and target.split is not None:
-        drl.write_text(split_file, data.split_json(target))
     if cfg.holdout_class and cfg.holdout_class not in target.classes:
         raise ValueError(f"--holdout-class {cfg.holdout_class!r} is not a class of {cfg.target}; "
                          f"classes: {', '.join(target.classes)}")
+    if saved is None and target.split is not None:
+        drl.write_text(split_file, data.split_json(target))
     return target
 
 
@@ -475,6 +475,9 @@ def _model_optimizer_state(state, m):
                       for i, st in state["state"].items()}}
 
 
+WRITTEN = {}  # checkpoint path -> step, for every checkpoint this process wrote (the Ctrl-C message)
+
+
 def _write_checkpoints(group, params, opt, step, steps, means):
     """Copy model m's slice of the stack into its module and write its checkpoint (atomically)."""
     state = opt.state_dict()
@@ -486,6 +489,7 @@ def _write_checkpoints(group, params, opt, step, steps, means):
             drl.save_checkpoint(_ckpt_path(r), {
                 "config": r.config, "model": r.model.state_dict(), "optimizer": _model_optimizer_state(state, m),
                 "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
+            WRITTEN[_ckpt_path(r)] = step
 
 
 class _Log:
@@ -574,6 +578,7 @@ def train_source(cfg, res):
                 torch.manual_seed(seed)
                 runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
     if not runs:
+        say(f"source {model_tag(cfg, res)}: all {len(paths)} model(s) trained already, nothing to train")
         return paths
     src = SourceInputs(cfg, res)
     say(f"source {model_tag(cfg, res)}: training {len(runs)} model(s), {cfg.steps} steps"
@@ -608,6 +613,7 @@ def finetune(cfg, res, target):
             stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
             runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
     if not runs:
+        say(f"finetune {cfg.target}: all {len(pairs)} model(s) finetuned already, nothing to train")
         return pairs
     x = target_inputs(cfg, res, train_split(cfg, target), runs[0].extra, f"{cfg.target}-train").to(res.device)
     steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
@@ -640,13 +646,22 @@ def keep_freed_memory():
 
 
 def check_writable(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise OSError(f"cannot write to --out {folder} ({e.strerror}); choose a writable folder") from None
+    """--out must be creatable and writable; nothing is created here (a refused run leaves no folder)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is a file" if not os.path.isdir(probe) else "is not writable"
+        raise OSError(f"cannot write to --out {folder} ({probe} {why}); choose a writable folder")
+
+
+def interrupted_message():
+    """What Ctrl-C leaves behind, in one line."""
+    if not WRITTEN:
+        return "interrupted before this run wrote a checkpoint; run the same command again to start"
+    path, step = list(WRITTEN.items())[-1]
+    return (f"interrupted: {len(WRITTEN)} checkpoint(s) of this run are kept, the last {path} at step {step}; "
+            f"run the same command again to resume")
 
 
 def run_main(main):
@@ -655,18 +670,22 @@ def run_main(main):
     try:
         main()
     except KeyboardInterrupt:
-        print("interrupted: checkpoints are kept; run the same command again to resume", file=sys.stderr)
+        print(interrupted_message(), file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["source", "finetune"], required=True)
     add_config_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     cfg = config_from_args(args)
     check_writable(cfg.out)
     keep_freed_memory()
