@@ -8,8 +8,11 @@ Runs what is missing first (source models, features, finetuning; announced), the
 report.md, results.json (every number, per model) and figures/*.png.
 """
 import argparse
+import contextlib
+import functools
 import json
 import os
+import threading
 import time
 import warnings
 
@@ -34,45 +37,49 @@ def encode(model, x, device, batch=1024):
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def evaluate_model(model, src, x_train, x_test, target, known, cfg, device, label):
-    """Every number of one model in one state (before/after finetuning).
+def _attempt(label, name, fn):
+    """fn(), or None with a warning naming the model: a score that cannot be computed for one model (e.g.
+    OMES of a collapsed model whose dims are all inactive) never hides the others."""
+    try:
+        return fn()
+    except ValueError as e:
+        warnings.warn(f"{label}: {name} not computed ({e}); recorded as null")
+        return None
 
-    A score that cannot be computed for this model (e.g. OMES of a collapsed model whose dims are all
-    inactive) is recorded as null with a warning naming the model, so one bad model never hides the others.
-    """
-    def attempt(name, fn):
-        try:
-            return fn()
-        except ValueError as e:
-            warnings.warn(f"{label}: {name} not computed ({e}); recorded as null")
-            return None
 
-    def encode_source(inputs):
-        return encode(model, inputs, device)
+def source_scores(model, src, cfg, device, label):
+    """DCI, MIG and OMES of one model on Texture-dSprites (paper Table III)."""
+    return _attempt(label, "DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
+        lambda x: encode(model, x, device), src, n_train=cfg.n_train, n_test=cfg.n_test, seed=0))
 
-    r = {"disentanglement": attempt("DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
-        encode_source, src, n_train=cfg.n_train, n_test=cfg.n_test, seed=0))}
-    z_train, z_test = encode(model, x_train, device), encode(model, x_test, device)
+
+def target_scores(model, dis, inputs, cfg, device, label):
+    """Every target number of one model: downstream accuracy, Gini importance per dim (dims named after
+    the source factor they encode best), clustering, open set, correlations with handcrafted features."""
+    target, known = inputs.target, inputs.known
+    z_train, z_test = encode(model, inputs.x_train, device), encode(model, inputs.x_test, device)
     y_train, y_test = target.train.labels, target.test.labels
-    r["dim_names"] = (metrics.name_dims(r["disentanglement"]["dci"]["importance"], src.factor_names)
-                      if r["disentanglement"] else [f"dim{d}" for d in range(z_train.shape[1])])
+    r = {"dim_names": (metrics.name_dims(dis["dci"]["importance"], data.FACTOR_NAMES) if dis
+                       else [f"dim{d}" for d in range(z_train.shape[1])])}
     # Design §5: dims with std < 0.05 on the train split are removed before the classifiers.
-    pruned = attempt("pruning", lambda: metrics.prune_inactive(z_train[known["train"]], z_test, threshold=0.05))
+    pruned = _attempt(label, "pruning", lambda: metrics.prune_inactive(z_train[known["train"]], z_test,
+                                                                       threshold=0.05))
     r["active_dims"] = [int(d) for d in pruned[0]] if pruned else []
-    r["gini_importance"] = np.zeros(z_train.shape[1]).tolist()
+    r["gini_importance"] = np.zeros(z_train.shape[1])
     r["downstream"] = r["clustering"] = r["open_set"] = None
     if pruned:
         kept, zk_train, zk_test = pruned
-        r["downstream"] = down = metrics.downstream_accuracy(zk_train, y_train[known["train"]],
-                                                             zk_test[known["test"]], y_test[known["test"]], seed=0)
-        r["gini_importance"] = np.zeros(z_train.shape[1])
+        with stage(f"{label}: downstream GBT + MLP"):
+            r["downstream"] = down = metrics.downstream_accuracy(
+                zk_train, y_train[known["train"]], zk_test[known["test"]], y_test[known["test"]], seed=0)
         r["gini_importance"][kept] = down.pop("gbt_importance")
-        r["clustering"] = attempt("clustering", lambda: metrics.clustering_scores(
-            zk_test[known["test"]], y_test[known["test"]], seed=0))
-        if cfg.holdout_class:
-            held = target.classes.index(cfg.holdout_class)
-            r["open_set"] = attempt("open set", lambda: metrics.open_set(
-                zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
+        with stage(f"{label}: clustering" + (", open set" if cfg.holdout_class else "")):
+            r["clustering"] = _attempt(label, "clustering", lambda: metrics.clustering_scores(
+                zk_test[known["test"]], y_test[known["test"]], seed=0))
+            if cfg.holdout_class:
+                held = target.classes.index(cfg.holdout_class)
+                r["open_set"] = _attempt(label, "open set", lambda: metrics.open_set(
+                    zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
     if target.test.has_masks:
         feats = test_handcrafted(target)
         r["correlation"] = {}
@@ -81,8 +88,63 @@ def evaluate_model(model, src, x_train, x_test, target, known, cfg, device, labe
                 c = metrics.correlations(z_test[:, [r["dim_names"].index(f)]], {h: feats[h]})[0][h]
                 # the sign of a latent axis is arbitrary (z and -z are the same code): compare |r| across models
                 r["correlation"][f"{f}:{h}"] = dict(c, abs_r=abs(c["r"]), dim=r["dim_names"].index(f))
-    r["_z_test"] = z_test  # for figures only; dropped before writing JSON
+    r["_z_test"] = z_test  # for figures only; dropped before writing results.json
     return r
+
+
+@contextlib.contextmanager
+def stage(what, every_s=5.0):
+    """Say what is being computed now and every few seconds until it is done."""
+    say(f"evaluate: {what}")
+    t0, stop = time.time(), threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            say(f"evaluate: {what} ... {time.time() - t0:.0f} s")
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()
+
+
+def cached(cfg, parts, compute):
+    """compute() once per key: the JSON of its result is kept under out/eval-cache/, keyed by `parts`
+    (everything that changes it). The result is always the JSON round trip, fresh or cached, so a
+    cached run writes the same report as the run that computed it."""
+    key = drl.feature_cache_key(**parts)
+    path = os.path.join(cfg.out, "eval-cache", f"{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), key
+    text = json.dumps(compute(), default=_json_default)
+    drl.write_text(path, text)
+    return json.loads(text), key
+
+
+class Inputs:
+    """What scoring needs, built on first use (a fully cached evaluation builds none of it)."""
+
+    def __init__(self, cfg, res, target, stats):
+        self.cfg, self.res, self.target, self.stats = cfg, res, target, stats
+        self.known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
+        if cfg.holdout_class:
+            held = target.classes.index(cfg.holdout_class)
+            self.known = {"train": target.train.labels != held, "test": target.test.labels != held}
+
+    @functools.cached_property
+    def source(self):
+        return train.SourceInputs(self.cfg, self.res)
+
+    @functools.cached_property
+    def x_train(self):
+        return train.target_inputs(self.cfg, self.res, self.target.train, self.stats, f"{self.cfg.target}-train")
+
+    @functools.cached_property
+    def x_test(self):
+        return train.target_inputs(self.cfg, self.res, self.target.test, self.stats, f"{self.cfg.target}-test")
 
 
 # Latent factor ↔ handcrafted feature pairs of the paper's Fig. 6
@@ -100,7 +162,7 @@ def test_handcrafted(target):
     return _FEATURES[target.digest]
 
 
-def raw_baseline(x_train, x_test, target, known):
+def raw_baseline(inputs):
     """Table V: the same classifiers on the raw input, no VAE: Φ (768-d), or pixels average-pooled to
     8×8×3 = 192 values (the GBT's time grows with the width: 64×64×3 would take hours on a CPU)."""
     def flat(x):
@@ -108,7 +170,8 @@ def raw_baseline(x_train, x_test, target, known):
         if x.dim() == 4:
             x = torch.nn.functional.avg_pool2d(x, 8)
         return x.flatten(1).numpy().astype(np.float64)
-    a, b = flat(x_train)[known["train"]], flat(x_test)[known["test"]]
+    target, known = inputs.target, inputs.known
+    a, b = flat(inputs.x_train)[known["train"]], flat(inputs.x_test)[known["test"]]
     result = metrics.downstream_accuracy(a, target.train.labels[known["train"]], b,
                                          target.test.labels[known["test"]], seed=0)
     result.pop("gbt_importance")
@@ -135,11 +198,15 @@ def summarise(per_model):
     return out
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_config_args(p)
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     cfg = train.config_from_args(args)
     if not cfg.target:
         raise ValueError("--target is required; one of: " + ", ".join(data.TARGETS))
@@ -153,8 +220,7 @@ def main(argv=None):
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
-    say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s); "
-        "training what is missing")
+    say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
     pairs = train.finetune(cfg, res, target)
     folder = os.path.join(cfg.out, "eval", cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class
                                                          else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
@@ -166,27 +232,36 @@ def main(argv=None):
 
 
 def evaluate_all(cfg, res, target, pairs, folder):
-    """Every model before and after finetuning, the raw-input baseline and the figures: the results dict."""
-    src = train.SourceInputs(cfg, res)
-    first = drl.load_checkpoint(pairs[0][0])
-    x_train = train.target_inputs(cfg, res, target.train, first, f"{cfg.target}-train")
-    x_test = train.target_inputs(cfg, res, target.test, first, f"{cfg.target}-test")
-    known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
-    if cfg.holdout_class:
-        held = target.classes.index(cfg.holdout_class)
-        known = {"train": target.train.labels != held, "test": target.test.labels != held}
+    """Every model before and after finetuning, the raw-input baseline and the figures: the results dict.
+    Each part is cached (see `cached`): a rerun computes only what a changed setting changes."""
+    inputs = Inputs(cfg, res, target, drl.load_checkpoint(pairs[0][0]))
+    source_digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
     per_model = []
     for src_path, ft_path in pairs:
         row = {}
         for state, path in zip(STATES, (src_path, ft_path)):
-            model, ckpt = drl.load_model(path, res.device)
-            label = f"{state} finetuning beta={ckpt['config']['beta']:g} seed={ckpt['config']['seed']}"
-            say(f"evaluate: {label}")
-            row[state] = evaluate_model(model, src, x_train, x_test, target, known, cfg, res.device, label)
-        row["beta"], row["seed"] = ckpt["config"]["beta"], ckpt["config"]["seed"]
+            ckpt_config = drl.load_checkpoint(path)["config"]
+            label = f"{state} finetuning beta={ckpt_config['beta']:g} seed={ckpt_config['seed']}"
+            model = lazy_model(path, res.device)
+            checkpoint = drl.weights_digest(path)
+            dis, dis_key = cached(cfg, dict(part="source", checkpoint=checkpoint, source=source_digest,
+                                            n_train=cfg.n_train, n_test=cfg.n_test), lambda: _scored(
+                f"{label}: DCI/MIG/OMES on Texture-dSprites ({cfg.n_train} + {cfg.n_test} samples)",
+                lambda: source_scores(model(), inputs.source, cfg, res.device, label)))
+            row[state], _ = cached(cfg, dict(part="target", checkpoint=checkpoint, source=dis_key,
+                                             target=target.digest, holdout=cfg.holdout_class),
+                                   lambda: target_scores(model(), dis, inputs, cfg, res.device, label))
+            row[state]["disentanglement"] = dis
+            say(f"evaluate: {label}: done")
+        row["beta"], row["seed"] = ckpt_config["beta"], ckpt_config["seed"]
         per_model.append(row)
-    baseline = raw_baseline(x_train, x_test, target, known)
-    figures = make_figures(folder, per_model, target, cfg, src.factor_names)
+    baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
+                                   weights=drl.weights_digest(res.weights) if res.weights else None),
+                         lambda: _scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
+    for m in per_model:
+        for state in STATES:
+            m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
+    figures = make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES)
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
@@ -197,6 +272,16 @@ def evaluate_all(cfg, res, target, pairs, folder):
             "n_train_images": len(target.train), "n_test_images": len(target.test),
             "models": per_model, "summary": summarise(per_model), "raw_input_baseline": baseline,
             "figures": figures}
+
+
+def _scored(what, fn):
+    with stage(what):
+        return fn()
+
+
+def lazy_model(path, device):
+    """A function that loads the checkpoint's model on its first call only."""
+    return functools.lru_cache(maxsize=1)(lambda: drl.load_model(path, device)[0])
 
 
 def expected_checkpoints(cfg, res):
@@ -261,7 +346,10 @@ def report(res):
               "", "## Clustering (K-Means, k = number of classes)", "", *_header(["AMI", "silhouette"]),
               *_rows(s, ["clustering.ami", "clustering.silhouette"], num)]
     return "\n".join(lines + _interpretability(res) + _open_set(res) + [
-        "", "## Figures", ""] + [f"- {k}: `{v}`" for k, v in res["figures"].items() if isinstance(v, str)] + [
+        "", "## Figures", "", f"Fig. 3 is the mean over models; Figs. 4, 6 and 7 show one model ("
+        f"{res['figures']['model_shown']}), so the r in the titles of Fig. 6 is that model's, not the mean of the "
+        "table above.", ""] + [f"- {k}: `{v}`" for k, v in res["figures"].items()
+                                if isinstance(v, str) and k.startswith("fig")] + [
         "", f"Every number above is in `results.json` (per model). Run time {res['seconds']} s.", ""])
 
 
@@ -316,6 +404,7 @@ def make_figures(folder, per_model, target, cfg, factor_names):
            "importance_by_factor": {s: importance_by_factor(per_model, s, factor_names) for s in STATES}}
     out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
     m, who = per_model[0]["after"], f"seed {per_model[0]['seed']}, β {per_model[0]['beta']:g}, after finetuning"
+    out["model_shown"] = who
     out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
     if target.test.has_masks:
         pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
