@@ -2649,10 +2649,81 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     for key in ("fig3_importance", "fig4_top2_dims", "fig7_open_set"):
         assert (folder / res["figures"][key]).stat().st_size > 1000
     assert not list(out.rglob("*.tmp"))
-    # a second run trains nothing and reuses everything
+    assert "Figs. 4, 6 and 7 show one model (seed 0, β 1, after finetuning)" in report
+    # a second run trains nothing, computes nothing and writes the same report
     code, stdout, err = run_script(evaluate.main, argv + ["--no-train"], capsys)
     assert code == 0, err
-    assert "training" not in stdout.replace("training what is missing", "")
+    assert "nothing to train" in stdout and "steps/s" not in stdout
+    assert "DCI/MIG/OMES" not in stdout and "downstream" not in stdout and "raw-input" not in stdout
+    assert (folder / "report.md").read_text().split("Run time")[0] == report.split("Run time")[0]
+    # another DCI sample size recomputes DCI/MIG/OMES (and what depends on it: dim names), nothing else
+    code, stdout, err = run_script(evaluate.main, argv[:-4] + ["--n-test", "200", "--holdout-class", "negative"],
+                                   capsys)
+    assert code == 0, err
+    assert stdout.count("DCI/MIG/OMES on Texture-dSprites (600 + 200 samples)\n") == 4
+    assert "raw-input" not in stdout and "steps/s" not in stdout
+
+
+def test_recent_rate_forgets_old_speed(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(train.time, "time", lambda: now[0])
+    rate = train._RecentRate(0, window=30.0)
+    for s in range(1, 61):          # 10 steps/s for a minute ...
+        now[0] = s * 1.0
+        rate(10 * s)
+    for s in range(1, 61):          # ... then 1 step/s: the rate follows within the window, no drift
+        now[0] = 60.0 + s
+        r = rate(600 + s)
+    assert r == pytest.approx(1.0, rel=0.05)
+
+
+def test_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "WRITTEN", {})
+    code, _, err = run_script(interrupted, [], capsys)
+    assert code == 130 and "before this run wrote a checkpoint" in err and "kept" not in err
+    with pytest.raises(_Interrupt):
+        _fit(tmp_path, 40, _interrupted_at(25, _feature_batches()), log_every=10, checkpoint_every_s=0)
+    code, _, err = run_script(interrupted, [], capsys)
+    assert code == 130 and "1 checkpoint(s) of this run are kept" in err and "at step 20" in err
+
+
+@pytest.mark.parametrize("extra", [["--target", "mnist"], ["--target", "synthetic-cells", "--holdout-class", "x"],
+                                   ["--target", "lensless", "--data-root", "nowhere"]])
+def test_refused_run_writes_nothing(tmp_path, offline_hub, capsys, extra):
+    out = tmp_path / "new-run"
+    code, _, err = run_script(evaluate.main, ["--out", str(out)] + TINY + extra, capsys)
+    assert code == 2 and err.startswith("error: ")
+    assert not out.exists()
+
+
+def _readme_commands():
+    """Every `python X.py ...` command in the README's code blocks, as argument lists."""
+    import shlex
+    readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
+    blocks = readme.split("```")[1::2]
+    commands = []
+    for line in (line for b in blocks for line in b.splitlines()):
+        for part in line.split("#")[0].split("&&"):
+            words = shlex.split(part)
+            if words[:1] == ["python"] and words[1:2] and words[1].endswith(".py"):
+                commands.append(words[1:])
+    return commands
+
+
+def test_readme_commands_run_as_written():
+    """After the quickstart the venv is active: every command says `python`, names a script of this
+    project, and its flags parse into a valid Config (the commands themselves take hours)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
+    assert ".venv/bin/python" not in readme and "../shared" not in readme
+    commands = _readme_commands()
+    assert len(commands) >= 5
+    scripts = {"train.py": train.parser, "evaluate.py": evaluate.parser, "bench.py": None}
+    for cmd in commands:
+        assert cmd[0] in scripts, cmd
+        if scripts[cmd[0]] is not None:
+            train.config_from_args(scripts[cmd[0]]().parse_args(cmd[1:]))
 
 
 def test_readme_test_command_is_the_ci_command():
