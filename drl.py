@@ -475,7 +475,9 @@ class GaussianVAE(nn.Module):
     """
 
     def forward(self, batch, beta, noise=None):
-        return self.pair_loss(*batch, beta, noise) if isinstance(batch, (tuple, list)) else self.loss(batch, beta, noise)
+        if isinstance(batch, (tuple, list)):
+            return self.pair_loss(*batch, beta, noise)
+        return self.loss(batch, beta, noise)
 
     def encode(self, x):
         return self.encoder(x).chunk(2, dim=1)
