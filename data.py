@@ -117,6 +117,9 @@ def load_textures(folder, size=64):
     """(5, size, size) float32 in [0, 1] from five grayscale images in `folder` (paper: Brodatz D11,
     D40, D23, D109, D102). Any PIL format; converted to gray, centre-cropped to a square, resized
     (antialiased bilinear). More than five: the first five in sorted order are used, with a warning."""
+    if os.path.isfile(folder):
+        raise ValueError(f"--textures {folder} is a file, not a folder; give the folder that holds the 5 "
+                         f"grayscale texture images")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"textures folder {folder} not found; give a folder with 5 grayscale "
                                 f"images (--textures DIR) or leave it out for procedural textures")
@@ -394,8 +397,9 @@ def sample_pairs(factor_sizes, n, rng):
 def load_image(path):
     """Read any image PIL can open as uint8 (H, W, 3) RGB.
 
-    - 16-bit / 32-bit integer and float images (I;16, I, F) are scaled by their OWN maximum
-      (v · 255 / max, negatives → 0; an all-zero image stays 0): microscopy cameras rarely fill 16 bits.
+    - 16-bit / 32-bit integer and float images (I;16, I, F) are scaled by the range of their type
+      (`_full_scale`: 16-bit v · 255 / 65535, float [0, 1]; negatives → 0), never by their own maximum,
+      so the same crop as 8 and as 16 bits gives the same pixels (±1) and intensities stay comparable.
     - Alpha (RGBA, LA, PA, P with transparency) is composited over black, the padding colour.
     - Everything else (L, 1, P, CMYK, YCbCr, ...) goes through PIL's convert("RGB"). PIL itself decodes
       16-bit-per-channel colour PNGs (48/64-bit) to 8 bits by keeping the high byte (≈ v / 256).
@@ -418,16 +422,24 @@ def _to_rgb(img):
     mode = img.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
         a = np.asarray(img).astype(np.float64)
-        if a.ndim == 3:
-            a = a[..., 0]
-        a = np.clip(np.nan_to_num(a), 0, None)
-        mx = a.max() if a.size else 0.0
-        g = np.zeros(a.shape, np.uint8) if mx <= 0 else np.round(a * (255.0 / mx)).astype(np.uint8)
+        a = np.clip(np.nan_to_num(a[..., 0] if a.ndim == 3 else a), 0, None)
+        g = np.round(np.minimum(a * (255.0 / _full_scale(mode, a)), 255)).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA")).astype(np.uint16)
         return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _full_scale(mode, a):
+    """The bit-depth rule: an image's value range is that of its type, the same for every image of a
+    dataset, so brightness stays comparable. 16-bit → 65535; a 32-bit integer image ('I', as PIL reads
+    some 16-bit files) → 65535 when its values fit 16 bits, else 2³¹ − 1; a float image ('F') → 1."""
+    if mode == "F":
+        return 1.0
+    if mode.startswith("I;16") or (a.max(initial=0) <= 65535):
+        return 65535.0
+    return 2.0 ** 31 - 1
 
 
 def pad_to_square(img):
@@ -508,7 +520,8 @@ SYNTHETIC_CLASSES = ("single", "multiple", "condensed", "negative")
 # finetuning the pixel VAE lowered the downstream accuracy (README, "Where we differ": synthetic-cells).
 SYNTHETIC_N = 4000
 TEST_FRACTION = 0.2
-BAD_IMAGE_TOLERANCE = 0.01  # unreadable images: skipped with a warning below this fraction, else an error
+BAD_IMAGE_TOLERANCE = 0.01  # undecodable images skipped up to this fraction (or count, when >= 1); else an error
+MIN_IMAGE_SIZE = 16         # px, shorter side: smaller images are used but named in a warning
 
 
 class ImageSet:
@@ -521,8 +534,9 @@ class ImageSet:
     """
 
     def __init__(self, names, labels, classes, paths=None, mask_paths=None, arrays=None,
-                 mask_arrays=None, rows=None, stamp=""):
+                 mask_arrays=None, rows=None, stamp="", content=None):
         self.names = list(names)
+        self._content = None if content is None else list(content)  # sha256 of each file (image + mask)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         self.classes = list(classes)
         self._paths, self._mask_paths = paths, mask_paths
@@ -536,7 +550,14 @@ class ImageSet:
 
     @property
     def has_masks(self):
-        return self._mask_paths is not None or self._mask_arrays is not None
+        return self._mask_arrays is not None or any(p is not None for p in (self._mask_paths or []))
+
+    @property
+    def with_masks(self):
+        """Indices of the images that have a mask (all of them for in-memory sets with masks)."""
+        if self._mask_arrays is not None:
+            return np.arange(len(self))
+        return np.array([i for i, p in enumerate(self._mask_paths or []) if p is not None], np.int64)
 
     def _index(self, idx):
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
@@ -579,18 +600,18 @@ class ImageSet:
         return ImageSet([self.names[int(i)] for i in idx], self.labels[idx], self.classes,
                         paths=pick(self._paths), mask_paths=pick(self._mask_paths),
                         arrays=self._arrays, mask_arrays=self._mask_arrays, rows=self._rows[idx],
-                        stamp=self._stamp)
+                        stamp=self._stamp, content=pick(self._content))
 
     @property
     def digest(self):
-        """sha256 over names, labels, classes and each file's size + mtime (or the arrays' digest)."""
+        """sha256 over names (relative paths), labels, classes and each file's bytes (or the arrays'
+        digest): a copied folder is the same dataset, an edited image another one."""
         if self._digest is None:
             h = hashlib.sha256(json.dumps([self.names, self.labels.tolist(), self.classes]).encode())
             h.update(self._stamp.encode())
             h.update(self._rows.tobytes() if self._arrays is not None else b"")
-            for p in (self._paths or []) + (self._mask_paths or []):
-                st = os.stat(p)
-                h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            if self._content is not None:  # file-backed sets; in-memory ones are identified by the stamp
+                h.update(json.dumps(self._content).encode())
             self._digest = h.hexdigest()
         return self._digest
 
@@ -604,11 +625,14 @@ def _mtime(path):
 
 class Target:
     """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.split`,
-    `.native_split` (the folder had train/ and test/), `.path` (its folder, None when built in)."""
+    `.native_split` (the folder had train/ and test/), `.path` (its folder, None when built in),
+    `.bad` (skipped images and why), `.files` (content digest of every file)."""
 
-    def __init__(self, name, classes, train, test, native_split=False, path=None, split=None):
+    def __init__(self, name, classes, train, test, native_split=False, path=None, split=None, bad=(), files=None):
         self.name, self.classes, self.train, self.test = name, list(classes), train, test
         self.native_split, self.path = native_split, path
+        self.bad = list(bad)           # (name, reason) of every image skipped as undecodable
+        self.files = files or {}       # {name: sha256 of its bytes}: what a rerun compares against
         self.split = split  # the random split's image names (to save and reuse), None for a native split
 
     @property
@@ -620,7 +644,7 @@ class Target:
                 f"test={len(self.test)}, masks={self.train.has_masks})")
 
 
-def load_target(name, root=None, seed=0, split=None, split_name="the saved split"):
+def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE):
     """Load a target by name (design §3).
 
     Real targets live under `root` (default: env DRL_DATA, else ./data) as
@@ -630,6 +654,9 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     any extension). Without a native split, `split` (a dict with "train" / "test" name lists, as
     `read_split` returns it; `split_name` names it in errors) is reused when given, and the split made is
     in `target.split` for the caller to save. `synthetic-cells` is built in (no folder needed).
+    Every image is decoded here, before any training: undecodable ones are skipped (`target.bad`) up to
+    `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all. Images
+    whose shorter side is below MIN_IMAGE_SIZE are used, with a warning naming them.
     """
     if name not in TARGETS:
         raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
@@ -638,21 +665,32 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     tdir, groups, classes = _target_layout(name, root)
     names, labels = _collect_images(tdir, groups, classes)
     all_names = [n for part in names.values() for n in part]
-    sizes, bad = _check_readable(tdir, all_names, names, labels, classes)
-    masks = _find_masks(tdir, all_names, sizes, set(bad))
+    sizes, files, bad = _decode_all(tdir, all_names, max_bad)
+    _drop(names, labels, {n for n, _ in bad}, classes, tdir)
+    masks = _find_masks(tdir, [n for n in all_names if n in sizes], sizes, files)
 
     def make(part_names, part_labels):
         return ImageSet(part_names, part_labels, classes, paths=[os.path.join(tdir, n) for n in part_names],
-                        mask_paths=None if masks is None else [masks[n] for n in part_names])
+                        mask_paths=None if masks is None else [masks.get(n) for n in part_names],
+                        content=[files[n] + _mask_digest(files, masks, n, tdir) for n in part_names])
 
     if "train" in groups:
-        return Target(name, classes, make(names["train"], labels["train"]), make(names["test"], labels["test"]),
-                      native_split=True, path=tdir)
-    tr, te = _split(names[""], labels[""], seed, split, split_name, tdir)
-    pick = lambda xs, idx: [xs[k] for k in idx]  # noqa: E731
-    return Target(name, classes, make(pick(names[""], tr), pick(labels[""], tr)),
-                  make(pick(names[""], te), pick(labels[""], te)), path=tdir,
-                  split=_split_record(name, seed, names[""], tr, te))
+        target = Target(name, classes, make(names["train"], labels["train"]), make(names["test"], labels["test"]),
+                        native_split=True, path=tdir, bad=bad, files=files)
+    else:
+        tr, te = _split(names[""], labels[""], seed, split, split_name, tdir)
+        pick = lambda xs, idx: [xs[k] for k in idx]  # noqa: E731
+        target = Target(name, classes, make(pick(names[""], tr), pick(labels[""], tr)),
+                        make(pick(names[""], te), pick(labels[""], te)), path=tdir,
+                        split=_split_record(name, seed, names[""], tr, te), bad=bad, files=files)
+    empty = [c for i, c in enumerate(classes) if not np.any(target.test.labels == i)]
+    if empty:
+        warnings.warn(f"class(es) {', '.join(empty)} of {tdir} have no test images; their accuracy is not measured")
+    return target
+
+
+def _mask_digest(files, masks, n, tdir):
+    return files[os.path.relpath(masks[n], tdir)] if masks and n in masks else ""
 
 
 def _target_layout(name, root):
@@ -701,31 +739,50 @@ def _collect_images(tdir, groups, classes):
     return names, labels
 
 
-def _check_readable(tdir, all_names, names, labels, classes):
-    """Open every image header; drop the unreadable ones from names/labels (in place) below the tolerance.
-    Returns ({name: (width, height)}, unreadable names)."""
-    sizes, bad = {}, []
+class BadImages(ValueError):
+    """More undecodable images than allowed; `.bad` lists every one as (name, reason)."""
+
+    def __init__(self, message, bad):
+        super().__init__(message)
+        self.bad = bad
+
+
+def _decode_all(tdir, all_names, max_bad):
+    """Decode every image (as load_image will) and hash its bytes. Returns ({name: (width, height)},
+    {name: sha256}, [(name, reason)] of the undecodable ones); over `max_bad` raises BadImages."""
+    sizes, files, bad, small = {}, {}, [], []
     for n in all_names:
+        path = os.path.join(tdir, n)
         try:
-            with Image.open(os.path.join(tdir, n)) as im:
-                sizes[n] = im.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            bad.append(n)
-    if not bad:
-        return sizes, bad
-    if len(bad) / len(all_names) >= BAD_IMAGE_TOLERANCE:
-        raise ValueError(f"{len(bad)} of {len(all_names)} images in {tdir} are unreadable "
-                         f"(first: {bad[0]}); fix or remove them")
-    warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(all_names)} in {tdir} "
-                  f"(< 1%): {', '.join(bad[:5])}")
+            with open(path, "rb") as f:
+                files[n] = hashlib.sha256(f.read()).hexdigest()
+            h, w = load_image(path).shape[:2]
+        except (OSError, ValueError) as e:
+            bad.append((n, str(e).split(" (", 1)[-1].rsplit(");", 1)[0] if "(" in str(e) else str(e)))
+            files.pop(n, None)
+            continue
+        sizes[n] = (w, h)
+        if min(w, h) < MIN_IMAGE_SIZE:
+            small.append(f"{n} ({w}x{h})")
+    if small:
+        warnings.warn(f"{len(small)} image(s) in {tdir} are smaller than {MIN_IMAGE_SIZE} px on a side and will "
+                      f"be upscaled a lot: {', '.join(small[:10])}" + (", ..." if len(small) > 10 else ""))
+    allowed = max_bad if max_bad >= 1 else max_bad * len(all_names)
+    if len(bad) > allowed:
+        raise BadImages(f"{len(bad)} of {len(all_names)} images in {tdir} cannot be decoded, more than "
+                        f"--max-bad-images {max_bad:g} allows; fix or remove them (each is listed above)", bad)
+    return sizes, files, bad
+
+
+def _drop(names, labels, bad, classes, tdir):
+    """Remove the undecodable images from names/labels (in place); every class must keep one."""
     for part in names:
-        keep = [k for k, n in enumerate(names[part]) if n not in set(bad)]
+        keep = [k for k, n in enumerate(names[part]) if n not in bad]
         names[part][:] = [names[part][k] for k in keep]
         labels[part][:] = [labels[part][k] for k in keep]
     for c in range(len(classes)):
         if not any(lab == c for part in labels for lab in labels[part]):
             raise ValueError(f"class '{classes[c]}' in {tdir} has no readable images")
-    return sizes, bad
 
 
 def _class_dirs(folder):
@@ -735,44 +792,41 @@ def _class_dirs(folder):
                   and os.path.isdir(os.path.join(folder, d)))
 
 
-def _find_masks(tdir, names, sizes, bad):
-    """{image name: mask path} when <tdir>/masks exists, else None. Every image needs a mask of the
-    same width × height (checked from the file headers)."""
+def _find_masks(tdir, names, sizes, files):
+    """{image name: mask path} for the images that have a usable mask under <tdir>/masks (None when that
+    folder does not exist). A mask mirrors its image's path and stem, any extension, and has its size.
+    Masks only serve the handcrafted-feature analysis, so a missing, unreadable or mis-sized mask drops
+    that image from it (one warning says how many) and never blocks classification. Mask bytes go into
+    `files` (keyed by their path in the target folder), so an edited mask makes another dataset."""
     mdir = os.path.join(tdir, "masks")
     if not os.path.isdir(mdir):
         return None
-    exts = _image_extensions()
-    listing = {}
-    out, missing = {}, []
+    listing, out, skipped = {}, {}, []
     for n in names:
-        if n in bad:
-            continue
         sub, fname = os.path.split(n)
         folder = os.path.join(mdir, sub)
         if folder not in listing:
             listing[folder] = {}
-            if os.path.isdir(folder):
-                for f in sorted(os.listdir(folder)):
-                    stem, ext = os.path.splitext(f)
-                    if ext.lower() in exts and not f.startswith("."):
-                        listing[folder].setdefault(stem, os.path.join(folder, f))
+            for f in (sorted(os.listdir(folder)) if os.path.isdir(folder) else []):
+                if os.path.splitext(f)[1].lower() in _image_extensions() and not f.startswith("."):
+                    listing[folder].setdefault(os.path.splitext(f)[0], os.path.join(folder, f))
         path = listing[folder].get(os.path.splitext(fname)[0])
         if path is None:
-            missing.append(n)
-        else:
-            out[n] = path
-    if missing:
-        raise ValueError(f"{len(missing)} image(s) in {tdir} have no mask under {mdir} (first: "
-                         f"{missing[0]}); masks must mirror the image tree (same path and name)")
-    for n, p in out.items():
+            continue
         try:
-            with Image.open(p) as im:
-                msize = im.size
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"cannot read mask {p} ({type(e).__name__}); fix or remove it")
-        if msize != sizes[n]:
-            raise ValueError(f"mask {p} is {msize[0]}x{msize[1]} but image {n} is "
-                             f"{sizes[n][0]}x{sizes[n][1]}; masks must match their images")
+            h, w = _load_mask(path).shape
+        except ValueError as e:
+            skipped.append(f"{path} ({e})")
+            continue
+        if (w, h) != sizes[n]:
+            skipped.append(f"{path} is {w}x{h} but its image is {sizes[n][0]}x{sizes[n][1]}")
+            continue
+        with open(path, "rb") as f:
+            files[os.path.relpath(path, tdir)] = hashlib.sha256(f.read()).hexdigest()
+        out[n] = path
+    if len(out) < len(names):
+        warnings.warn(f"{len(out)} of {len(names)} images in {tdir} have a usable mask; the handcrafted-feature "
+                      f"analysis uses those" + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
     return out
 
 
