@@ -14,6 +14,7 @@ import argparse
 import collections
 import csv
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -61,6 +62,8 @@ class Config:
     target: str = _opt(None, "target dataset: " + ", ".join(data.TARGETS))
     data_root: str = _opt(None, "folder holding the real targets (default $DRL_DATA or ./data)")
     holdout_class: str = _opt(None, "leave this class out of finetuning and classifiers (open set)")
+    max_bad_images: float = _opt(data.BAD_IMAGE_TOLERANCE, "undecodable target images to skip: a count (>= 1) "
+                                 "or a fraction (< 1) of all images; more stops the run before training")
     # run
     out: str = _opt("runs", "run folder")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -225,18 +228,64 @@ class SourceInputs:
 
 
 def load_target(cfg):
-    """The target dataset; a random split is saved under out/splits/ and reused by every later run."""
+    """The target dataset, every image decoded. Skipped images are listed on stderr and in
+    out/bad-images-<target>.txt; a random split is saved under out/splits/ and reused by later runs; the
+    content digest of every file goes to out/datasets/<digest>.json, so a later run can say what changed."""
     if not cfg.target:
         raise ValueError(f"--target is required for this stage; one of: {', '.join(data.TARGETS)}")
     split_file = os.path.join(cfg.out, "splits", f"{cfg.target}.json")
     saved = data.read_split(split_file) if os.path.exists(split_file) else None
-    target = data.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file)
+    try:
+        target = data.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file,
+                                  max_bad=cfg.max_bad_images)
+    except data.BadImages as e:
+        _list_bad_images(cfg, e.bad)
+        raise ValueError(f"{e}; the list is in {_bad_list_path(cfg)}") from None
     if cfg.holdout_class and cfg.holdout_class not in target.classes:
         raise ValueError(f"--holdout-class {cfg.holdout_class!r} is not a class of {cfg.target}; "
                          f"classes: {', '.join(target.classes)}")
+    if target.bad:
+        _list_bad_images(cfg, target.bad)
+        warnings.warn(f"skipped {len(target.bad)} undecodable image(s) of {target.path}, listed above and in "
+                      f"{_bad_list_path(cfg)}")
     if saved is None and target.split is not None:
         drl.write_text(split_file, data.split_json(target))
+    if target.files:
+        drl.write_text(os.path.join(cfg.out, "datasets", f"{target.digest}.json"),
+                       json.dumps({"folder": target.path, "files": target.files}))
     return target
+
+
+def _bad_list_path(cfg):
+    return os.path.join(cfg.out, f"bad-images-{cfg.target}.txt")
+
+
+def _list_bad_images(cfg, bad):
+    for name, reason in bad:
+        print(f"bad image: {name}: {reason}", file=sys.stderr)
+    drl.write_text(_bad_list_path(cfg), "".join(f"{name}\t{reason}\n" for name, reason in bad))
+
+
+def dataset_difference(cfg, there, now):
+    """In words, how the target of digest `now` differs from the one of digest `there` (from the content
+    manifests under out/datasets/), e.g. '12 images added and 3 changed in data/vacuoles/train'."""
+    manifests = []
+    for digest in (there, now):
+        path = os.path.join(cfg.out, "datasets", f"{digest}.json")
+        if not os.path.exists(path):
+            return "the target images differ"
+        with open(path) as f:
+            manifests.append(json.load(f))
+    old, new = manifests[0]["files"], manifests[1]["files"]
+    counts = collections.Counter()
+    for name in set(old) | set(new):
+        what = "added" if name not in old else "removed" if name not in new else \
+            "changed" if old[name] != new[name] else None
+        if what:
+            counts[(what, os.path.join(manifests[1]["folder"], os.path.dirname(name)))] += 1
+    if not counts:
+        return "the same files with other labels or split"
+    return "; ".join(f"{n} file(s) {what} in {folder}" for (what, folder), n in sorted(counts.items()))
 
 
 def target_inputs(cfg, res, images, stats, name):
@@ -335,12 +384,19 @@ def _resume(run, steps):
         run.start, run.optimizer_state = ckpt["step"], ckpt["optimizer"]
 
 
-def check_config(path, saved, wanted):
+def check_config(path, saved, wanted, explain=None):
+    """A checkpoint of another configuration is refused; `explain(key, there, now)` may say in words what
+    differs (e.g. which images changed)."""
     diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if diff:
         k = diff[0]
-        raise ValueError(f"checkpoint {path} was written with another configuration ({k}: {saved.get(k)!r} "
-                         f"there, {wanted.get(k)!r} now); use another --out or delete that run folder")
+        words = (explain or _flag_difference)(k, saved.get(k), wanted.get(k))
+        raise ValueError(f"{path} was made from other data or flags: {words}; use another --out, or delete "
+                         f"{os.path.dirname(path)} to train that model again")
+
+
+def _flag_difference(key, there, now):
+    return f"--{key.replace('_', '-')} is {there!r} there, {now!r} now"
 
 
 def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device,
@@ -534,15 +590,27 @@ class _RecentRate:
 # 5. The pipeline evaluate.py calls: train the source models, finetune them on a target
 # ---------------------------------------------------------------------------------------------------------
 
-def is_done(path, config=None):
+def is_done(path, config=None, cfg=None):
     """Is the model at `path` fully trained? With `config`, a finished model of another configuration is an
-    error, never silently reused."""
+    error, never silently reused; with `cfg` too, the error says in words what differs."""
     if not os.path.exists(path):
         return False
     ckpt = drl.load_checkpoint(path)
     if config is not None:
-        check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, config)
+        check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, config,
+                     None if cfg is None else lambda k, there, now: explain_difference(cfg, k, there, now))
     return ckpt.get("done", False)
+
+
+def explain_difference(cfg, key, there, now):
+    if key == "target":
+        return dataset_difference(cfg, there, now)
+    if key == "dataset":
+        return "the Texture-dSprites source differs (--textures or --dsprites is not as in that run)"
+    if key == "source":  # the finetuned model's source model: say which of its settings differs
+        sub = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))[0]
+        return explain_difference(cfg, sub, there.get(sub), now.get(sub))
+    return _flag_difference(key, there, now)
 
 
 def _printer(label):
@@ -574,7 +642,7 @@ def train_source(cfg, res):
                       "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
             folder = source_folder(cfg, res, beta, seed)
             paths.append(os.path.join(folder, "checkpoint.pt"))
-            if not is_done(paths[-1], config):
+            if not is_done(paths[-1], config, cfg):
                 torch.manual_seed(seed)
                 runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
     if not runs:
@@ -609,7 +677,7 @@ def finetune(cfg, res, target):
         config = {"stage": "finetune", "source": ckpt["config"], "target": target.digest,
                   "holdout": cfg.holdout_class, "seed": seed, "beta": beta, "epochs": cfg.epochs,
                   "batch_size": cfg.batch_size, "lr": cfg.lr}
-        if not is_done(pairs[-1][1], config):
+        if not is_done(pairs[-1][1], config, cfg):
             stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
             runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
     if not runs:
