@@ -80,12 +80,12 @@ def target_scores(model, dis, inputs, cfg, device, label):
                 held = target.classes.index(cfg.holdout_class)
                 r["open_set"] = _attempt(label, "open set", lambda: metrics.open_set(
                     zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
-    if target.test.has_masks:
-        feats = test_handcrafted(target)
-        r["correlation"] = {}
+    rows, feats = test_handcrafted(target) if target.test.has_masks else ([], {})
+    if len(rows) >= 3:
+        r["correlation"] = {"n_images": len(rows)}
         for f, h in CORRELATED:
             if f in r["dim_names"]:
-                c = metrics.correlations(z_test[:, [r["dim_names"].index(f)]], {h: feats[h]})[0][h]
+                c = metrics.correlations(z_test[rows][:, [r["dim_names"].index(f)]], {h: feats[h]})[0][h]
                 # the sign of a latent axis is arbitrary (z and -z are the same code): compare |r| across models
                 r["correlation"][f"{f}:{h}"] = dict(c, abs_r=abs(c["r"]), dim=r["dim_names"].index(f))
     r["_z_test"] = z_test  # for figures only; dropped before writing results.json
@@ -154,11 +154,12 @@ _FEATURES = {}
 
 
 def test_handcrafted(target):
-    """Handcrafted features of the test split, from its masks (area, mean R/G/B inside, solidity)."""
+    """(rows, features): the test images that have a mask and their handcrafted features (mask area,
+    mean R/G/B inside, solidity)."""
     if target.digest not in _FEATURES:
-        idx = np.arange(len(target.test))
-        _FEATURES[target.digest] = data.handcrafted_features(target.test.images(idx, 224),
-                                                            target.test.masks(idx, 224))
+        rows = target.test.with_masks
+        _FEATURES[target.digest] = rows, data.handcrafted_features(target.test.images(rows, 224),
+                                                                   target.test.masks(rows, 224))
     return _FEATURES[target.digest]
 
 
@@ -335,6 +336,7 @@ def report(res):
              "## Table II — downstream accuracy (%) on the disentangled representation", "",
              *_header(["GBT", "MLP", "GBT balanced", "MLP balanced"]),
              *_rows(s, ["downstream.gbt", "downstream.mlp", "downstream.gbt_balanced", "downstream.mlp_balanced"])]
+    lines += _convergence(res)
     b = res["raw_input_baseline"]
     raw = "DINO features Φ (768-d)" if res["backbone"] == "dino" else "pixels average-pooled to 8×8 RGB (192 values)"
     lines += ["", "## Table V — the same classifiers on the raw input (no disentanglement)", "",
@@ -343,7 +345,8 @@ def report(res):
               *_header(["DCI D", "DCI C", "DCI I (test)", "MIG", "OMES"]),
               *_rows(s, [d + "dci.disentanglement", d + "dci.completeness", d + "dci.informativeness_test",
                          d + "mig", d + "omes.omes"]),
-              "", "## Clustering (K-Means, k = number of classes)", "", *_header(["AMI", "silhouette"]),
+              "", f"## Clustering (K-Means, k = {_kmeans_k(res)}: the classes present in the test split)", "",
+              *_header(["AMI", "silhouette"]),
               *_rows(s, ["clustering.ami", "clustering.silhouette"], num)]
     return "\n".join(lines + _interpretability(res) + _open_set(res) + [
         "", "## Figures", "", f"Fig. 3 is the mean over models; Figs. 4, 6 and 7 show one model ("
@@ -351,6 +354,23 @@ def report(res):
         "table above.", ""] + [f"- {k}: `{v}`" for k, v in res["figures"].items()
                                 if isinstance(v, str) and k.startswith("fig")] + [
         "", f"Every number above is in `results.json` (per model). Run time {res['seconds']} s.", ""])
+
+
+def _kmeans_k(res):
+    ks = {m[s]["clustering"]["k"] for m in res["models"] for s in STATES if m[s].get("clustering")}
+    return ", ".join(str(k) for k in sorted(ks)) or "n/a"
+
+
+def _convergence(res):
+    """A warning line under Table II for every state in which some MLP stopped at its iteration limit."""
+    lines = []
+    for state in STATES:
+        stopped = [f"seed {m['seed']} β {m['beta']:g}" for m in res["models"]
+                   if m[state].get("downstream") and not m[state]["downstream"]["mlp_converged"]]
+        if stopped:
+            lines.append(f"\n**Warning:** {len(stopped)} of {len(res['models'])} MLP(s) {state} finetuning stopped at "
+                         f"the iteration limit without converging ({', '.join(stopped)}); their accuracy may be low.")
+    return lines
 
 
 def _interpretability(res):
@@ -362,10 +382,12 @@ def _interpretability(res):
     for state, mark in zip(STATES, ("no", "yes")):
         imp = res["figures"]["importance_by_factor"][state]
         lines.append(f"| {mark} | " + " | ".join(f"{imp[f]:.3f}" for f in order) + " |")
-    keys = sorted({k for m in res["models"] for k in m["after"].get("correlation", {})})
+    keys = sorted({k for m in res["models"] for k in m["after"].get("correlation") or {} if ":" in k})
+    n_masked = max((m["after"].get("correlation") or {}).get("n_images", 0) for m in res["models"])
     if keys:
-        lines += ["", "|Pearson r| between the latent dim named after a factor and a handcrafted feature of the test "
-                  "split (from masks; the sign of a latent axis is arbitrary), mean ± SD over models:", "",
+        lines += ["", "|Pearson r| between the latent dim named after a factor and a handcrafted feature of the "
+                  f"{n_masked} of {res['n_test_images']} test images that have a mask (the sign of a latent axis is "
+                  "arbitrary), mean ± SD over models:", "",
                   "| latent:feature | before | after |", "| --- | --- | --- |"]
         lines += [f"| {k} | {num(s, 'before', 'correlation.' + k + '.abs_r')} | "
                   f"{num(s, 'after', 'correlation.' + k + '.abs_r')} |" for k in keys]
@@ -406,10 +428,10 @@ def make_figures(folder, per_model, target, cfg, factor_names):
     m, who = per_model[0]["after"], f"seed {per_model[0]['seed']}, β {per_model[0]['beta']:g}, after finetuning"
     out["model_shown"] = who
     out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
-    if target.test.has_masks:
+    if target.test.has_masks and len(target.test.with_masks) >= 3:
         pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
         if pairs:
-            out["fig6_correlation"] = _fig_correlation(fig_dir, m, test_handcrafted(target), pairs, who)
+            out["fig6_correlation"] = _fig_correlation(fig_dir, m, *test_handcrafted(target), pairs, who)
     if cfg.holdout_class and m.get("open_set") and m["open_set"].get("centroid_distance_assigned") is not None:
         out["fig7_open_set"] = _fig_open_set(fig_dir, m, target, cfg.holdout_class, who)
     return out
@@ -455,13 +477,13 @@ def _fig_top2(fig_dir, m, target, who):
     return _save(fig, fig_dir, "fig4_top2_dims.png")
 
 
-def _fig_correlation(fig_dir, m, feats, pairs, who):
+def _fig_correlation(fig_dir, m, rows, feats, pairs, who):
     """Fig. 6: the latent scale / colour / shape dims against mask area / mean red / solidity."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
     for ax, (f, h) in zip(axes[0], pairs):
         d = m["dim_names"].index(f)
-        ax.scatter(feats[h], m["_z_test"][:, d], s=6, alpha=0.6)
+        ax.scatter(feats[h], m["_z_test"][rows, d], s=6, alpha=0.6)
         r = m.get("correlation", {}).get(f"{f}:{h}", {}).get("r", float("nan"))
         ax.set_title(f"{f} dim z{d} vs {h}: r = {r:.2f}", fontsize=9)
         ax.set_xlabel(f"handcrafted {h}" + (" (mask pixels at 224x224)" if h == "area" else ""))
