@@ -252,18 +252,18 @@ def test_pairs_differ_in_exactly_one_factor():
 # ----------------------------------------------------------------------------------------------------
 
 def test_load_image_modes(tmp_path):
-    # 16-bit gray PNG: scaled by its own maximum
-    a16 = np.array([[0, 1000], [2000, 4000]], np.uint16)
+    # 16-bit gray PNG: scaled by the 16-bit range (v · 255 / 65535), not by its own maximum
+    a16 = np.array([[0, 1000], [2000, 65535]], np.uint16)
     Image.fromarray(a16).save(tmp_path / "g16.png")
     x = data.load_image(str(tmp_path / "g16.png"))
     assert x.dtype == np.uint8 and x.shape == (2, 2, 3)
-    np.testing.assert_array_equal(x[..., 0], [[0, 64], [128, 255]])
+    np.testing.assert_array_equal(x[..., 0], [[0, 4], [8, 255]])
     np.testing.assert_array_equal(x[..., 0], x[..., 2])
     # 16-bit TIFF
     Image.fromarray(a16).save(tmp_path / "g16.tif")
     np.testing.assert_array_equal(data.load_image(str(tmp_path / "g16.tif"))[..., 1], x[..., 1])
-    # 32-bit float TIFF
-    Image.fromarray(np.array([[0.0, 0.5], [1.0, 2.0]], np.float32)).save(tmp_path / "f.tif")
+    # 32-bit float TIFF: [0, 1], above 1 clipped
+    Image.fromarray(np.array([[0.0, 0.25], [0.5, 2.0]], np.float32)).save(tmp_path / "f.tif")
     np.testing.assert_array_equal(data.load_image(str(tmp_path / "f.tif"))[..., 0],
                                   [[0, 64], [128, 255]])
     # 16-bit-per-channel RGB PNG (PIL keeps the high byte), written by hand: PIL cannot write it
@@ -301,6 +301,20 @@ def test_load_image_modes(tmp_path):
         data.load_image(str(tmp_path / "bad.png"))
     with pytest.raises(FileNotFoundError):
         data.load_image(str(tmp_path / "none.png"))
+
+
+def test_one_rule_for_every_bit_depth(tmp_path):
+    """The same crop saved as 8-bit and as 16-bit (v · 257) PNG and TIFF gives the same pixels within 1
+    level; a dark 16-bit image stays dark (it is not stretched by its own maximum)."""
+    crop = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(crop).save(tmp_path / "c8.png")
+    for ext in ("png", "tif"):
+        Image.fromarray(crop.astype(np.uint16) * 257).save(tmp_path / f"c16.{ext}")
+        d = np.abs(data.load_image(str(tmp_path / f"c16.{ext}")).astype(int)
+                   - data.load_image(str(tmp_path / "c8.png")).astype(int))
+        assert d.max() <= 1, ext
+    Image.fromarray(np.full((4, 4), 4000, np.uint16)).save(tmp_path / "dark16.png")
+    assert data.load_image(str(tmp_path / "dark16.png")).max() == 16   # 4000 / 65535 · 255
 
 
 def test_pad_to_square():
@@ -453,14 +467,36 @@ def _write(path, text):
     return path
 
 
-def test_mask_errors(tmp_path):
-    tdir = _make_folder(tmp_path, "vacuoles", ["a", "b"], 4, masks=True)
-    os.remove(tdir / "masks" / "b" / "img002.tif")
-    with pytest.raises(ValueError, match="no mask.*b/img002.png"):
-        data.load_target("vacuoles", root=str(tmp_path))
-    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tdir / "masks" / "b" / "img002.png")
-    with pytest.raises(ValueError, match="mask .*img002.png is 5x5 but image b/img002.png is 12x8"):
-        data.load_target("vacuoles", root=str(tmp_path))
+def test_partial_and_bad_masks_only_narrow_the_handcrafted_analysis(tmp_path):
+    tdir = _make_folder(tmp_path, "vacuoles", ["a", "b"], 8, masks=True, size=(16, 16))
+    for k in range(4):                                        # half of class b without masks
+        os.remove(tdir / "masks" / "b" / f"img{k:03d}.tif")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tdir / "masks" / "a" / "img000.png")  # wrong size ...
+    os.remove(tdir / "masks" / "a" / "img000.tif")
+    (tdir / "masks" / "a" / "img001.tif").write_bytes(b"garbage")                         # ... unreadable
+    with pytest.warns(UserWarning, match=r"10 of 16 images .* have a usable mask.*5x5 but its image is 16x16"):
+        t = data.load_target("vacuoles", root=str(tmp_path))
+    assert len(t.train) + len(t.test) == 16                   # classification keeps every image
+    sets = (t.train, t.test)
+    assert sum(len(s.with_masks) for s in sets) == 10
+    s = max(sets, key=lambda s: len(s.with_masks))
+    m = s.masks(s.with_masks, 16)
+    assert m.shape == (len(s.with_masks), 16, 16) and m[:, :8].all() and not m[:, 8:].any()
+
+
+def test_small_images_textures_file_and_empty_test_class_say_so(tmp_path):
+    _make_folder(tmp_path, "whoi15", ["a", "b"], 6, size=(3, 3))
+    with pytest.warns(UserWarning, match=r"12 image\(s\) .* smaller than 16 px .*a/img000.png \(3x3\)"):
+        data.load_target("whoi15", root=str(tmp_path))
+    tdir = _make_folder(tmp_path, "sipakmed", ["a", "b", "c"], 6, size=(16, 16))
+    for f in (tdir / "c").iterdir():
+        if f.name != "img000.png":
+            f.unlink()                                        # class c: one image, so none to test
+    with pytest.warns(UserWarning, match=r"class\(es\) c of .* no test images"):
+        data.load_target("sipakmed", root=str(tmp_path))
+    (tmp_path / "tex.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        data.load_textures(str(tmp_path / "tex.png"))
 
 
 def test_bad_input_messages(tmp_path):
@@ -485,27 +521,65 @@ def test_bad_input_messages(tmp_path):
         data.load_target("vacuoles", root=str(tmp_path))
 
 
-def test_unreadable_images(tmp_path):
-    # 1 bad of 121 (< 1 %): skipped with a warning naming it
-    tdir = _make_folder(tmp_path, "sipakmed", ["a", "b"], 60, size=(4, 4))
-    (tdir / "a" / "zz_broken.png").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="a/zz_broken.png"):
-        t = data.load_target("sipakmed", root=str(tmp_path))
-    assert len(t.train) + len(t.test) == 120
-    assert "a/zz_broken.png" not in t.train.names + t.test.names
-    # 2 of 122 (≥ 1 %): error naming the first
-    (tdir / "b" / "broken2.jpg").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="2 of 122 images.*unreadable.*a/zz_broken.png"):
+def _truncate(path, keep=200):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:keep])   # a valid header, pixel data cut off
+
+
+def test_undecodable_images_are_all_listed_and_skipped_within_the_tolerance(tmp_path):
+    # header fine but data truncated (PNG and JPEG), and garbage: every image is decoded up front
+    tdir = _make_folder(tmp_path, "sipakmed", ["a", "b"], 60, size=(16, 16))
+    _truncate(tdir / "a" / "trunc.png")
+    _truncate(tdir / "b" / "trunc.jpg", keep=300)
+    (tdir / "b" / "garbage.tif").write_bytes(b"garbage")
+    with pytest.raises(data.BadImages, match="3 of 123 images.*cannot be decoded.*--max-bad-images 0.01") as e:
         data.load_target("sipakmed", root=str(tmp_path))
-    # header fine but pixel data truncated: error at decode time, naming the file
-    tdir = _make_folder(tmp_path, "whoi15", ["a", "b"], 3, size=(64, 64))
-    p = tdir / "a" / "img000.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
-    p.write_bytes(p.read_bytes()[:200])
-    t = data.load_target("whoi15", root=str(tmp_path))
-    s = t.train if "a/img000.png" in t.train.names else t.test
-    with pytest.raises(ValueError, match="img000.png"):
-        s.images([s.names.index("a/img000.png")], 16)
+    assert sorted(n for n, _ in e.value.bad) == ["a/trunc.png", "b/garbage.tif", "b/trunc.jpg"]
+    assert all(reason for _, reason in e.value.bad)
+    for max_bad in (3, 0.03):   # a count or a fraction
+        t = data.load_target("sipakmed", root=str(tmp_path), max_bad=max_bad)
+        assert len(t.train) + len(t.test) == 120 and len(t.bad) == 3
+        assert not {"a/trunc.png", "b/trunc.jpg"} & set(t.train.names + t.test.names)
+
+
+def test_bad_images_listed_on_stderr_and_in_the_run_folder_before_training(tmp_path, offline_hub, capsys):
+    tdir = _make_folder(tmp_path, "vacuoles", ["a", "b"], 6, size=(16, 16))
+    _truncate(tdir / "a" / "trunc.png")
+    _truncate(tdir / "b" / "trunc.jpg", keep=300)
+    out = tmp_path / "run"
+    argv = ["--stage", "finetune", "--target", "vacuoles", "--data-root", str(tmp_path), "--out", str(out),
+            "--epochs", "1"] + TINY
+    code, _, err = run_script(train.main, argv, capsys)
+    assert code == 2 and "error: 2 of 14 images" in err and "bad-images-vacuoles.txt" in err.splitlines()[-1]
+    assert "bad image: a/trunc.png:" in err and "bad image: b/trunc.jpg:" in err
+    assert (out / "bad-images-vacuoles.txt").read_text().count("\n") == 2
+    assert not (out / "source").exists()                      # stopped before any training
+    with pytest.warns(UserWarning, match="skipped 2 undecodable image"):
+        code, _, err = run_script(train.main, argv + ["--max-bad-images", "2"], capsys)
+    assert code == 0, err
+
+
+def test_copied_folder_is_the_same_dataset_and_a_changed_one_says_what_changed(tmp_path, offline_hub, capsys):
+    import shutil
+    _make_folder(tmp_path / "a", "vacuoles", ["x", "y"], 6, size=(16, 16))
+    out = tmp_path / "run"
+    argv = ["--stage", "finetune", "--target", "vacuoles", "--out", str(out), "--epochs", "1"] + TINY
+    assert run_script(train.main, argv + ["--data-root", str(tmp_path / "a")], capsys)[0] == 0
+    time.sleep(0.01)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")          # new modification times, same bytes
+    code, stdout, err = run_script(train.main, argv + ["--data-root", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert "nothing to train" in stdout
+    Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).save(tmp_path / "b/vacuoles/x/img000.png")
+    Image.fromarray(np.full((16, 16, 3), 77, np.uint8)).save(tmp_path / "b/vacuoles/y/new.png")
+    (out / "splits" / "vacuoles.json").unlink()              # the split would refuse first
+    code, _, err = run_script(train.main, argv + ["--data-root", str(tmp_path / "b")], capsys)
+    assert_one_line_error(code, err, "other data or flags", "1 file(s) added in", "vacuoles/y",
+                          "1 file(s) changed in", "vacuoles/x", "use another --out, or delete")
+    # the source stage names the flag that differs
+    code, _, err = run_script(train.main, ["--stage", "source", "--out", str(out), "--textures",
+                                           str(_textures_folder(tmp_path, 5))] + TINY, capsys)
+    assert_one_line_error(code, err, "--textures or --dsprites is not as in that run")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2266,7 +2340,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_resume_with_other_config_is_refused(tmp_path):
     _fit(tmp_path, 20)
-    with pytest.raises(ValueError, match="another configuration.*beta"):
+    with pytest.raises(ValueError, match="other data or flags: --beta is 1.0 there, 2.0 now"):
         train.fit([_run(tmp_path, beta=2.0)], _feature_batches(), steps=20)
 
 
@@ -2513,7 +2587,7 @@ def test_train_refuses_to_reuse_a_model_of_another_configuration(tmp_path, offli
     path = tmp_path / "r/source/pixels-conv-adagvae-z4-3steps/beta1-seed0/checkpoint.pt"
     before = path.read_bytes()
     code, _, err = run_script(train.main, argv + ["--lr", "0.001"], capsys)
-    assert_one_line_error(code, err, "another configuration", "lr")
+    assert_one_line_error(code, err, "other data or flags", "--lr", "use another --out, or delete")
     assert path.read_bytes() == before
 
 
@@ -2650,6 +2724,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
         assert (folder / res["figures"][key]).stat().st_size > 1000
     assert not list(out.rglob("*.tmp"))
     assert "Figs. 4, 6 and 7 show one model (seed 0, β 1, after finetuning)" in report
+    assert "## Clustering (K-Means, k = 3: the classes present in the test split)" in report  # negative held out
     # a second run trains nothing, computes nothing and writes the same report
     code, stdout, err = run_script(evaluate.main, argv + ["--no-train"], capsys)
     assert code == 0, err
@@ -2662,6 +2737,25 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     assert code == 0, err
     assert stdout.count("DCI/MIG/OMES on Texture-dSprites (600 + 200 samples)\n") == 4
     assert "raw-input" not in stdout and "steps/s" not in stdout
+
+
+def test_report_flags_mlps_that_did_not_converge():
+    res = {"models": [{"seed": s, "beta": 1.0, "before": {"downstream": {"mlp_converged": s == 0}},
+                       "after": {"downstream": {"mlp_converged": True}}} for s in (0, 1)]}
+    lines = evaluate._convergence(res)
+    assert len(lines) == 1 and "1 of 2 MLP(s) before finetuning stopped at the iteration limit" in lines[0]
+    assert "seed 1 β 1" in lines[0]
+
+
+def test_downstream_with_a_class_missing_from_the_test_split_warns_nothing():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(90, 3)), np.repeat([0, 1, 2], 30)
+    z[:, 0] += y
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = metrics.downstream_accuracy(z[:80], y[:80], z[:60], y[:60], seed=0, mlp_max_iter=2000)
+        c = metrics.clustering_scores(z[:60], y[:60])
+    assert 0 <= d["gbt_balanced"] <= 1 and c["k"] == 2
 
 
 def test_recent_rate_forgets_old_speed(monkeypatch):
