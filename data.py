@@ -408,14 +408,25 @@ def load_image(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} not found")
     try:
-        with Image.open(path) as img:
-            img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            return _to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        msg = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {msg}); remove or replace it")
+        return _decode(path)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image {path} ({_reason(e)}); remove or replace it") from None
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decode(path):
+    """The first frame, EXIF-oriented, as uint8 RGB; PIL's own exceptions pass through."""
+    with Image.open(path) as img:
+        img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return _to_rgb(img)
+
+
+def _reason(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def _to_rgb(img):
@@ -484,9 +495,8 @@ def _load_mask(path):
             else:
                 a = np.asarray(img.convert("RGB")).max(axis=2)
             return a > 0
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        msg = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"cannot read mask {path} ({type(e).__name__}: {msg}); remove or replace it")
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read mask {path} ({_reason(e)}); remove or replace it") from None
 
 
 # A small in-process LRU of decoded, padded and resized arrays (keyed per file, mtime and size).
@@ -748,7 +758,7 @@ class BadImages(ValueError):
 
 
 def _decode_all(tdir, all_names, max_bad):
-    """Decode every image (as load_image will) and hash its bytes. Returns ({name: (width, height)},
+    """Decode every image (as load_image does) and hash its bytes. Returns ({name: (width, height)},
     {name: sha256}, [(name, reason)] of the undecodable ones); over `max_bad` raises BadImages."""
     sizes, files, bad, small = {}, {}, [], []
     for n in all_names:
@@ -756,9 +766,9 @@ def _decode_all(tdir, all_names, max_bad):
         try:
             with open(path, "rb") as f:
                 files[n] = hashlib.sha256(f.read()).hexdigest()
-            h, w = load_image(path).shape[:2]
-        except (OSError, ValueError) as e:
-            bad.append((n, str(e).split(" (", 1)[-1].rsplit(");", 1)[0] if "(" in str(e) else str(e)))
+            h, w = _decode(path).shape[:2]
+        except _DECODE_ERRORS as e:
+            bad.append((n, _reason(e)))
             files.pop(n, None)
             continue
         sizes[n] = (w, h)
