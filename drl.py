@@ -13,7 +13,7 @@ Read top to bottom:
   6. The VAEs: the feature MLP-VAE on Φ and the disentanglement_lib conv VAE on 64×64 pixels. Both are
      called as model(batch, beta) -> dict(loss, recon, kl): β-VAE on images (Higgins et al. 2017, Eq. 4),
      Ada-GVAE on a pair (x1, x2); `representation(x)` is μ. se2.SE2VAE follows the same protocol.
-  7. Checkpoints: one atomic-write helper, save/load, rebuilding a model from its config; β warm-up.
+  7. Files: one atomic-write helper, cache keys, checkpoint save/load, rebuilding a model; β warm-up.
 The training loop lives in train.py.
 """
 import argparse
@@ -310,17 +310,6 @@ def preprocess_images(images, device="cpu", size=IMAGE_SIZE):
     return x
 
 
-def feature_cache_key(**parts):
-    """Short sha256 over a canonical JSON of everything that changes the features (dataset digest,
-    weights digest, preprocessing, precision, image size, ...). The caller builds the file name."""
-    def plain(o):
-        if isinstance(o, (np.generic, np.ndarray)):
-            return o.tolist()
-        raise ValueError(f"feature cache key part of type {type(o).__name__} is not JSON-able")
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=plain)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def cpu_bf16_supported():
     """True when oneDNN has fast bf16 kernels on this CPU (AVX-512 / AVX512-BF16 / AMX); without them
     bf16 autocast on the CPU is emulated and much slower than fp32."""
@@ -585,6 +574,17 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def cache_key(**parts):
+    """Short sha256 over a canonical JSON of everything that changes a cached result (for features:
+    dataset digest, weights digest, preprocessing, precision, ...). The caller builds the file name."""
+    def plain(o):
+        if isinstance(o, (np.generic, np.ndarray)):
+            return o.tolist()
+        raise ValueError(f"cache key part of type {type(o).__name__} is not JSON-able")
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_text(path, text):

@@ -115,7 +115,7 @@ def cached(cfg, parts, compute):
     """compute() once per key: the JSON of its result is kept under out/eval-cache/, keyed by `parts`
     (everything that changes it). The result is always the JSON round trip, fresh or cached, so a
     cached run writes the same report as the run that computed it."""
-    key = drl.feature_cache_key(version=EVAL_VERSION, **parts)
+    key = drl.cache_key(version=EVAL_VERSION, **parts)
     path = os.path.join(cfg.out, "eval-cache", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:

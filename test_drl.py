@@ -1007,11 +1007,11 @@ def test_extract_features_cache_and_reuse(tmp_path):
 
 def test_cache_key():
     base = dict(dataset="d1", weights="w1", preprocessing=drl.PREPROCESSING, precision="fp32", size=224)
-    k = drl.feature_cache_key(**base)
-    assert len(k) == 16 and k == drl.feature_cache_key(**dict(reversed(list(base.items()))))
-    assert drl.feature_cache_key(**{**base, "precision": "bf16"}) != k
-    assert drl.feature_cache_key(**{**base, "weights": "w2"}) != k
-    assert drl.feature_cache_key(**{**base, "size": np.int64(224)}) == k
+    k = drl.cache_key(**base)
+    assert len(k) == 16 and k == drl.cache_key(**dict(reversed(list(base.items()))))
+    assert drl.cache_key(**{**base, "precision": "bf16"}) != k
+    assert drl.cache_key(**{**base, "weights": "w2"}) != k
+    assert drl.cache_key(**{**base, "size": np.int64(224)}) == k
 
 
 def test_interrupted_extraction_leaves_no_cache(tmp_path):

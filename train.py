@@ -171,7 +171,7 @@ def new_model(cfg, res):
 
 def features(cfg, res, name, digest, n, images_fn):
     """Φ of n images through the frozen ViT, cached under out/features/ by everything that changes it."""
-    key = drl.feature_cache_key(dataset=digest, weights=drl.weights_digest(res.weights), precision=cfg.precision,
+    key = drl.cache_key(dataset=digest, weights=drl.weights_digest(res.weights), precision=cfg.precision,
                                 preprocess="pad-square,resize224-bilinear-antialias,imagenet-norm,cls-final-norm")
     path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
     if os.path.exists(path):
