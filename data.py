@@ -15,6 +15,7 @@ Contents, top to bottom:
 import colorsys
 import functools
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -416,9 +417,9 @@ def load_image(path):
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def _decode(path):
-    """The first frame, EXIF-oriented, as uint8 RGB; PIL's own exceptions pass through."""
-    with Image.open(path) as img:
+def _decode(source):
+    """The first frame of a path or file object, EXIF-oriented, as uint8 RGB; PIL's exceptions pass through."""
+    with Image.open(source) as img:
         img.seek(0)
         img = ImageOps.exif_transpose(img)
         img.load()
@@ -765,8 +766,9 @@ def _decode_all(tdir, all_names, max_bad):
         path = os.path.join(tdir, n)
         try:
             with open(path, "rb") as f:
-                files[n] = hashlib.sha256(f.read()).hexdigest()
-            h, w = _decode(path).shape[:2]
+                raw = f.read()
+            files[n] = hashlib.sha256(raw).hexdigest()
+            h, w = _decode(io.BytesIO(raw)).shape[:2]   # the bytes just hashed, not a second read
         except _DECODE_ERRORS as e:
             bad.append((n, _reason(e)))
             files.pop(n, None)
