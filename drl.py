@@ -6,7 +6,8 @@ weak supervision of Locatello et al. 2020 on the source, then finetuned as a β-
 
 Read top to bottom:
   1. ViT-B/16 with the DINO module layout (state_dict loads the official checkpoint with strict=True).
-  2. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading.
+  2. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading;
+     torchvision's ImageNet classifiers as other backbones (paper Table IV), their weights the same way.
   3. Feature extraction into an atomically written .npy cache; standardisation with source statistics.
   4. Gaussian posteriors: KL terms (Kingma & Welling 2014, Eq. 10) and the reparameterisation.
   5. Ada-GVAE aggregation (Locatello et al. 2020, Eq. 6-7; disentanglement_lib `group_vae_argmax`).
@@ -22,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 
@@ -186,30 +188,30 @@ def dino_hub_cache_path():
 def resolve_dino_weights(path=None, download=True):
     """Find DINO ViT-B/16 weights → (path, how): explicit path, env DRL_DINO_WEIGHTS, the torch hub
     cache, else download from the official release into that cache (download=False skips this)."""
-    fix = (f"pass --dino-weights PATH, set DRL_DINO_WEIGHTS, or put {DINO_FILE} at "
-           f"{dino_hub_cache_path()}")
+    return _resolve_weights("DINO ViT-B/16", DINO_URL, path or os.environ.get("DRL_DINO_WEIGHTS"),
+                            "explicit path" if path else "env DRL_DINO_WEIGHTS", download,
+                            "--dino-weights PATH, set DRL_DINO_WEIGHTS,")
+
+
+def _resolve_weights(what, url, path, how, download, flags, hash_prefix=None):
+    """An explicit file (`how` says where it came from), else <torch hub dir>/checkpoints/<url's file name>,
+    else a download into that place (atomic: torch.hub moves the file there only when complete)."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    fix = f"pass {flags} or put {os.path.basename(url)} at {cached}"
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"DINO weights file {path} does not exist (--dino-weights PATH)")
-        return str(path), "explicit path"
-    env = os.environ.get("DRL_DINO_WEIGHTS")
-    if env:
-        if not os.path.isfile(env):
-            raise FileNotFoundError(f"DRL_DINO_WEIGHTS={env} does not exist; point it at {DINO_FILE}")
-        return env, "env DRL_DINO_WEIGHTS"
-    cached = dino_hub_cache_path()
+            raise FileNotFoundError(f"{what} weights file {path} ({how}) does not exist; {fix}")
+        return str(path), how
     if os.path.isfile(cached):
         return cached, "torch hub cache"
     if not download:
-        raise FileNotFoundError(f"no DINO ViT-B/16 weights found: {fix}")
+        raise FileNotFoundError(f"no {what} weights found: {fix}")
     try:
-        # The file load_state_dict_from_url would cache, without loading it twice; downloads to a
-        # temporary file and moves it into place only when complete.
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        torch.hub.download_url_to_file(DINO_URL, cached, progress=False)
-    except Exception as e:  # offline: URLError, socket errors, HTTP errors, ...
-        raise FileNotFoundError(f"no DINO ViT-B/16 weights found and the download failed "
-                                f"({_one_line(e)}): {fix}") from None
+        torch.hub.download_url_to_file(url, cached, hash_prefix=hash_prefix, progress=False)
+    except Exception as e:  # offline: URLError, socket errors, HTTP errors, a wrong hash, ...
+        raise FileNotFoundError(f"no {what} weights found and the download failed ({_one_line(e)}): "
+                                f"{fix}") from None
     return cached, "downloaded"
 
 
@@ -255,21 +257,26 @@ def load_dino(path=None, device="cpu", download=True, config=None):
     except Exception as e:
         raise ValueError(f"cannot read DINO weights {path} ({_one_line(e)}); need the DINO ViT-B/16 "
                          f"{DINO_FILE} or a DINO training checkpoint (--dino-weights PATH)") from None
+    _load_strict(model, sd, path, "DINO ViT-B/16", DINO_FILE)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_strict(model, sd, path, what, need):
+    """model.load_state_dict(sd, strict=True), with one line that says how `sd` differs when it does not fit."""
     expected = model.state_dict()
     missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
     if len(missing) == len(expected):
-        raise ValueError(f"{path} is not a DINO ViT checkpoint: none of the {len(expected)} expected "
-                         f"keys found (it has {len(sd)} keys such as {_names(sd)}); need {DINO_FILE}")
+        raise ValueError(f"{path} is not a {what} checkpoint: none of the {len(expected)} expected "
+                         f"keys found (it has {len(sd)} keys such as {_names(sd)}); need {need}")
     if missing or unexpected:
-        raise ValueError(f"DINO weights {path} do not match the ViT: {len(missing)} missing keys "
+        raise ValueError(f"weights {path} do not match {what}: {len(missing)} missing keys "
                          f"({_names(missing)}), {len(unexpected)} unexpected keys ({_names(unexpected)})")
     bad = [k for k in expected if sd[k].shape != expected[k].shape]
     if bad:
         k = bad[0]
-        raise ValueError(f"DINO weights {path}: {len(bad)} tensors have the wrong shape, e.g. {k} "
-                         f"{tuple(sd[k].shape)} instead of {tuple(expected[k].shape)} (need ViT-B/16)")
+        raise ValueError(f"weights {path}: {len(bad)} tensors have the wrong shape for {what}, e.g. {k} "
+                         f"{tuple(sd[k].shape)} instead of {tuple(expected[k].shape)}")
     model.load_state_dict(sd, strict=True)
-    return model.to(device).eval().requires_grad_(False)
 
 
 _DIGESTS = {}
@@ -286,6 +293,113 @@ def weights_digest(path):
                 h.update(chunk)
         _DIGESTS[key] = h.hexdigest()
     return _DIGESTS[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2b. ImageNet backbones of torchvision beside DINO (paper Table IV), built by torchvision's own builders
+# ---------------------------------------------------------------------------------------------------
+
+def torchvision_names():
+    """Builder names of torchvision's ImageNet classification models (resnet152, densenet201, vgg19, ...)."""
+    from torchvision import models
+    return models.list_models(module=models)
+
+
+def _default_weights(name):
+    from torchvision import models
+    return models.get_model_weights(name).DEFAULT
+
+
+def resolve_torchvision_weights(name, path=None, download=True):
+    """Weights of torchvision's `name` → (path, how): --backbone-weights PATH, the torch hub cache (where
+    torchvision's own download puts them), else that download, hash-checked like torchvision's."""
+    url = _default_weights(name).url
+    hash_prefix = torch.hub.HASH_REGEX.search(os.path.basename(url)).group(1)
+    return _resolve_weights(name, url, path, "--backbone-weights", download,
+                            f"--backbone-weights PATH (a state dict of torchvision's {name})", hash_prefix)
+
+
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classifier whose final linear layer is replaced by the identity: forward(x) is Φ, the
+    pooled penultimate features that layer would classify. By family: resnet, the global average pool of
+    the last stage (2048-d for resnet152, 512 for resnet18); densenet, ReLU + global average pool of the last
+    dense block (1920 for densenet201); vgg, fc7 after its ReLU (4096); swin, the final LayerNorm + global
+    average pool (1024 for swin_b); vit, the CLS token after the final LayerNorm (1024 for vit_l_16).
+    `preprocess` is the weights' own ImageNet transform (resize, centre crop, mean/std) on the padded square."""
+
+    def __init__(self, name, state_dict=None, path="state dict"):
+        from torchvision import models
+        super().__init__()
+        self.name, self.weights = name, _default_weights(name)
+        self.net = models.get_model(name, weights=None)
+        if state_dict is not None:
+            _load_strict(self.net, state_dict, path, f"torchvision's {name}", os.path.basename(self.weights.url))
+        head, linear = _head(name, self.net)
+        self.net.set_submodule(head, nn.Identity())
+        self.embed_dim = linear.in_features
+        self.transform = self.weights.transforms()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def preprocess(self, images, device="cpu"):
+        """uint8 (b,H,W,3) RGB → the float (b,3,crop,crop) input torchvision's ImageNet transform makes."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+        return self.transform(x)
+
+
+def torchvision_feature_dim(name):
+    """Φ's size without weights or memory: the builder runs on the meta device (a few builders compute
+    on tensors while they build and need real ones)."""
+    from torchvision import models
+    try:
+        with torch.device("meta"):
+            net = models.get_model(name, weights=None)
+    except (NotImplementedError, RuntimeError):
+        net = models.get_model(name, weights=None)
+    return _head(name, net)[1].in_features
+
+
+def _head(name, net):
+    """(name, module) of the classifier's final nn.Linear, the layer whose input is Φ."""
+    linear = [(k, m) for k, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"torchvision's {name} has no final linear layer (its classifier is convolutional), so "
+                         f"it has no pooled penultimate features to use as Φ; choose another --backbone")
+    return linear[-1]
+
+
+# torchvision's densenet checkpoints keep the old key names "norm.1", "conv.2", ...: renamed as its builder does
+_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                           r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def load_torchvision(name, path=None, device="cpu", download=True):
+    """Resolve and load the weights of torchvision's `name` (strict=True, weights_only=True) into a
+    TorchvisionBackbone in eval mode with requires_grad False."""
+    path, _ = resolve_torchvision_weights(name, path, download)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise ValueError("not a state dict of tensors")
+    except Exception as e:
+        raise ValueError(f"cannot read {name} weights {path} ({_one_line(e)}); need a state dict of "
+                         f"torchvision's {name} (--backbone-weights PATH)") from None
+    sd = {(lambda m: m.group(1) + m.group(2) if m else k)(_DENSENET_KEY.match(k)): v for k, v in sd.items()}
+    return TorchvisionBackbone(name, sd, path).to(device).eval().requires_grad_(False)
+
+
+def preprocessing(name):
+    """What turns an image into the backbone's input, for cache keys: DINO's PREPROCESSING, or the
+    torchvision weights' transform (resize, crop, interpolation, mean, std)."""
+    return PREPROCESSING if name == "dino" else repr(_default_weights(name).transforms())
+
+
+def load_backbone(name, path=None, device="cpu"):
+    """The frozen feature extractor: "dino" (DINO ViT-B/16) or a torchvision builder name."""
+    return load_dino(path, device) if name == "dino" else load_torchvision(name, path, device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,11 +443,13 @@ def _autocast(precision, device):
 
 def extract_features(model, images_fn, n, cache_path, batch_size=None, precision="fp32", device="cpu",
                      progress=None):
-    """Φ for images_fn(idx) → uint8 (b,H,W,3), idx = 0..n-1, as a read-only (n, D) float32 memmap.
-    Reuses cache_path when it holds (n, D) float32; otherwise streams batches into a temporary .npy
-    beside it that becomes cache_path only when complete (atomic_write). progress(done, n) is optional.
-    batch_size None: 64 on a GPU, 8 on a CPU (larger batches are no faster there)."""
+    """Φ for images_fn(idx) → uint8 (b,H,W,3), idx = 0..n-1, as a read-only (n, D) float32 memmap; the
+    DINO ViT gets `preprocess_images`, a TorchvisionBackbone its own `preprocess`. Reuses cache_path when it
+    holds (n, D) float32; otherwise streams batches into a temporary .npy beside it that becomes cache_path
+    only when complete (atomic_write). progress(done, n) is optional. batch_size None: 64 on a GPU, 8 on a
+    CPU (larger batches are no faster there)."""
     D = model.embed_dim
+    preprocess = getattr(model, "preprocess", preprocess_images)  # a TorchvisionBackbone brings its own
     batch_size = batch_size or (8 if torch.device(device).type == "cpu" else 64)
     if n < 1:
         raise ValueError(f"cannot extract features of {n} images, need at least one")
@@ -355,7 +471,7 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                x = preprocess_images(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
+                x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
                 with _autocast(precision, device):
                     out[start:stop] = model(x).float().cpu().numpy()
                 if progress is not None:

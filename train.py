@@ -40,11 +40,14 @@ def _opt(default, help, **argparse_kw):
 @dataclass(frozen=True)
 class Config:
     # inputs
-    backbone: str = _opt("auto", "dino: frozen DINO ViT-B/16 features; pixels: 64x64 RGB; auto: dino when "
-                                 "weights resolve", choices=["auto", "dino", "pixels"])
+    backbone: str = _opt("auto", "dino: frozen DINO ViT-B/16 features; NAME: a torchvision ImageNet classifier "
+                                 "(resnet152, densenet201, vgg19, swin_b, vit_l_16, ...); pixels: 64x64 RGB; "
+                                 "auto: dino when its weights resolve, else pixels")
     arch: str = _opt("conv", "pixel VAE: conv or SE(2,N) (se2.py)", choices=["conv", "se2"])
     method: str = _opt("adagvae", "source-stage objective", choices=["adagvae", "betavae"])
     dino_weights: str = _opt(None, "DINO ViT-B/16 checkpoint (else $DRL_DINO_WEIGHTS, hub cache, download)")
+    backbone_weights: str = _opt(None, "state dict of the torchvision backbone (else the torch hub cache, "
+                                       "download); with --backbone dino the same as --dino-weights")
     textures: str = _opt(None, "folder with five grayscale texture images (default: procedural)")
     dsprites: str = _opt(None, "the real dsprites_ndarray_*.npz for the shape masks (default: procedural)")
     precision: str = _opt("fp32", "DINO feature extraction precision", choices=["fp32", "bf16"])
@@ -79,6 +82,9 @@ class Config:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not self.seeds or not self.betas:
             raise ValueError("--seeds and --betas need at least one value each")
+        if self.backbone not in ("auto", "dino", "pixels") and self.backbone not in drl.torchvision_names():
+            raise ValueError(f"--backbone {self.backbone} is not auto, dino, pixels or a torchvision classification "
+                             f"model (e.g. resnet152, densenet201, vgg19, swin_b, vit_l_16, resnet18)")
 
     @property
     def warmup_steps(self):
@@ -89,11 +95,13 @@ class Config:
 QUICK = dict(seeds=(0, 1), betas=(1.0,), steps=500, epochs=5, n_train=2000, n_test=1000)
 
 
-def add_config_args(parser):
+def add_config_args(parser, several=()):
     """One --flag per Config field, its help from the field; defaults stay None so that the preset
-    (paper or --quick) can fill what the command line leaves out."""
+    (paper or --quick) can fill what the command line leaves out. Fields in `several` take a list."""
     for f in dataclasses.fields(Config):
         meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
+        if f.name in several:
+            meta["nargs"] = "+"
         preset = f" (default {f.default!r}" + (f", quick {QUICK[f.name]!r})" if f.name in QUICK else ")")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=meta.pop("help"))
@@ -116,34 +124,45 @@ def config_from_args(args):
 
 @dataclass(frozen=True)
 class Resolved:
-    backbone: str          # "dino" or "pixels" (what "auto" became)
-    weights: str = None    # the DINO weights file
+    backbone: str          # "dino", a torchvision builder name or "pixels" (what "auto" became)
+    weights: str = None    # the backbone's weights file
     device: str = "cpu"
+    feature_dim: int = None  # size of Φ (None on pixels)
 
 
 def resolve(cfg, announce=print):
-    """Decide dino vs pixels (design §4) and the device; `announce` gets the one line that says which."""
+    """Decide the backbone (design §4: auto = dino when its weights resolve, else pixels), its weights and the
+    device; `announce` gets the one line that says which."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if cfg.backbone == "dino" and cfg.arch == "se2":
+    if cfg.backbone not in ("auto", "pixels") and cfg.arch == "se2":
         raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
     if cfg.backbone == "pixels":
         return Resolved("pixels", None, device)
+    if cfg.backbone not in ("auto", "dino"):
+        weights, how = drl.resolve_torchvision_weights(cfg.backbone, cfg.backbone_weights)
+        res = Resolved(cfg.backbone, weights, device, drl.torchvision_feature_dim(cfg.backbone))
+        announce(f"backbone: torchvision {cfg.backbone} from {weights} ({how})")
+        return res
     try:
-        weights, how = drl.resolve_dino_weights(cfg.dino_weights)
+        weights, how = drl.resolve_dino_weights(cfg.backbone_weights or cfg.dino_weights)
     except FileNotFoundError as e:
-        if cfg.backbone == "dino" or cfg.dino_weights:
+        if cfg.backbone == "dino" or cfg.dino_weights or cfg.backbone_weights:
             raise
         announce(f"backbone: {e}; falling back to --backbone pixels")
         return Resolved("pixels", None, device)
     if cfg.arch == "se2":
         raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
     announce(f"backbone: DINO ViT-B/16 from {weights} ({how})")
-    return Resolved("dino", weights, device)
+    return Resolved("dino", weights, device, drl.VIT_B16_CONFIG["embed_dim"])
+
+
+def vae_arch(cfg, res):
+    """The VAE that a run trains: an MLP on features Φ, else --arch (conv or se2) on pixels."""
+    return "mlp" if res.backbone != "pixels" else cfg.arch
 
 
 def model_tag(cfg, res):
-    arch = "mlp" if res.backbone == "dino" else cfg.arch
-    return f"{res.backbone}-{arch}-{cfg.method}-z{cfg.latent_dim}-{cfg.steps}steps"
+    return f"{res.backbone}-{vae_arch(cfg, res)}-{cfg.method}-z{cfg.latent_dim}-{cfg.steps}steps"
 
 
 def source_folder(cfg, res, beta, seed):
@@ -157,8 +176,8 @@ def finetune_folder(cfg, res, beta, seed):
 
 
 def new_model(cfg, res):
-    if res.backbone == "dino":
-        return drl.FeatureVAE(latent_dim=cfg.latent_dim)
+    if res.backbone != "pixels":
+        return drl.FeatureVAE(in_dim=res.feature_dim, latent_dim=cfg.latent_dim)
     if cfg.arch == "se2":
         import se2
         return se2.SE2VAE(n_iso=cfg.latent_dim)
@@ -170,19 +189,22 @@ def new_model(cfg, res):
 # ---------------------------------------------------------------------------------------------------------
 
 def features(cfg, res, name, digest, n, images_fn):
-    """Φ of n images through the frozen ViT, cached under out/features/ by everything that changes it."""
-    key = drl.cache_key(dataset=digest, weights=drl.weights_digest(res.weights), precision=cfg.precision,
-                                preprocess="pad-square,resize224-bilinear-antialias,imagenet-norm,cls-final-norm")
+    """Φ of n images through the frozen backbone, cached under out/features/ by everything that changes it."""
+    key = drl.cache_key(dataset=digest, backbone=res.backbone, weights=drl.weights_digest(res.weights),
+                        precision=cfg.precision, preprocessing=drl.preprocessing(res.backbone))
     path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
-    say(f"features: extracting DINO features of {n} {name} images -> {path}")
-    vit = drl.load_dino(res.weights, device=res.device)
-    t0 = time.time()
+    say(f"features: extracting {res.backbone} features of {n} {name} images -> {path}")
+    backbone = drl.load_backbone(res.backbone, res.weights, device=res.device)
+    t0 = last = time.time()
 
-    def progress(done, total):
-        say(f"  features {done}/{total} ({done / max(time.time() - t0, 1e-9):.1f} img/s)")
-    return drl.extract_features(vit, images_fn, n, path, precision=cfg.precision, device=res.device,
+    def progress(done, total):  # a line every 10 s and at the end
+        nonlocal last
+        if done == total or time.time() - last >= 10:
+            last = time.time()
+            say(f"  features {done}/{total} ({done / max(last - t0, 1e-9):.1f} img/s)")
+    return drl.extract_features(backbone, images_fn, n, path, precision=cfg.precision, device=res.device,
                                 progress=progress)
 
 
@@ -194,7 +216,7 @@ def to_model(x):
 class SourceInputs:
     """The model input of every Texture-dSprites image as one tensor on the device, addressed by factors.
 
-    pixels: uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch; dino: standardised Φ (N, 768).
+    pixels: uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch; else standardised Φ (N, D).
     Exposes `factor_sizes` and `render(factors)` so metrics.disentanglement_scores can use it directly.
     """
 
@@ -290,7 +312,7 @@ def dataset_difference(cfg, there, now):
 
 def target_inputs(cfg, res, images, stats, name):
     """The model input for an ImageSet: uint8 64×64 pixels or standardised Φ (source statistics)."""
-    if res.backbone == "dino":
+    if res.backbone != "pixels":
         phi = features(cfg, res, name, images.digest, len(images), lambda idx: images.images(idx, 224))
         return torch.as_tensor(drl.standardise(phi, stats["feature_mean"].numpy(), stats["feature_std"].numpy()),
                                dtype=torch.float32)
@@ -607,6 +629,8 @@ def explain_difference(cfg, key, there, now):
         return dataset_difference(cfg, there, now)
     if key == "dataset":
         return "the Texture-dSprites source differs (--textures or --dsprites is not as in that run)"
+    if key == "backbone_weights":
+        return "the backbone weights differ (--backbone-weights or --dino-weights is not as in that run)"
     if key == "source":  # the finetuned model's source model: say which of its settings differs
         sub = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))[0]
         return explain_difference(cfg, sub, there.get(sub), now.get(sub))
@@ -638,6 +662,7 @@ def train_source(cfg, res):
     for beta in cfg.betas:
         for seed in cfg.seeds:
             config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
+                      "backbone_weights": drl.weights_digest(res.weights) if res.weights else None,
                       "latent_dim": cfg.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
                       "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
             folder = source_folder(cfg, res, beta, seed)
