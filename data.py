@@ -360,6 +360,19 @@ class TextureDSprites:
         return self.render(self.index_to_factors(idx))
 
 
+def explicitness_split(n_images, n=None, seed=0):
+    """A fixed train/test split of n of the n_images Texture-dSprites images (all when n is None) for the
+    explicitness benchmark (paper Table IV): n drawn without replacement by a seeded generator, then 20 % of
+    each orientation value to test (orientation has the most values: 40). Returns sorted (train, test)."""
+    n = n_images if n is None else int(n)
+    if not 2 <= n <= n_images:
+        raise ValueError(f"the explicitness subset needs 2 to {n_images} images, got {n}")
+    chosen = np.sort(np.random.default_rng(seed).choice(n_images, n, replace=False))
+    orientation = chosen % FACTOR_SIZES[-1]  # the last mixed-radix digit of the index
+    train, test = _stratified_split(orientation, seed)
+    return chosen[train], chosen[test]
+
+
 # =====================================================================================================
 # 2. Weak supervision (Locatello et al. 2020, k = 1; design §2)
 # =====================================================================================================

@@ -2,13 +2,17 @@
 
     python evaluate.py --target synthetic-cells --quick
     python evaluate.py --target lensless --holdout-class ARCELLA
+    python evaluate.py --explicitness [--backbone resnet152 densenet201 vgg19 swin_b vit_l_16 dino] [--quick]
 
 Runs what is missing first (source models, features, finetuning; announced), then scores every model
 (seed × β) before and after finetuning and writes, under --out/eval/<target>[-without-<class>]/<models>/:
-report.md, results.json (every number, per model) and figures/*.png.
+report.md, results.json (every number, per model) and figures/*.png. --explicitness writes the paper's
+Table IV (how well each Texture-dSprites factor can be classified from each backbone's frozen Φ) under
+--out/explicitness/<quick|full>/.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -202,14 +206,28 @@ def summarise(per_model):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_config_args(p)
+    train.add_config_args(p, several=("backbone",))
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
+    p.add_argument("--explicitness", action="store_true", help="Table IV: classify each Texture-dSprites factor "
+                   "from the frozen features of every --backbone (default: the paper's " +
+                   ", ".join(PAPER_BACKBONES) + f"); --quick: {QUICK_EXPLICITNESS_IMAGES} images")
     return p
+
+
+def config_from_args(args):
+    """(Config, the --backbone names): several names are for --explicitness only."""
+    backbones = args.backbone
+    args.backbone = backbones[0] if backbones and len(backbones) == 1 else None
+    return train.config_from_args(args), backbones
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    cfg = train.config_from_args(args)
+    cfg, backbones = config_from_args(args)
+    if args.explicitness:
+        return explicitness_main(cfg, backbones)
+    if backbones and len(backbones) > 1:
+        raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with --explicitness)")
     if not cfg.target:
         raise ValueError("--target is required; one of: " + ", ".join(data.TARGETS))
     train.check_writable(cfg.out)
@@ -267,7 +285,8 @@ def evaluate_all(cfg, res, target, pairs, folder):
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
-    return {"target": cfg.target, "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
+    return {"target": cfg.target, "backbone": res.backbone, "feature_dim": res.feature_dim,
+            "arch": train.vae_arch(cfg, res), "method": cfg.method,
             "classes": target.classes, "holdout_class": cfg.holdout_class, "quick": cfg.quick,
             "protocol": {k: getattr(cfg, k) for k in ("seeds", "betas", "steps", "epochs", "batch_size", "lr",
                                                        "latent_dim", "n_train", "n_test")},
@@ -297,6 +316,131 @@ def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(type(o).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explicitness of frozen backbones on Texture-dSprites (paper Table IV)
+# ---------------------------------------------------------------------------------------------------------
+
+PAPER_BACKBONES = ("resnet152", "densenet201", "vgg19", "swin_b", "vit_l_16", "dino")
+QUICK_EXPLICITNESS_IMAGES = 1000  # of 25,200: 800 train / 200 test
+QUICK_GBT_MAX_FEATURES = "sqrt"  # quick: each GBT split looks at sqrt(dim Φ) random features (~50x faster)
+
+
+def explicitness_main(cfg, backbones):
+    """Table IV for `backbones` (None: the paper's, those whose weights are not here are skipped, said so)."""
+    train.check_writable(cfg.out)
+    train.keep_freed_memory()
+    named = bool(backbones)
+    backbones = list(backbones or PAPER_BACKBONES)
+    if "pixels" in backbones or "auto" in backbones:
+        raise ValueError("--explicitness compares frozen feature extractors: name dino or torchvision models, "
+                         "not pixels or auto")
+    for name in backbones:
+        train.Config(backbone=name)  # an unknown name fails here, before any work
+    others = [b for b in backbones if b != "dino"]
+    if cfg.backbone_weights and len(others) > 1:
+        raise ValueError(f"--backbone-weights is one file but {len(others)} torchvision backbones are named; put "
+                         f"each one's weights in the torch hub cache ({torch.hub.get_dir()}/checkpoints/)")
+    t0, resolved = time.time(), []
+    for name in backbones:
+        sub = dataclasses.replace(cfg, backbone=name, backbone_weights=None if name == "dino" and others
+                                  else cfg.backbone_weights)
+        try:
+            resolved.append(train.resolve(sub, say))
+        except FileNotFoundError as e:
+            if named:
+                raise
+            say(f"explicitness: skipping {name}: {e}")
+    if not resolved:
+        raise ValueError("--explicitness: no backbone has its weights here; name them with --backbone and "
+                         "give --backbone-weights / --dino-weights")
+    results = explicitness(cfg, resolved)
+    folder = os.path.join(cfg.out, "explicitness", "quick" if cfg.quick else "full")
+    results["figure"] = _fig_explicitness(os.path.join(folder, "figures"), results)
+    results["seconds"] = round(time.time() - t0, 1)
+    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=_json_default))
+    drl.write_text(os.path.join(folder, "report.md"), explicitness_report(results))
+    say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
+
+
+def explicitness(cfg, resolved):
+    """Per resolved backbone: Φ of a fixed split of Texture-dSprites (data.explicitness_split) and the test
+    accuracy of GBT and MLP per factor (metrics.explicitness), cached; plus the chance row, 1/size."""
+    dataset = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites)
+    n = QUICK_EXPLICITNESS_IMAGES if cfg.quick else len(dataset)
+    tr, te = data.explicitness_split(len(dataset), n, seed=0)
+    chosen = np.sort(np.concatenate([tr, te]))
+    # the whole dataset shares its feature cache with the source stage
+    name, digest = (("texture-dsprites", dataset.digest) if n == len(dataset) else
+                    (f"texture-dsprites-{n}", drl.cache_key(dataset=dataset.digest, images=chosen)))
+    max_features = QUICK_GBT_MAX_FEATURES if cfg.quick else None
+    rows = []
+    f_tr, f_te = dataset.index_to_factors(tr), dataset.index_to_factors(te)
+    for res in resolved:
+        t0 = time.time()
+        phi = np.asarray(train.features(cfg, res, name, digest, n, lambda i: dataset.images(chosen[i])))
+        t1 = time.time()
+        a, b = phi[np.searchsorted(chosen, tr)], phi[np.searchsorted(chosen, te)]
+        key = dict(part="explicitness", backbone=res.backbone, weights=drl.weights_digest(res.weights),
+                   precision=cfg.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
+        scores, _ = cached(cfg, key, lambda: _scored(
+            f"{res.backbone}: GBT + MLP per factor on {len(tr)} + {len(te)} images", lambda: metrics.explicitness(
+                a, f_tr, b, f_te, data.FACTOR_NAMES, seed=0, gbt_max_features=max_features)))
+        rows.append({"backbone": res.backbone, "weights": res.weights, "feature_dim": int(phi.shape[1]),
+                     "scores": scores, "phi_seconds": round(t1 - t0, 1), "fit_seconds": round(time.time() - t1, 1)})
+        say(f"explicitness: {res.backbone}: GBT all {100 * scores['all']['gbt']:.2f} %, MLP all "
+            f"{100 * scores['all']['mlp']:.2f} % (Φ {rows[-1]['phi_seconds']} s, fits {rows[-1]['fit_seconds']} s)")
+    chance = {f: 1 / s for f, s in zip(data.FACTOR_NAMES, data.FACTOR_SIZES)}
+    chance["all"] = float(np.mean(list(chance.values())))
+    return {"factors": list(data.FACTOR_NAMES), "factor_sizes": list(data.FACTOR_SIZES), "quick": cfg.quick,
+            "n_train_images": len(tr), "n_test_images": len(te), "precision": cfg.precision, "chance": chance,
+            "gbt_max_features": max_features, "backbones": rows}
+
+
+def explicitness_report(r):
+    cols = r["factors"] + ["all"]
+    subset = " — **quick subset**" if r["quick"] else ""
+    gbt = (f" (quick: each GBT split considers max_features={r['gbt_max_features']!r} of Φ's dims)"
+           if r["gbt_max_features"] else "")
+    lines = ["# Explicitness of frozen backbones on Texture-dSprites (paper Table IV)", "",
+             f"Test accuracy (%) of classifiers trained on the frozen features Φ to predict each factor: "
+             f"{r['n_train_images']} train / {r['n_test_images']} test images of Texture-dSprites{subset}, split "
+             f"80/20 per orientation value (seed 0). GBT and MLP are those of Table II{gbt}. The objects are "
+             "centred, so the paper's PosX and PosY columns are absent and All is the mean over the five factors; "
+             "chance is 1/size.", "",
+             "| backbone | Φ dim | classifier | " + " | ".join(cols) + " |",
+             "| --- | --- | --- |" + " --- |" * len(cols),
+             "| chance | | | " + " | ".join(f"{100 * r['chance'][c]:.2f}" for c in cols) + " |"]
+    for row in r["backbones"]:
+        for clf in ("gbt", "mlp"):
+            lines.append(f"| {row['backbone']} | {row['feature_dim']} | {clf.upper()} | "
+                         + " | ".join(f"{100 * row['scores'][c][clf]:.2f}" for c in cols) + " |")
+    lines += ["", "Seconds (0 when cached): " + "; ".join(f"{row['backbone']} Φ {row['phi_seconds']}, fits "
+                                                       f"{row['fit_seconds']}" for row in r["backbones"]) + "."]
+    lines += ["", "Weights: " + "; ".join(f"{row['backbone']} `{row['weights']}`" for row in r["backbones"]) + ".",
+              "", f"Figure: `{r['figure']}`. Every number is in `results.json`. Run time {r['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+def _fig_explicitness(fig_dir, r):
+    """Grouped bars: one group per factor (and All), one bar per backbone; chance as a black tick."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols, rows = r["factors"] + ["all"], r["backbones"]
+    width = 0.8 / len(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, clf in zip(axes, ("gbt", "mlp")):
+        for k, row in enumerate(rows):
+            ax.bar(np.arange(len(cols)) + (k - (len(rows) - 1) / 2) * width,
+                   [100 * row["scores"][c][clf] for c in cols], width, label=row["backbone"])
+        ax.scatter(np.arange(len(cols)), [100 * r["chance"][c] for c in cols], marker="_", s=400, color="k",
+                   label="chance", zorder=3)
+        ax.set_xticks(np.arange(len(cols)), cols)
+        ax.set_title(f"{clf.upper()} test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    return _save(fig, fig_dir, "explicitness.png")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,7 +483,8 @@ def report(res):
              *_rows(s, ["downstream.gbt", "downstream.mlp", "downstream.gbt_balanced", "downstream.mlp_balanced"])]
     lines += _convergence(res)
     b = res["raw_input_baseline"]
-    raw = "DINO features Φ (768-d)" if res["backbone"] == "dino" else "pixels average-pooled to 8×8 RGB (192 values)"
+    raw = (f"{res['backbone']} features Φ ({res['feature_dim']}-d)" if res["backbone"] != "pixels"
+           else "pixels average-pooled to 8×8 RGB (192 values)")
     lines += ["", "## Table V — the same classifiers on the raw input (no disentanglement)", "",
               f"Input: {raw}. GBT {100 * b['gbt']:.2f} %, MLP {100 * b['mlp']:.2f} %.", "",
               "## Table III — disentanglement on Texture-dSprites (%), before/after finetuning", "",
