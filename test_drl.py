@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import bench
 import data
@@ -879,10 +880,10 @@ def test_bad_weights_raise_valueerror_naming_the_problem(tmp_path):
     msg = load(b"this is not a checkpoint" * 10, "garbage.pth")
     assert "cannot read DINO weights" in msg
     msg = load({"conv1.weight": torch.zeros(3), "fc.bias": torch.zeros(2)}, "resnet.pth")
-    assert "not a DINO ViT checkpoint" in msg and "conv1.weight" in msg
+    assert "not a DINO ViT-B/16 checkpoint" in msg and "conv1.weight" in msg
     msg = load(torch.zeros(3), "tensor.pth")
     assert "cannot read DINO weights" in msg
-    with pytest.raises(FileNotFoundError, match="nope.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match="nope.pth .explicit path. does not exist"):
         drl.load_dino(str(tmp_path / "nope.pth"), download=False)
 
 
@@ -893,7 +894,7 @@ def test_no_weights_anywhere(no_weights, monkeypatch):
     assert "\n" not in msg and "--dino-weights PATH" in msg and "DRL_DINO_WEIGHTS" in msg
     assert drl.dino_hub_cache_path() in msg
     monkeypatch.setenv("DRL_DINO_WEIGHTS", str(no_weights / "missing.pth"))
-    with pytest.raises(FileNotFoundError, match="DRL_DINO_WEIGHTS=.*missing.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.pth .env DRL_DINO_WEIGHTS. does not exist"):
         drl.load_dino(download=False)
 
 
@@ -933,6 +934,92 @@ def test_weights_digest(tmp_path):
     assert drl.weights_digest(str(p)) == hashlib.sha256(b"abc" * 1000).hexdigest()
     p.write_bytes(b"abcd" * 1000)                          # size changes → recomputed
     assert drl.weights_digest(str(p)) == hashlib.sha256(b"abcd" * 1000).hexdigest()
+
+
+# --- torchvision backbones beside DINO (paper Table IV) --------------------------------------------
+
+def write_torchvision_checkpoint(path, name, seed=0, wrap=lambda sd: sd):
+    """A random-weight torchvision `name` saved as a state dict; returns the model (eval mode)."""
+    torch.manual_seed(seed)
+    net = torchvision.models.get_model(name).eval()
+    torch.save(wrap(net.state_dict()), path)
+    return net
+
+
+def test_phi_size_of_the_papers_backbones_per_family():
+    want = {"resnet152": 2048, "densenet201": 1920, "vgg19": 4096, "swin_b": 1024, "vit_l_16": 1024}
+    assert {name: drl.torchvision_feature_dim(name) for name in want} == want
+    with pytest.raises(ValueError, match="squeezenet1_1 has no final linear layer"):
+        drl.torchvision_feature_dim("squeezenet1_1")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "mobilenet_v3_small", "swin_t", "vit_b_16"])
+def test_phi_is_the_input_of_the_final_linear_layer(tmp_path, name):
+    """Loaded from a state dict the test writes, Φ fed to the model's own last layer gives its logits, and
+    its size is the one torchvision_feature_dim reads off the meta device."""
+    net = write_torchvision_checkpoint(tmp_path / "w.pt", name)
+    backbone = drl.load_torchvision(name, str(tmp_path / "w.pt"))
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    x = backbone.preprocess(images)
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.inference_mode():
+        phi, logits = backbone(x), net(x)
+        again = head(phi)
+    assert phi.shape == (2, backbone.embed_dim) and backbone.embed_dim == drl.torchvision_feature_dim(name)
+    torch.testing.assert_close(again, logits, rtol=1e-4, atol=1e-4)
+    assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.training
+
+
+def test_torchvision_checkpoint_variants_and_preprocessing(tmp_path):
+    """A {"state_dict": ...} wrapper and densenet's legacy key names ("norm.1") load to the same Φ; each
+    backbone's preprocessing (a cache-key part) is its weights' own transform."""
+    x = torch.rand(1, 3, 64, 64)
+    outs = []
+    for wrap in (lambda sd: sd, lambda sd: {"state_dict": sd},
+                 lambda sd: {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in sd.items()}):
+        write_torchvision_checkpoint(tmp_path / "w.pt", "densenet121", wrap=wrap)
+        with torch.inference_mode():
+            outs.append(drl.load_torchvision("densenet121", str(tmp_path / "w.pt"))(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    kinds = {str(drl.preprocessing(n)) for n in ("dino", "resnet18", "resnet152", "inception_v3")}
+    assert len(kinds) == 4 and "resize_size=[232]" in drl.preprocessing("resnet152")
+
+
+def test_torchvision_weights_resolution(no_weights, monkeypatch):
+    """--backbone-weights, else the torch hub cache torchvision downloads into, else the download itself
+    (hash-checked like torchvision's); offline → one line naming both ways out."""
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    calls = []
+
+    def offline(*a, **k):
+        calls.append((a, k))
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        drl.resolve_torchvision_weights("resnet18")
+    assert "\n" not in str(e.value) and "--backbone-weights PATH" in str(e.value) and cached in str(e.value)
+    assert calls[0][0][:2] == (url, cached) and calls[0][1]["hash_prefix"] == url.split("-")[-1][:-4]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        drl.resolve_torchvision_weights("resnet18", str(no_weights / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="no resnet18 weights found"):
+        drl.resolve_torchvision_weights("resnet18", download=False)
+    assert len(calls) == 1
+    write_torchvision_checkpoint(no_weights / "w.pt", "resnet18")
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    os.replace(no_weights / "w.pt", cached)
+    assert drl.resolve_torchvision_weights("resnet18") == (cached, "torch hub cache")
+
+
+def test_bad_torchvision_weights_raise_valueerror_naming_the_problem(tmp_path):
+    write_torchvision_checkpoint(tmp_path / "r34.pt", "resnet34")
+    with pytest.raises(ValueError) as e:                   # another architecture: missing and unexpected keys
+        drl.load_torchvision("resnet18", str(tmp_path / "r34.pt"))
+    assert "\n" not in str(e.value) and "r34.pt" in str(e.value)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read resnet18 weights .*junk.pt"):
+        drl.load_torchvision("resnet18", str(tmp_path / "junk.pt"))
 
 
 # --- feature extraction -----------------------------------------------------------------------------
@@ -2792,6 +2879,140 @@ def test_refused_run_writes_nothing(tmp_path, offline_hub, capsys, extra):
     assert not out.exists()
 
 
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "resnet18-random.pt"
+    write_torchvision_checkpoint(path, "resnet18")
+    return str(path)
+
+
+def test_explicitness_table_has_every_column_and_a_chance_row(tmp_path, offline_hub, capsys, monkeypatch,
+                                                               resnet18_weights):
+    """Table IV on 120 images of Texture-dSprites with a random-weight resnet18; a rerun reuses every cache."""
+    monkeypatch.setattr(evaluate, "QUICK_EXPLICITNESS_IMAGES", 120)
+    argv = ["--explicitness", "--quick", "--backbone", "resnet18", "--backbone-weights", resnet18_weights,
+            "--out", str(tmp_path / "r")]
+    code, _, err = run_script(evaluate.main, argv, capsys)
+    assert code == 0, err
+    folder = tmp_path / "r/explicitness/quick"
+    res = json.loads((folder / "results.json").read_text())
+    assert res["chance"] == {**{f: 1 / s for f, s in zip(data.FACTOR_NAMES, data.FACTOR_SIZES)},
+                             "all": float(np.mean([1 / s for s in data.FACTOR_SIZES]))}
+    assert res["n_train_images"] + res["n_test_images"] == 120 and res["gbt_max_features"] == "sqrt"
+    (row,) = res["backbones"]
+    assert row["backbone"] == "resnet18" and row["feature_dim"] == 512
+    for f in data.FACTOR_NAMES:
+        assert all(0 <= row["scores"][f][c] <= 1 for c in ("gbt", "mlp"))
+    for c in ("gbt", "mlp"):
+        assert row["scores"]["all"][c] == pytest.approx(np.mean([row["scores"][f][c] for f in data.FACTOR_NAMES]))
+    report = (folder / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| backbone"))
+    assert [c.strip() for c in header.strip("|").split("|")] == (
+        ["backbone", "Φ dim", "classifier"] + list(data.FACTOR_NAMES) + ["all"])
+    assert "| chance | | | 20.00 | 14.29 | 33.33 | 16.67 | 2.50 | 17.36 |" in report
+    assert "PosX" in report and f"| resnet18 | 512 | GBT | {100 * row['scores']['texture']['gbt']:.2f} |" in report
+    assert (folder / "figures/explicitness.png").stat().st_size > 0
+    monkeypatch.setattr(drl, "load_backbone", None)        # a rerun needs neither the backbone nor a fit
+    monkeypatch.setattr(metrics, "explicitness", None)
+    code, _, err = run_script(evaluate.main, argv, capsys)
+    assert code == 0, err
+    assert json.loads((folder / "results.json").read_text())["backbones"][0]["scores"] == row["scores"]
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "unknown", "pixels", "two-with-one-file", "several",
+                                  "convolutional-head"])
+def test_backbone_bad_input_is_one_clear_line(case, tmp_path, offline_hub, capsys, resnet18_weights):
+    out = str(tmp_path / "r")
+    script, argv = evaluate.main, ["--explicitness", "--quick", "--out", out, "--backbone"]
+    if case == "missing":
+        argv += ["resnet18", "--backbone-weights", str(tmp_path / "nope.pt")]
+        words = ["nope.pt", "does not exist"]
+    elif case == "foreign":                                 # DINO weights given to a resnet18
+        write_random_checkpoint(tmp_path / "dino.pth")
+        script, argv = train.main, ["--stage", "source", "--out", out, "--backbone", "resnet18",
+                                    "--backbone-weights", str(tmp_path / "dino.pth")] + TINY
+        words = ["dino.pth", "resnet18"]
+    elif case == "unknown":
+        argv += ["resnet9000"]
+        words = ["resnet9000", "torchvision"]
+    elif case == "pixels":
+        argv += ["resnet18", "pixels"]
+        words = ["pixels"]
+    elif case == "two-with-one-file":
+        argv += ["resnet18", "vgg19", "--backbone-weights", resnet18_weights]
+        words = ["--backbone-weights", "2 torchvision backbones"]
+    elif case == "several":
+        argv = ["--target", "synthetic-cells", "--out", out, "--backbone", "resnet18", "dino"]
+        words = ["--backbone", "--explicitness"]
+    elif case == "convolutional-head":
+        argv += ["squeezenet1_1", "--backbone-weights", resnet18_weights]
+        words = ["squeezenet1_1", "linear layer"]
+    code, _, err = run_script(script, argv, capsys)
+    assert_one_line_error(code, err, *words)
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("checkpoint.pt"))
+
+
+def test_features_are_cached_and_keyed_by_backbone_and_weights(tmp_path, monkeypatch, resnet18_weights):
+    write_torchvision_checkpoint(tmp_path / "other.pt", "resnet18", seed=1)
+    write_torchvision_checkpoint(tmp_path / "mobilenet.pt", "mobilenet_v3_small")
+    cfg = train.Config(out=str(tmp_path / "r"))
+    images, fn = image_source(5)
+    loads, load = [], drl.load_backbone
+    monkeypatch.setattr(drl, "load_backbone", lambda name, path, **k: loads.append(name) or load(name, path, **k))
+
+    def phi(name, weights):
+        res = train.Resolved(name, weights, "cpu", drl.torchvision_feature_dim(name))
+        return np.asarray(train.features(cfg, res, "images", "digest", 5, fn))
+    a = phi("resnet18", resnet18_weights)
+    assert a.shape == (5, 512) and np.array_equal(phi("resnet18", resnet18_weights), a) and loads == ["resnet18"]
+    b = phi("resnet18", str(tmp_path / "other.pt"))
+    assert not np.allclose(a, b) and phi("mobilenet_v3_small", str(tmp_path / "mobilenet.pt")).shape == (5, 1024)
+    assert len(loads) == 3 and len(os.listdir(tmp_path / "r/features")) == 3
+
+
+class CheapBackbone(nn.Module):
+    """Stands in for resnet18 where a test needs Φ of all 25,200 source images: 512-d like resnet18's,
+    from 8×8 pooled pixels through a fixed random projection (the real network costs minutes here)."""
+    embed_dim = 512
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 8 * 8, self.embed_dim).requires_grad_(False)
+
+    def preprocess(self, images, device="cpu"):
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255
+
+    def forward(self, x):
+        return self.proj(F.adaptive_avg_pool2d(x, 8).flatten(1))
+
+
+def test_transfer_protocol_runs_on_a_torchvision_backbone(tmp_path, offline_hub, capsys, monkeypatch,
+                                                          resnet18_weights):
+    """evaluate.py --target (source, finetune, scores) on --backbone resnet18: the FeatureVAE takes Φ's 512
+    dims and the checkpoint records the backbone and its weights digest."""
+    torch.manual_seed(0)
+    backbone = CheapBackbone()
+    monkeypatch.setattr(drl, "load_backbone", lambda name, path, device="cpu": backbone)
+    monkeypatch.setattr(data, "SYNTHETIC_N", 200)
+    out = tmp_path / "r"
+    argv = ["--target", "synthetic-cells", "--out", str(out), "--backbone", "resnet18", "--backbone-weights",
+            resnet18_weights, "--steps", "20", "--epochs", "1", "--seeds", "0", "--betas", "1", "--n-train", "300",
+            "--n-test", "200", "--batch-size", "16"]
+    code, stdout, err = run_script(evaluate.main, argv, capsys)
+    assert code == 0, err
+    assert "backbone: torchvision resnet18 from " + resnet18_weights in stdout
+    path = out / "source/resnet18-mlp-adagvae-z10-20steps/beta1-seed0/checkpoint.pt"
+    model, ckpt = drl.load_model(str(path))
+    assert isinstance(model, drl.FeatureVAE) and ckpt["config"]["backbone"] == "resnet18"
+    assert ckpt["config"]["backbone_weights"] == drl.weights_digest(resnet18_weights)
+    with torch.no_grad():
+        assert model.representation(torch.randn(3, 512)).shape == (3, 10)
+    assert (out / "finetune/synthetic-cells/resnet18-mlp-adagvae-z10-20steps-1ep/beta1-seed0/checkpoint.pt").exists()
+    assert len(list((out / "features").glob("*.npy"))) == 3   # source, target train and test: one cache each
+    report = (out / "eval/synthetic-cells/resnet18-mlp-adagvae-z10-20steps-1ep/report.md").read_text()
+    assert "Backbone **resnet18** (mlp VAE" in report and "resnet18 features Φ (512-d)" in report
+
+
 def _readme_commands():
     """Every `python X.py ...` command in the README's code blocks, as argument lists."""
     import shlex
@@ -2813,11 +3034,13 @@ def test_readme_commands_run_as_written():
     assert ".venv/bin/python" not in readme and "../shared" not in readme
     commands = _readme_commands()
     assert len(commands) >= 5
-    scripts = {"train.py": train.parser, "evaluate.py": evaluate.parser, "bench.py": None}
+    scripts = {"train.py": (train.parser, train.config_from_args),
+               "evaluate.py": (evaluate.parser, evaluate.config_from_args), "bench.py": None}
     for cmd in commands:
         assert cmd[0] in scripts, cmd
         if scripts[cmd[0]] is not None:
-            train.config_from_args(scripts[cmd[0]]().parse_args(cmd[1:]))
+            parser, config = scripts[cmd[0]]
+            config(parser().parse_args(cmd[1:]))
 
 
 def test_readme_test_command_is_the_ci_command():
