@@ -709,8 +709,10 @@ def write_text(path, text):
 
 
 def save_checkpoint(path, obj):
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through atomic_write; saved from an open file, so the archive's inner name is always
+    "archive" (not the random temporary name) and equal contents give equal bytes."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path):
