@@ -240,8 +240,18 @@ def main(argv=None):
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
+    train.join_ranks(res)
+    train.set_matmul_precision(cfg, res)
     say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
     pairs = train.finetune(cfg, res, target)
+    if res.world > 1:  # torchrun: each rank scores its share into the cache, then rank 0 reports on all
+        if pairs:
+            score_models(cfg, res, target, pairs, Inputs(cfg, res, target, drl.load_checkpoint(pairs[0][0])))
+        train.wait_for_ranks()
+        if res.rank != 0:
+            return say("done: rank 0 writes the report")
+        res = dataclasses.replace(res, rank=0, world=1)
+        pairs = train.finetune(cfg, res, target)  # every model is finished: this trains nothing
     folder = os.path.join(cfg.out, "eval", cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class
                                                          else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
     results = evaluate_all(cfg, res, target, pairs, folder)
@@ -255,6 +265,29 @@ def evaluate_all(cfg, res, target, pairs, folder):
     """Every model before and after finetuning, the raw-input baseline and the figures: the results dict.
     Each part is cached (see `cached`): a rerun computes only what a changed setting changes."""
     inputs = Inputs(cfg, res, target, drl.load_checkpoint(pairs[0][0]))
+    per_model = score_models(cfg, res, target, pairs, inputs)
+    baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
+                                   weights=drl.weights_digest(res.weights) if res.weights else None),
+                         lambda: _scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
+    for m in per_model:
+        for state in STATES:
+            m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
+    figures = make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES)
+    for m in per_model:
+        for state in STATES:
+            m[state].pop("_z_test")
+    return {"target": cfg.target, "backbone": res.backbone, "feature_dim": res.feature_dim,
+            "arch": train.vae_arch(cfg, res), "method": cfg.method,
+            "classes": target.classes, "holdout_class": cfg.holdout_class, "quick": cfg.quick,
+            "protocol": {k: getattr(cfg, k) for k in ("seeds", "betas", "steps", "epochs", "batch_size", "lr",
+                                                       "latent_dim", "n_train", "n_test")},
+            "n_train_images": len(target.train), "n_test_images": len(target.test),
+            "models": per_model, "summary": summarise(per_model), "raw_input_baseline": baseline,
+            "figures": figures}
+
+
+def score_models(cfg, res, target, pairs, inputs):
+    """Each (source, finetuned) pair scored before and after finetuning, every part cached."""
     source_digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
     per_model = []
     for src_path, ft_path in pairs:
@@ -275,24 +308,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
             say(f"evaluate: {label}: done")
         row["beta"], row["seed"] = ckpt_config["beta"], ckpt_config["seed"]
         per_model.append(row)
-    baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
-                                   weights=drl.weights_digest(res.weights) if res.weights else None),
-                         lambda: _scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
-    for m in per_model:
-        for state in STATES:
-            m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
-    figures = make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES)
-    for m in per_model:
-        for state in STATES:
-            m[state].pop("_z_test")
-    return {"target": cfg.target, "backbone": res.backbone, "feature_dim": res.feature_dim,
-            "arch": train.vae_arch(cfg, res), "method": cfg.method,
-            "classes": target.classes, "holdout_class": cfg.holdout_class, "quick": cfg.quick,
-            "protocol": {k: getattr(cfg, k) for k in ("seeds", "betas", "steps", "epochs", "batch_size", "lr",
-                                                       "latent_dim", "n_train", "n_test")},
-            "n_train_images": len(target.train), "n_test_images": len(target.test),
-            "models": per_model, "summary": summarise(per_model), "raw_input_baseline": baseline,
-            "figures": figures}
+    return per_model
 
 
 def _scored(what, fn):
@@ -383,7 +399,7 @@ def explicitness(cfg, resolved):
         t1 = time.time()
         a, b = phi[np.searchsorted(chosen, tr)], phi[np.searchsorted(chosen, te)]
         key = dict(part="explicitness", backbone=res.backbone, weights=drl.weights_digest(res.weights),
-                   precision=cfg.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
+                   precision=res.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
         scores, _ = cached(cfg, key, lambda: _scored(
             f"{res.backbone}: GBT + MLP per factor on {len(tr)} + {len(te)} images", lambda: metrics.explicitness(
                 a, f_tr, b, f_te, data.FACTOR_NAMES, seed=0, gbt_max_features=max_features)))
@@ -394,7 +410,7 @@ def explicitness(cfg, resolved):
     chance = {f: 1 / s for f, s in zip(data.FACTOR_NAMES, data.FACTOR_SIZES)}
     chance["all"] = float(np.mean(list(chance.values())))
     return {"factors": list(data.FACTOR_NAMES), "factor_sizes": list(data.FACTOR_SIZES), "quick": cfg.quick,
-            "n_train_images": len(tr), "n_test_images": len(te), "precision": cfg.precision, "chance": chance,
+            "n_train_images": len(tr), "n_test_images": len(te), "precision": resolved[0].precision, "chance": chance,
             "gbt_max_features": max_features, "backbones": rows}
 
 

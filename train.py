@@ -1,7 +1,8 @@
 """Train the source models (Ada-GVAE on Texture-dSprites) and finetune them on a target (β-VAE).
 
-    python train.py --stage source   [--backbone auto|dino|pixels] [--arch conv|se2] [--quick] ...
+    python train.py --stage source   [--backbone auto|dino|pixels|resnet152|...] [--arch conv|se2] [--quick] ...
     python train.py --stage finetune --target synthetic-cells [--epochs 20] [--quick] ...
+    torchrun --nproc-per-node=K train.py --stage source ...   # the seed x beta models split between K ranks
 
 Everything goes under --out (default runs/): feature caches in features/, one folder per model with its
 checkpoint.pt (weights, config, optimiser; written atomically, resumed automatically) and log.csv.
@@ -12,11 +13,13 @@ loop `fit`, and the pipeline that evaluate.py calls (train_source, finetune).
 """
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -50,7 +53,8 @@ class Config:
                                        "download); with --backbone dino the same as --dino-weights")
     textures: str = _opt(None, "folder with five grayscale texture images (default: procedural)")
     dsprites: str = _opt(None, "the real dsprites_ndarray_*.npz for the shape masks (default: procedural)")
-    precision: str = _opt("fp32", "DINO feature extraction precision", choices=["fp32", "bf16"])
+    precision: str = _opt("auto", "feature extraction precision; auto: bf16 autocast on CUDA, fp32 on the CPU",
+                          choices=["auto", "fp32", "bf16"])
     # protocol
     seeds: tuple = _opt(tuple(range(10)), "model seeds", type=int)
     betas: tuple = _opt((1.0, 2.0), "β values; every seed is trained with every β", type=float)
@@ -69,7 +73,11 @@ class Config:
                                  "or a fraction (< 1) of all images; more stops the run before training")
     # run
     out: str = _opt("runs", "run folder")
-    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun each rank "
+                               "takes cuda:$LOCAL_RANK")
+    no_tf32: bool = _opt(False, "on CUDA, keep fp32 matmuls and convolutions in full fp32 (default: TF32)")
+    compile: bool = _opt(False, "run the VAE step through torch.compile (equal to eager within 1e-4 after 100 "
+                                "steps, tested)")
     parallel_models: bool = _opt(False, "train all seeds x betas at once, weights stacked with torch.func "
                                         "(feature and conv VAEs; each equals its own run to ~1e-5)")
     quick: bool = _opt(False, "the same pipeline at a size a 2-core CPU finishes in minutes (QUICK)")
@@ -128,19 +136,41 @@ class Resolved:
     weights: str = None    # the backbone's weights file
     device: str = "cpu"
     feature_dim: int = None  # size of Φ (None on pixels)
+    precision: str = "fp32"  # of feature extraction (what "auto" became)
+    rank: int = 0          # this process's place under torchrun (RANK of WORLD_SIZE); one process is 0 of 1
+    world: int = 1
+
+
+def resolve_device(cfg):
+    """(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K takes
+    cuda:$LOCAL_RANK. A CUDA device that is not there is an error, never a silent fallback."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch here "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if device == "cuda" and world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    return device, precision, rank, world
 
 
 def resolve(cfg, announce=print):
     """Decide the backbone (design §4: auto = dino when its weights resolve, else pixels), its weights and the
     device; `announce` gets the one line that says which."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device, precision, rank, world = resolve_device(cfg)
+    at = dict(device=device, precision=precision, rank=rank, world=world)
     if cfg.backbone not in ("auto", "pixels") and cfg.arch == "se2":
         raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
     if cfg.backbone == "pixels":
-        return Resolved("pixels", None, device)
+        return Resolved("pixels", None, **at)
     if cfg.backbone not in ("auto", "dino"):
         weights, how = drl.resolve_torchvision_weights(cfg.backbone, cfg.backbone_weights)
-        res = Resolved(cfg.backbone, weights, device, drl.torchvision_feature_dim(cfg.backbone))
+        res = Resolved(cfg.backbone, weights, feature_dim=drl.torchvision_feature_dim(cfg.backbone), **at)
         announce(f"backbone: torchvision {cfg.backbone} from {weights} ({how})")
         return res
     try:
@@ -149,11 +179,11 @@ def resolve(cfg, announce=print):
         if cfg.backbone == "dino" or cfg.dino_weights or cfg.backbone_weights:
             raise
         announce(f"backbone: {e}; falling back to --backbone pixels")
-        return Resolved("pixels", None, device)
+        return Resolved("pixels", None, **at)
     if cfg.arch == "se2":
         raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
     announce(f"backbone: DINO ViT-B/16 from {weights} ({how})")
-    return Resolved("dino", weights, device, drl.VIT_B16_CONFIG["embed_dim"])
+    return Resolved("dino", weights, feature_dim=drl.VIT_B16_CONFIG["embed_dim"], **at)
 
 
 def vae_arch(cfg, res):
@@ -191,7 +221,7 @@ def new_model(cfg, res):
 def features(cfg, res, name, digest, n, images_fn):
     """Φ of n images through the frozen backbone, cached under out/features/ by everything that changes it."""
     key = drl.cache_key(dataset=digest, backbone=res.backbone, weights=drl.weights_digest(res.weights),
-                        precision=cfg.precision, preprocessing=drl.preprocessing(res.backbone))
+                        precision=res.precision, preprocessing=drl.preprocessing(res.backbone))
     path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
@@ -204,7 +234,7 @@ def features(cfg, res, name, digest, n, images_fn):
         if done == total or time.time() - last >= 10:
             last = time.time()
             say(f"  features {done}/{total} ({done / max(last - t0, 1e-9):.1f} img/s)")
-    return drl.extract_features(backbone, images_fn, n, path, precision=cfg.precision, device=res.device,
+    return drl.extract_features(backbone, images_fn, n, path, precision=res.precision, device=res.device,
                                 progress=progress)
 
 
@@ -372,13 +402,14 @@ def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
 
 
 def fit(runs, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
-        device="cpu", stack=False, log_every=50, checkpoint_every_s=120.0, progress=None):
+        device="cpu", stack=False, compile=False, log_every=50, checkpoint_every_s=120.0, progress=None):
     """Train every run to `steps` optimiser steps, resuming each from `folder/checkpoint.pt`.
 
     batch_fn(seed, step) returns x (β-VAE) or (x1, x2) (Ada-GVAE), a pure function of its arguments.
     stack=False trains the runs one after another; stack=True all at once (runs at different steps are
-    grouped by step). Writes folder/checkpoint.pt and folder/log.csv per run; progress(dict) is called
-    about every 5 s. A non-finite loss raises TrainingDiverged. Returns the final checkpoints, in order.
+    grouped by step). compile=True runs the objective (forward and backward) through torch.compile. Writes
+    folder/checkpoint.pt and folder/log.csv per run; progress(dict) is called about every 5 s. A non-finite
+    loss raises TrainingDiverged. Returns the final checkpoints, in order.
     """
     for r in runs:
         _resume(r, steps)
@@ -387,8 +418,8 @@ def fit(runs, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, w
               else [[r] for r in todo])
     for group in groups:
         _fit_stack(group, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                   warmup_steps=warmup_steps, grad_clip=grad_clip, device=device, log_every=log_every,
-                   checkpoint_every_s=checkpoint_every_s, progress=progress)
+                   warmup_steps=warmup_steps, grad_clip=grad_clip, device=device, compile=compile,
+                   log_every=log_every, checkpoint_every_s=checkpoint_every_s, progress=progress)
     return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
 
 
@@ -421,12 +452,13 @@ def _flag_difference(key, there, now):
     return f"--{key.replace('_', '-')} is {there!r} there, {now!r} now"
 
 
-def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device,
+def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device, compile,
                log_every, checkpoint_every_s, progress):
     """Train the runs of `group`, all at the same step, to `steps` as one stack of M models."""
     M, start, template = len(group), group[0].start, group[0].model
-    if M > 1:
-        _check_stackable([r.model for r in group])
+    vmapped = M > 1 or compile  # compiled, even one model runs the vmap path: ε and β come in as tensors
+    if vmapped:
+        _check_stackable([r.model for r in group], "--compile" if compile else "--parallel-models")
     for r in group:
         r.model.to(device).train()
     names = [k for k, p in template.named_parameters() if p.requires_grad]
@@ -435,16 +467,17 @@ def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_st
     opt = make_optimizer(params.values(), optimizer, lr=lr, weight_decay=weight_decay)
     if start > 0:
         opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]))
-    objective = _objective(template, M)
+    objective = _compiled(template) if compile else _objective(template, vmapped)
     logs = [_Log(r.folder, start) for r in group]
     stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, _RecentRate(start)
     t0 = last_ckpt = last_progress = time.time()
     for step in range(start, steps):
-        batch, noise = _draw(group, batch_fn, step, device, template, M)
+        batch, noise = _draw(group, batch_fn, step, device, template, vmapped)
         beta = [drl.beta_warmup(step, r.beta, warmup_steps) for r in group]
-        out = objective(params, batch, beta, noise)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].sum().backward()
+        with _compiling(compile and step == start):
+            out = objective(params, batch, torch.tensor(beta, device=device) if vmapped else beta[0], noise)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].sum().backward()
         norms = _clip_per_model(list(params.values()), grad_clip)
         opt.step()
         # (M, 4) running sums stay on the device: the host reads them only when it logs
@@ -472,42 +505,68 @@ def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_st
         log.close()
 
 
-def _check_stackable(models):
+@contextlib.contextmanager
+def _compiling(first):
+    """The first compiled step builds the kernels: a compiler that fails (none installed, an unsupported
+    device) becomes one line instead of a long traceback."""
+    if not first:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        raise ValueError(f"--compile: torch.compile failed here ({type(e).__name__}: {drl._one_line(e)}); run "
+                         f"without --compile") from None
+
+
+def _check_stackable(models, flag):
     first = models[0]
     if any(True for _ in first.buffers()):
         raise ValueError(f"{type(first).__name__} keeps buffers (BatchNorm running statistics) per model, which "
-                         f"torch.vmap cannot stack; drop --parallel-models")
+                         f"the torch.vmap step cannot hold; drop {flag}")
     for m in models:
         if drl.model_config(m) != drl.model_config(first):
             raise ValueError(f"--parallel-models needs models of one architecture, got {drl.model_config(first)} "
                              f"and {drl.model_config(m)}")
 
 
-def _objective(template, M):
-    """(params, batch, beta, noise) -> dict of (M,) losses: template(batch, beta) with the stacked weights."""
-    if M == 1:
+def _objective(template, vmapped):
+    """(params, batch, beta, noise) -> dict of (M,) losses: template(batch, beta) with the stacked weights.
+    vmapped: beta is an (M,) tensor and noise the stacked ε; else beta is a float and the model draws ε."""
+    if not vmapped:
         def one(params, batch, beta, noise):
-            out = torch.func.functional_call(template, {k: p.squeeze(0) for k, p in params.items()},
-                                             (batch, beta[0]))
+            out = torch.func.functional_call(template, {k: p.squeeze(0) for k, p in params.items()}, (batch, beta))
             return {k: v.unsqueeze(0) for k, v in out.items()}
         return one
-    stacked = torch.vmap(lambda p, b, beta, noise: torch.func.functional_call(template, p, (b, beta, noise)))
-    return lambda params, batch, beta, noise: stacked(params, batch, torch.tensor(beta, device=noise.device), noise)
+    return torch.vmap(lambda p, b, beta, noise: torch.func.functional_call(template, p, (b, beta, noise)))
 
 
-def _draw(group, batch_fn, step, device, template, M):
-    """Each run's batch, and for a stack its reparameterisation noise ε, drawn right after seeding the torch
-    RNG with (seed, step) — where a model alone draws it inside — so a stacked model equals its run alone.
-    Runs with the same seed (β = 1 and β = 2) share a batch. Returns the batch (stacked when M > 1), noise."""
+_COMPILED = {}
+
+
+def _compiled(template):
+    """torch.compile of the vmapped objective, one per architecture: the template lends only its structure
+    (every weight comes in through params), so the models of a sweep share one set of kernels."""
+    key = json.dumps(drl.model_config(template), sort_keys=True)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_objective(template, vmapped=True))
+    return _COMPILED[key]
+
+
+def _draw(group, batch_fn, step, device, template, vmapped):
+    """Each run's batch, and for the vmap step its reparameterisation noise ε, drawn right after seeding the
+    torch RNG with (seed, step) — where a model alone draws it inside — so a stacked model equals its run
+    alone. Runs with the same seed (β = 1 and β = 2) share a batch. Returns the batch (stacked when vmapped)
+    and the noise."""
     drawn = {}
     for r in group:
         if r.seed not in drawn:
             torch.manual_seed(step_seed(r.seed, step))
             batch = batch_fn(r.seed, step)
             rows = 2 * len(batch[0]) if isinstance(batch, tuple) else len(batch)
-            noise = torch.randn(rows, template.config["latent_dim"], device=device) if M > 1 else None
+            noise = torch.randn(rows, template.config["latent_dim"], device=device) if vmapped else None
             drawn[r.seed] = (batch, noise)
-    if M == 1:
+    if not vmapped:
         return drawn[group[0].seed]
     batches = [drawn[r.seed][0] for r in group]
     batch = (tuple(torch.stack([b[i] for b in batches]).to(device) for i in range(2))
@@ -647,7 +706,7 @@ def _printer(label):
 def _fit_and_report(runs, batch_fn, label, cfg, res, steps, **kw):
     """fit() the runs (stacked with --parallel-models), then one summary line per model."""
     t0 = time.time()
-    done = fit(runs, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models,
+    done = fit(runs, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models, compile=cfg.compile,
                progress=_printer(label), **kw)
     for r, ckpt in zip(runs, done):
         say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt['loss']:.2f} "
@@ -655,23 +714,34 @@ def _fit_and_report(runs, batch_fn, label, cfg, res, steps, **kw):
     say(f"[{label}] {len(runs)} model(s) trained in {time.time() - t0:.0f} s")
 
 
+def my_models(cfg, res):
+    """The (β, seed) models of this process: all of them, or under torchrun every world-th from its rank."""
+    models = [(beta, seed) for beta in cfg.betas for seed in cfg.seeds]
+    mine = models[res.rank::res.world]
+    if not mine:
+        say(f"no model for this rank ({len(models)} model(s), {res.world} ranks): waiting for the others")
+    return mine
+
+
 def train_source(cfg, res):
-    """Train every seed × β source model that is not finished yet; returns their checkpoint paths."""
+    """Train every seed × β source model of this rank that is not finished yet; returns their checkpoint
+    paths."""
     digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
     runs, paths = [], []
-    for beta in cfg.betas:
-        for seed in cfg.seeds:
-            config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
-                      "backbone_weights": drl.weights_digest(res.weights) if res.weights else None,
-                      "latent_dim": cfg.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
-                      "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
-            folder = source_folder(cfg, res, beta, seed)
-            paths.append(os.path.join(folder, "checkpoint.pt"))
-            if not is_done(paths[-1], config, cfg):
-                torch.manual_seed(seed)
-                runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
+    for beta, seed in my_models(cfg, res):
+        config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
+                  "backbone_weights": drl.weights_digest(res.weights) if res.weights else None,
+                  "precision": res.precision if res.weights else None,
+                  "latent_dim": cfg.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
+                  "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
+        folder = source_folder(cfg, res, beta, seed)
+        paths.append(os.path.join(folder, "checkpoint.pt"))
+        if not is_done(paths[-1], config, cfg):
+            torch.manual_seed(seed)
+            runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
     if not runs:
-        say(f"source {model_tag(cfg, res)}: all {len(paths)} model(s) trained already, nothing to train")
+        if paths:
+            say(f"source {model_tag(cfg, res)}: all {len(paths)} model(s) trained already, nothing to train")
         return paths
     src = SourceInputs(cfg, res)
     say(f"source {model_tag(cfg, res)}: training {len(runs)} model(s), {cfg.steps} steps"
@@ -706,7 +776,8 @@ def finetune(cfg, res, target):
             stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
             runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
     if not runs:
-        say(f"finetune {cfg.target}: all {len(pairs)} model(s) finetuned already, nothing to train")
+        if pairs:
+            say(f"finetune {cfg.target}: all {len(pairs)} model(s) finetuned already, nothing to train")
         return pairs
     x = target_inputs(cfg, res, train_split(cfg, target), runs[0].extra, f"{cfg.target}-train").to(res.device)
     steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
@@ -721,7 +792,48 @@ def finetune(cfg, res, target):
 # ---------------------------------------------------------------------------------------------------------
 
 def say(msg):
-    print(msg, flush=True)
+    sys.stdout.write(_rank_prefix() + msg + "\n")  # one write: the lines of several ranks never interleave
+    sys.stdout.flush()
+
+
+def _rank_prefix():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return f"[rank {os.environ.get('RANK', 0)}/{world}] " if world > 1 else ""
+
+
+# Several processes (torchrun): each rank trains and scores its share of the seed × β models (my_models);
+# at the end every rank tells the others over gloo whether its share succeeded, and rank 0 writes the report
+# from the checkpoints and caches they all wrote. Nothing else passes between ranks: the models are
+# independent, so a weight never depends on the number of ranks.
+
+_RANKS = {"synced": False}
+
+
+def join_ranks(res):
+    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo, on the CPU, whatever the device."""
+    if res.world > 1 and not torch.distributed.is_initialized():
+        import datetime
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        _RANKS["synced"] = False
+
+
+def wait_for_ranks(error=None):
+    """Every rank says whether its share succeeded (`error`: its one-line message, or None) and hears the
+    others. A failed rank elsewhere is raised here as one line naming it; one process returns at once."""
+    if not torch.distributed.is_initialized() or _RANKS["synced"]:
+        return
+    _RANKS["synced"] = True
+    errors = [None] * torch.distributed.get_world_size()
+    try:
+        torch.distributed.all_gather_object(errors, error)
+    except RuntimeError as e:  # a rank died without a word (killed, out of memory): torchrun names it
+        raise ValueError(f"another rank stopped without reporting ({drl._one_line(e)}); torchrun's summary "
+                         f"names it; the finished checkpoints are kept: run the same command again to "
+                         f"resume") from None
+    failed = [r for r, e in enumerate(errors) if e is not None]
+    if failed and error is None:
+        raise ValueError(f"rank {failed[0]} of {len(errors)} failed ({errors[failed[0]]}); the checkpoints "
+                         f"every rank finished are kept: run the same command again to resume")
 
 
 def keep_freed_memory():
@@ -736,6 +848,12 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def set_matmul_precision(cfg, res):
+    """Process-wide: on CUDA, fp32 matmuls and convolutions may use TF32 unless --no-tf32."""
+    if res.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.no_tf32
 
 
 def check_writable(folder):
@@ -757,17 +875,29 @@ def interrupted_message():
             f"run the same command again to resume")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def run_main(main):
     """Run a script's main(): library errors become one line on stderr and exit code 2, no traceback."""
-    warnings.formatwarning = lambda m, c, *a, **k: f"warning: {m}\n"
+    warnings.formatwarning = lambda m, c, *a, **k: f"{_rank_prefix()}warning: {m}\n"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun stops the other ranks with SIGTERM when one fails
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
-    except KeyboardInterrupt:
-        print(interrupted_message(), file=sys.stderr)
+    except KeyboardInterrupt as e:
+        why = ("stopped by torchrun, which stops every rank when one fails (its summary names it); "
+               if str(e) == "SIGTERM" else "")
+        print(_rank_prefix() + why + interrupted_message(), file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr, flush=True)
+        wait_for_ranks(str(e))  # under torchrun: the other ranks learn that this one failed
         sys.exit(2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def parser():
@@ -784,10 +914,13 @@ def main(argv=None):
     keep_freed_memory()
     t0 = time.time()
     res = resolve(cfg, say)
+    join_ranks(res)
+    set_matmul_precision(cfg, res)
     if args.stage == "source":
         paths = train_source(cfg, res)
     else:
         paths = [ft for _, ft in finetune(cfg, res, load_target(cfg))]
+    wait_for_ranks()
     say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
 
 
