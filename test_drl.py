@@ -2523,6 +2523,40 @@ def test_stack_resumes_models_at_different_steps(tmp_path):
         assert b["done"] and _relative_difference(a["model"], b["model"]) <= 1e-4
 
 
+COMPILE_TOLERANCE = 1e-4  # relative, weights after 100 steps (measured 2e-8 on the CPU)
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_compiled_step_equals_eager_after_100_steps(tmp_path, stack):
+    """--compile: the objective through torch.compile (the vmap path, ε drawn outside, β a tensor) trains
+    the same weights as eager, alone or stacked; one compiled function serves every model of a sweep."""
+    make = lambda: drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=6)  # noqa: E731
+    batch_fn, kw = _sampled(torch.randn(200, 48), 16, True), dict(steps=100, warmup_steps=25, log_every=10)
+    eager = train.fit(_stack_runs(tmp_path / "eager", make), batch_fn, **kw)
+    train._COMPILED.clear()
+    compiled = train.fit(_stack_runs(tmp_path / "compiled", make), batch_fn, stack=stack, compile=True, **kw)
+    assert len(train._COMPILED) == 1
+    for a, c in zip(eager, compiled):
+        assert _relative_difference(a["model"], c["model"]) <= COMPILE_TOLERANCE
+        assert (a["step"], a["done"]) == (c["step"], c["done"])
+
+
+def test_compile_failure_and_batchnorm_are_one_line(tmp_path, offline_hub, capsys, monkeypatch):
+    def no_compiler(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n  g++ not found")
+        return call
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(train, "_COMPILED", {})
+    code, _, err = run_script(train.main, ["--stage", "source", "--compile", "--out", str(tmp_path / "r")] + TINY,
+                              capsys)
+    assert_one_line_error(code, err, "--compile", "C++ compile error", "without --compile")
+    assert not list(tmp_path.rglob("checkpoint.pt"))
+    code, _, err = run_script(train.main, ["--stage", "source", "--compile", "--arch", "se2", "--out",
+                                           str(tmp_path / "s")] + TINY, capsys)
+    assert_one_line_error(code, err, "BatchNorm", "drop --compile")
+
+
 def test_stack_refuses_models_with_batchnorm(tmp_path):
     runs = [train.Run(se2.SE2VAE(n_iso=2, n_ori=1, width=(1, 1, 1)), s, 1.0, str(tmp_path / str(s)), {})
             for s in (0, 1)]
@@ -3013,6 +3047,126 @@ def test_transfer_protocol_runs_on_a_torchvision_backbone(tmp_path, offline_hub,
     assert "Backbone **resnet18** (mlp VAE" in report and "resnet18 features Φ (512-d)" in report
 
 
+# --- several processes: torchrun ---------------------------------------------------------------------
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SPLIT = ["--backbone", "pixels", "--steps", "3", "--seeds", "0", "1", "2", "--betas", "1", "--batch-size", "4",
+         "--latent-dim", "4"]
+
+
+def test_torchrun_two_gloo_ranks_write_the_checkpoints_of_one_process_bitwise(tmp_path, capsys):
+    """`torchrun --nproc-per-node=2 train.py`: rank 0 trains models 0 and 2, rank 1 model 1; every checkpoint
+    file equals, byte for byte, the one a single process writes."""
+    import subprocess
+    import sys
+    code, _, err = run_script(train.main, ["--stage", "source", "--out", str(tmp_path / "one")] + SPLIT, capsys)
+    assert code == 0, err
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "hub"))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          f"--master-port={_free_port()}", "train.py", "--stage", "source",
+                          "--out", str(tmp_path / "two")] + SPLIT, cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "[rank 0/2] source pixels-conv-adagvae-z4-3steps: training 2 model(s)" in run.stdout
+    assert "[rank 1/2] source pixels-conv-adagvae-z4-3steps: training 1 model(s)" in run.stdout
+    for seed in (0, 1, 2):
+        rel = f"source/pixels-conv-adagvae-z4-3steps/beta1-seed{seed}/checkpoint.pt"
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def _rank_worker(rank, world, port, script, argv, folder, fail_rank):
+    """One torchrun rank, started by torch.multiprocessing (so the test can shrink synthetic-cells)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCH_HOME=os.path.join(folder, "hub"))
+    data.SYNTHETIC_N = 200
+    if rank == fail_rank:
+        def fail(*a, **k):
+            raise ValueError("this rank ran out of disk")
+        train.fit = fail
+    import contextlib
+    with open(os.path.join(folder, f"rank{rank}.out"), "w") as out, open(os.path.join(folder, f"rank{rank}.err"),
+                                                                           "w") as err:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train.run_main(lambda: {"train": train, "evaluate": evaluate}[script].main(argv))
+                code = 0
+            except SystemExit as e:
+                code = e.code
+    with open(os.path.join(folder, f"rank{rank}.code"), "w") as f:
+        f.write(str(code))
+
+
+def _ranks(tmp_path, world, script, argv, fail_rank=-1):
+    """Run `script`.py `argv` as `world` ranks; returns [(exit code, stdout, stderr)] per rank."""
+    folder = tmp_path / f"ranks-{world}"
+    folder.mkdir()
+    torch.multiprocessing.spawn(_rank_worker, (world, _free_port(), script, argv, str(folder), fail_rank),
+                                nprocs=world)
+    return [tuple([int((folder / f"rank{r}.code").read_text())] + [(folder / f"rank{r}{x}").read_text()
+                                                                  for x in (".out", ".err")]) for r in range(world)]
+
+
+EVAL_SPLIT = ["--target", "synthetic-cells", "--backbone", "pixels", "--steps", "20", "--epochs", "1", "--seeds",
+              "0", "1", "--betas", "1", "--n-train", "300", "--n-test", "200", "--batch-size", "16",
+              "--latent-dim", "4"]
+
+
+def _results(out):
+    path = next(out.glob("eval/synthetic-cells/*/results.json"))
+    res = json.loads(path.read_text())
+    res.pop("seconds")
+    return res, (path.parent / "report.md").read_text().rsplit("Run time", 1)[0]
+
+
+def test_evaluate_under_two_ranks_writes_the_report_of_one_process(tmp_path, offline_hub, capsys, monkeypatch):
+    monkeypatch.setattr(data, "SYNTHETIC_N", 200)
+    code, _, err = run_script(evaluate.main, EVAL_SPLIT + ["--out", str(tmp_path / "one")], capsys)
+    assert code == 0, err
+    ranks = _ranks(tmp_path, 2, "evaluate", EVAL_SPLIT + ["--out", str(tmp_path / "two")])
+    assert [r[0] for r in ranks] == [0, 0], ranks
+    assert "rank 0 writes the report" in ranks[1][1]
+    assert _results(tmp_path / "two") == _results(tmp_path / "one")
+
+
+def test_a_failed_rank_is_named_and_a_rerun_resumes(tmp_path, capsys):
+    argv = ["--stage", "source", "--out", str(tmp_path / "r")] + SPLIT
+    ranks = _ranks(tmp_path, 2, "train", argv, fail_rank=1)
+    for code, _, err in ranks:
+        assert_one_line_error(code, err.split("] ", 1)[1])
+    assert "[rank 0/2] error: rank 1 of 2 failed (this rank ran out of disk)" in ranks[0][2]
+    assert "resume" in ranks[0][2] and "[rank 1/2] error: this rank ran out of disk" in ranks[1][2]
+    folder = tmp_path / "r/source/pixels-conv-adagvae-z4-3steps"
+    kept = {s: (folder / f"beta1-seed{s}/checkpoint.pt").read_bytes() for s in (0, 2)}   # rank 0's models
+    assert not (folder / "beta1-seed1/checkpoint.pt").exists()
+    code, stdout, err = run_script(train.main, argv, capsys)
+    assert code == 0, err
+    assert "training 1 model(s)" in stdout                          # only rank 1's model is trained again
+    assert all((folder / f"beta1-seed{s}/checkpoint.pt").read_bytes() == b for s, b in kept.items())
+
+
+def test_more_ranks_than_models_leave_the_idle_ones_waiting(tmp_path):
+    argv = ["--stage", "source", "--out", str(tmp_path / "r")] + SPLIT
+    argv[argv.index("--seeds") + 1:argv.index("--seeds") + 4] = ["0"]
+    ranks = _ranks(tmp_path, 2, "train", argv)
+    assert [r[0] for r in ranks] == [0, 0], ranks
+    assert "[rank 1/2] no model for this rank (1 model(s), 2 ranks): waiting for the others" in ranks[1][1]
+    assert "[rank 1/2] done: 0 model(s)" in ranks[1][1]
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, offline_hub, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_script(train.main, ["--stage", "source", "--device", "cuda", "--out", str(tmp_path / "r")]
+                              + TINY, capsys)
+    assert_one_line_error(code, err, "--device cuda", "no CUDA GPU")
+    assert not (tmp_path / "r").exists()
+
+
 def _readme_commands():
     """Every `python X.py ...` command in the README's code blocks, as argument lists."""
     import shlex
@@ -3024,6 +3178,8 @@ def _readme_commands():
             words = shlex.split(part)
             if words[:1] == ["python"] and words[1:2] and words[1].endswith(".py"):
                 commands.append(words[1:])
+            elif words[:1] == ["torchrun"]:  # torchrun's own flags, then the script and its flags
+                commands.append(next(words[i:] for i, w in enumerate(words) if w.endswith(".py")))
     return commands
 
 
@@ -3110,6 +3266,9 @@ def test_bench_writes_json_with_workloads(tmp_path, capsys):
         assert key in res and {"value", "unit", "workload"} <= set(res[key])
         assert res[key]["workload"]["threads"] == 2 and res[key]["workload"]["device"] == "cpu"
     assert res["matmul_gflops"]["value"] > 0.1 and res["render_img_s"]["value"] > 1
+    # the keys of --device cuda, with what a CPU cannot measure left null and said so
+    assert res["matmul_gflops_tf32"]["value"] is None and "CUDA" in res["matmul_gflops_tf32"]["note"]
+    assert "matmul_gflops_bf16" in res and res["matmul_gflops_ceiling"]["value"] == res["matmul_gflops"]["value"]
     assert not (tmp_path / "b.json.tmp").exists()
     assert "matmul_gflops" in capsys.readouterr().out
 
