@@ -225,6 +225,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     cfg, backbones = config_from_args(args)
     if args.explicitness:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError("--explicitness runs in one process (its models are classifiers, not the seed x beta "
+                             "VAEs that torchrun splits); run it without torchrun")
         return explicitness_main(cfg, backbones)
     if backbones and len(backbones) > 1:
         raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with --explicitness)")
