@@ -3150,6 +3150,22 @@ def test_a_failed_rank_is_named_and_a_rerun_resumes(tmp_path, capsys):
     assert all((folder / f"beta1-seed{s}/checkpoint.pt").read_bytes() == b for s, b in kept.items())
 
 
+def test_parallel_models_under_two_ranks_stacks_each_share(tmp_path, capsys):
+    argv = ["--stage", "source", "--parallel-models", "--steps", "1", "--seeds", "0", "1", "--betas", "1", "2",
+            "--batch-size", "4", "--latent-dim", "4", "--backbone", "pixels"]
+    assert run_script(train.main, argv + ["--out", str(tmp_path / "one")], capsys)[0] == 0
+    ranks = _ranks(tmp_path, 2, "train", argv + ["--out", str(tmp_path / "two")])
+    assert [r[0] for r in ranks] == [0, 0], ranks
+    for r in (0, 1):
+        assert f"[rank {r}/2] source pixels-conv-adagvae-z4-1steps: training 2 model(s), 1 steps each, stacked" \
+            in ranks[r][1]
+    for beta in (1, 2):  # a grouped convolution of 2 models rounds unlike one of 4 (see the stacked-conv test)
+        for seed in (0, 1):
+            rel = f"source/pixels-conv-adagvae-z4-1steps/beta{beta}-seed{seed}/checkpoint.pt"
+            a, b = (drl.load_checkpoint(str(tmp_path / d / rel))["model"] for d in ("one", "two"))
+            assert _relative_difference(a, b) <= 1e-6, rel
+
+
 def test_more_ranks_than_models_leave_the_idle_ones_waiting(tmp_path):
     argv = ["--stage", "source", "--out", str(tmp_path / "r")] + SPLIT
     argv[argv.index("--seeds") + 1:argv.index("--seeds") + 4] = ["0"]
