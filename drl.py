@@ -210,12 +210,12 @@ def _resolve_weights(what, url, path, how, download, flags, hash_prefix=None):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         torch.hub.download_url_to_file(url, cached, hash_prefix=hash_prefix, progress=False)
     except Exception as e:  # offline: URLError, socket errors, HTTP errors, a wrong hash, ...
-        raise FileNotFoundError(f"no {what} weights found and the download failed ({_one_line(e)}): "
+        raise FileNotFoundError(f"no {what} weights found and the download failed ({one_line(e)}): "
                                 f"{fix}") from None
     return cached, "downloaded"
 
 
-def _one_line(e, limit=160):
+def one_line(e, limit=160):
     text = str(e).strip().splitlines()
     text = text[0] if text else type(e).__name__
     return text if len(text) <= limit else text[:limit] + "..."
@@ -255,7 +255,7 @@ def load_dino(path=None, device="cpu", download=True, config=None):
             obj = torch.load(path, map_location="cpu", weights_only=True)
         sd = dino_state_dict(obj)
     except Exception as e:
-        raise ValueError(f"cannot read DINO weights {path} ({_one_line(e)}); need the DINO ViT-B/16 "
+        raise ValueError(f"cannot read DINO weights {path} ({one_line(e)}); need the DINO ViT-B/16 "
                          f"{DINO_FILE} or a DINO training checkpoint (--dino-weights PATH)") from None
     _load_strict(model, sd, path, "DINO ViT-B/16", DINO_FILE)
     return model.to(device).eval().requires_grad_(False)
@@ -385,7 +385,7 @@ def load_torchvision(name, path=None, device="cpu", download=True):
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise ValueError("not a state dict of tensors")
     except Exception as e:
-        raise ValueError(f"cannot read {name} weights {path} ({_one_line(e)}); need a state dict of "
+        raise ValueError(f"cannot read {name} weights {path} ({one_line(e)}); need a state dict of "
                          f"torchvision's {name} (--backbone-weights PATH)") from None
     sd = {(lambda m: m.group(1) + m.group(2) if m else k)(_DENSENET_KEY.match(k)): v for k, v in sd.items()}
     return TorchvisionBackbone(name, sd, path).to(device).eval().requires_grad_(False)
@@ -464,7 +464,7 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
                 return cached
             reason = f"shape {cached.shape} {cached.dtype}"
         except (ValueError, OSError) as e:
-            reason = _one_line(e)
+            reason = one_line(e)
         warnings.warn(f"feature cache {cache_path} ({reason}) does not match ({n}, {D}) float32; recomputing")
     with atomic_write(cache_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))

@@ -509,13 +509,12 @@ def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_st
 def _compiling(first):
     """The first compiled step builds the kernels: a compiler that fails (none installed, an unsupported
     device) becomes one line instead of a long traceback."""
-    if not first:
-        yield
-        return
     try:
         yield
     except Exception as e:
-        raise ValueError(f"--compile: torch.compile failed here ({type(e).__name__}: {drl._one_line(e)}); run "
+        if not first:
+            raise
+        raise ValueError(f"--compile: torch.compile failed here ({type(e).__name__}: {drl.one_line(e)}); run "
                          f"without --compile") from None
 
 
@@ -827,7 +826,7 @@ def wait_for_ranks(error=None):
     try:
         torch.distributed.all_gather_object(errors, error)
     except RuntimeError as e:  # a rank died without a word (killed, out of memory): torchrun names it
-        raise ValueError(f"another rank stopped without reporting ({drl._one_line(e)}); torchrun's summary "
+        raise ValueError(f"another rank stopped without reporting ({drl.one_line(e)}); torchrun's summary "
                          f"names it; the finished checkpoints are kept: run the same command again to "
                          f"resume") from None
     failed = [r for r, e in enumerate(errors) if e is not None]
