@@ -387,7 +387,7 @@ def load_torchvision(name, path=None, device="cpu", download=True):
     except Exception as e:
         raise ValueError(f"cannot read {name} weights {path} ({one_line(e)}); need a state dict of "
                          f"torchvision's {name} (--backbone-weights PATH)") from None
-    sd = {(lambda m: m.group(1) + m.group(2) if m else k)(_DENSENET_KEY.match(k)): v for k, v in sd.items()}
+    sd = {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in sd.items()}
     return TorchvisionBackbone(name, sd, path).to(device).eval().requires_grad_(False)
 
 
