@@ -142,8 +142,8 @@ class Resolved:
 
 
 def resolve_device(cfg):
-    """(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K takes
-    cuda:$LOCAL_RANK. A CUDA device that is not there is an error, never a silent fallback."""
+    """dict(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K
+    takes cuda:$LOCAL_RANK. A CUDA device that is not there is an error, never a silent fallback."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device.startswith("cuda"):
@@ -151,19 +151,18 @@ def resolve_device(cfg):
             raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch here "
                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
         if device == "cuda" and world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         index = torch.device(device).index or 0
         if index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    return device, precision, rank, world
+    return dict(device=device, precision=precision, rank=rank, world=world)
 
 
 def resolve(cfg, announce=print):
     """Decide the backbone (design §4: auto = dino when its weights resolve, else pixels), its weights and the
     device; `announce` gets the one line that says which."""
-    device, precision, rank, world = resolve_device(cfg)
-    at = dict(device=device, precision=precision, rank=rank, world=world)
+    at = resolve_device(cfg)
     if cfg.backbone not in ("auto", "pixels") and cfg.arch == "se2":
         raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
     if cfg.backbone == "pixels":
