@@ -19,6 +19,7 @@ The training loop lives in train.py.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -406,6 +407,11 @@ def load_backbone(name, path=None, device="cpu"):
 # 3. Feature extraction with an atomic .npy memmap cache; source standardisation
 # ---------------------------------------------------------------------------------------------------
 
+# x/255 then (x − mean)/std per channel as x·scale − shift, the constants in float32 as the kernels apply them
+_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).tolist()
+_SHIFT = (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).tolist()
+
+
 def preprocess_images(images, device="cpu", size=IMAGE_SIZE):
     """uint8 (b,H,W,3) RGB → float32 (b,3,size,size): /255, bilinear antialiased resize, ImageNet
     mean/std (reference §B normalisation).
@@ -414,10 +420,9 @@ def preprocess_images(images, device="cpu", size=IMAGE_SIZE):
     one affine map per channel, and bilinear weights sum to 1, so it commutes with the resize and is
     applied to the small image. Antialiasing only changes a downscale (for an upscale the antialiased
     kernel IS the bilinear one, equal to 3e-15 in float64), so the plain, faster kernel upscales."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = x.permute(0, 3, 1, 2).contiguous().float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous().float()
+    for c in range(3):  # per channel, with Python numbers: no constant has to be copied to the device
+        x[:, c].mul_(_SCALE[c]).sub_(_SHIFT[c])
     if x.shape[-2:] != (size, size):
         shrink = x.shape[-2] > size or x.shape[-1] > size
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
@@ -709,10 +714,26 @@ def write_text(path, text):
 
 
 def save_checkpoint(path, obj):
-    """torch.save through atomic_write; saved from an open file, so the archive's inner name is always
-    "archive" (not the random temporary name) and equal contents give equal bytes."""
+    """torch.save through atomic_write, every tensor moved to the CPU first (a checkpoint loads on any machine,
+    and its bytes do not depend on the GPU it was trained on); saved from an open file, so the archive's inner
+    name is always "archive" (not the random temporary name) and equal contents give equal bytes."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        torch.save(_on_cpu(obj), f)
+
+
+def _on_cpu(obj):
+    """obj with every tensor off the CPU replaced by its CPU copy; containers keep their type and attributes
+    (a state_dict is an OrderedDict with _metadata), so a checkpoint made on the CPU is saved unchanged."""
+    if torch.is_tensor(obj):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = _on_cpu(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def load_checkpoint(path):

@@ -418,7 +418,9 @@ class SE2VAE(nn.Module):
             raise ValueError(f"SE2VAE expects float images in [0, 1], got dtype {x.dtype}; use x.float() / 255")
 
     @staticmethod
-    def _check_range(x):
+    def check_range(x):
+        """The Bernoulli likelihood needs pixels in [0, 1]: check a dataset once, before training (it reads two
+        numbers back from the device, so the training step does not do it)."""
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"SE2VAE Bernoulli loss needs pixels in [0, 1], got [{lo:.3g}, {hi:.3g}]; rescale the images")
@@ -476,7 +478,6 @@ class SE2VAE(nn.Module):
         """Eq. 5 (negated, batch mean): recon + β_ISO·KL_ISO + β_ORI·KL_ORI with β_ISO = beta,
         β_ORI = beta_ori (or beta). Returns dict(loss, recon, kl) with kl = KL_ISO + KL_ORI."""
         self._check_images(x)
-        self._check_range(x)
         recon, kl_iso, kl_ori = self._terms(x, *self.encode(x))
         b_iso, b_ori = self._betas(beta)
         loss = recon + b_iso * kl_iso + b_ori * kl_ori
@@ -489,8 +490,6 @@ class SE2VAE(nn.Module):
         self._check_images(x2, "x2")
         if x1.shape != x2.shape:
             raise ValueError(f"pair_loss needs x1 and x2 of the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        self._check_range(x1)
-        self._check_range(x2)
         b, x = x1.shape[0], torch.cat([x1, x2])
         mu, logvar, log_q = self.encode(x)  # one pass: batch statistics over both images of every pair
         q1, q2, _ = ada_gvae_average(mu[:b], logvar[:b], log_q[:b], mu[b:], logvar[b:], log_q[b:])
