@@ -234,7 +234,6 @@ def main(argv=None):
     if not cfg.target:
         raise ValueError("--target is required; one of: " + ", ".join(data.TARGETS))
     train.check_writable(cfg.out)
-    train.keep_freed_memory()
     t0 = time.time()
     target = train.load_target(cfg)
     res = train.resolve(cfg, say)
@@ -243,8 +242,7 @@ def main(argv=None):
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
-    train.join_ranks(res)
-    train.set_matmul_precision(cfg, res)
+    train.setup_process(cfg, res)
     say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
     pairs = train.finetune(cfg, res, target)
     if res.world > 1:  # torchrun: each rank scores its share into the cache, then rank 0 reports on all
@@ -349,7 +347,6 @@ QUICK_GBT_MAX_FEATURES = "sqrt"  # quick: each GBT split looks at sqrt(dim Φ) r
 def explicitness_main(cfg, backbones):
     """Table IV for `backbones` (None: the paper's, those whose weights are not here are skipped, said so)."""
     train.check_writable(cfg.out)
-    train.keep_freed_memory()
     named = bool(backbones)
     backbones = list(backbones or PAPER_BACKBONES)
     if "pixels" in backbones or "auto" in backbones:
@@ -374,6 +371,7 @@ def explicitness_main(cfg, backbones):
     if not resolved:
         raise ValueError("--explicitness: no backbone has its weights here; name them with --backbone and "
                          "give --backbone-weights / --dino-weights")
+    train.setup_process(cfg, resolved[0])
     results = explicitness(cfg, resolved)
     folder = os.path.join(cfg.out, "explicitness", "quick" if cfg.quick else "full")
     results["figure"] = _fig_explicitness(os.path.join(folder, "figures"), results)

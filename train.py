@@ -233,8 +233,9 @@ def features(cfg, res, name, digest, n, images_fn):
         if done == total or time.time() - last >= 10:
             last = time.time()
             say(f"  features {done}/{total} ({done / max(last - t0, 1e-9):.1f} img/s)")
-    return drl.extract_features(backbone, images_fn, n, path, precision=res.precision, device=res.device,
-                                progress=progress)
+    with exact_fp32(res.device):
+        return drl.extract_features(backbone, images_fn, n, path, precision=res.precision, device=res.device,
+                                    progress=progress)
 
 
 def to_model(x):
@@ -268,13 +269,16 @@ class SourceInputs:
         return to_model(self.x[idx])
 
     def batches(self, batch_size, paired):
-        """batch_fn(seed, step) for fit: pairs that differ in one factor (Ada-GVAE) or single images."""
+        """batch_fn(seed, step) for fit: the indices into self.x of pairs that differ in one factor (Ada-GVAE),
+        (2, batch_size), or of single images (batch_size,); drawn on the host, a pure function of (seed, step)."""
+        to_index = self.dataset.factors_to_index
+
         def batch_fn(seed, step):
             rng = np.random.default_rng(step_seed(seed, step))
             if paired:
                 f1, f2, _ = data.sample_pairs(self.factor_sizes, batch_size, rng)
-                return self.render(f1), self.render(f2)
-            return self.render(data.sample_factors(self.factor_sizes, batch_size, rng))
+                return np.stack([to_index(f1), to_index(f2)])
+            return to_index(data.sample_factors(self.factor_sizes, batch_size, rng))
         return batch_fn
 
 
@@ -348,15 +352,15 @@ def target_inputs(cfg, res, images, stats, name):
     return torch.from_numpy(images.images(np.arange(len(images)), 64)).permute(0, 3, 1, 2).contiguous()
 
 
-def epoch_batches(x, batch_size):
-    """batch_fn(seed, step) for finetuning: shuffled epochs, step t takes its slice of the permutation of
-    epoch t // steps_per_epoch (a pure function of (seed, step), so a resumed run sees the same batches)."""
-    steps_per_epoch = math.ceil(len(x) / batch_size)
+def epoch_batches(n, batch_size):
+    """batch_fn(seed, step) for finetuning on n images: shuffled epochs, step t takes its slice of the
+    permutation of epoch t // steps_per_epoch (a pure function of (seed, step), so a resumed run sees the same
+    batches). Returns indices (batch_size,) into the images."""
+    steps_per_epoch = math.ceil(n / batch_size)
 
     def batch_fn(seed, step):
         epoch, i = divmod(step, steps_per_epoch)
-        perm = np.random.default_rng((seed, epoch)).permutation(len(x))
-        return to_model(x[torch.as_tensor(perm[i * batch_size:(i + 1) * batch_size], device=x.device)])
+        return np.random.default_rng((seed, epoch)).permutation(n)[i * batch_size:(i + 1) * batch_size]
     return batch_fn
 
 
@@ -400,15 +404,18 @@ def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
         params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def fit(runs, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+def fit(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
         device="cpu", stack=False, compile=False, log_every=50, checkpoint_every_s=120.0, progress=None):
     """Train every run to `steps` optimiser steps, resuming each from `folder/checkpoint.pt`.
 
-    batch_fn(seed, step) returns x (β-VAE) or (x1, x2) (Ada-GVAE), a pure function of its arguments.
+    x holds every input of the dataset on `device` (uint8 pixels, scaled to [0, 1] per batch, or float
+    features). batch_fn(seed, step) returns int64 indices into x, drawn on the host as a pure function of its
+    arguments: (B,) single images (β-VAE) or (2, B) pairs (Ada-GVAE). The indices of all models of a step
+    reach the device in one non-blocking copy, and nothing is read back from the device between log steps.
     stack=False trains the runs one after another; stack=True all at once (runs at different steps are
     grouped by step). compile=True runs the objective (forward and backward) through torch.compile. Writes
-    folder/checkpoint.pt and folder/log.csv per run; progress(dict) is called about every 5 s. A non-finite
-    loss raises TrainingDiverged. Returns the final checkpoints, in order.
+    folder/checkpoint.pt (CPU tensors) and folder/log.csv per run; progress(dict) is called about every 5 s.
+    A non-finite loss raises TrainingDiverged. Returns the final checkpoints, in order.
     """
     for r in runs:
         _resume(r, steps)
@@ -416,7 +423,7 @@ def fit(runs, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, w
     groups = ([[r for r in todo if r.start == s] for s in sorted({r.start for r in todo})] if stack
               else [[r] for r in todo])
     for group in groups:
-        _fit_stack(group, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        _fit_stack(group, x, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                    warmup_steps=warmup_steps, grad_clip=grad_clip, device=device, compile=compile,
                    log_every=log_every, checkpoint_every_s=checkpoint_every_s, progress=progress)
     return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
@@ -451,7 +458,7 @@ def _flag_difference(key, there, now):
     return f"--{key.replace('_', '-')} is {there!r} there, {now!r} now"
 
 
-def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device, compile,
+def _fit_stack(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device, compile,
                log_every, checkpoint_every_s, progress):
     """Train the runs of `group`, all at the same step, to `steps` as one stack of M models."""
     M, start, template = len(group), group[0].start, group[0].model
@@ -466,15 +473,16 @@ def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_st
     opt = make_optimizer(params.values(), optimizer, lr=lr, weight_decay=weight_decay)
     if start > 0:
         opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]))
-    objective = _compiled(template) if compile else _objective(template, vmapped)
+    objective = _compiled(template, M) if compile else _objective(template, vmapped)
     logs = [_Log(r.folder, start) for r in group]
     stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, _RecentRate(start)
+    betas = torch.tensor([r.beta for r in group], device=device)  # built once; each step scales it on the device
     t0 = last_ckpt = last_progress = time.time()
     for step in range(start, steps):
-        batch, noise = _draw(group, batch_fn, step, device, template, vmapped)
-        beta = [drl.beta_warmup(step, r.beta, warmup_steps) for r in group]
+        batch, noise = _next_batch(group, x, batch_fn, step, template.config.get("latent_dim"), vmapped)
+        ramp = drl.beta_warmup(step, 1.0, warmup_steps)  # a Python float: β·ramp needs no host-to-device copy
         with _compiling(compile and step == start):
-            out = objective(params, batch, torch.tensor(beta, device=device) if vmapped else beta[0], noise)
+            out = objective(params, batch, betas * ramp if vmapped else group[0].beta * ramp, noise)
             opt.zero_grad(set_to_none=True)
             out["loss"].sum().backward()
         norms = _clip_per_model(list(params.values()), grad_clip)
@@ -487,6 +495,7 @@ def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_st
             continue
         means = (stats / n_stats).cpu()
         _check_finite(means, done, group)
+        beta = [r.beta * ramp for r in group]
         for log, row, b in zip(logs, means.tolist(), beta):
             log.write(done, row[:3], b, time.time() - t0)
         stats.zero_()
@@ -507,14 +516,28 @@ def _fit_stack(group, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_st
 @contextlib.contextmanager
 def _compiling(first):
     """The first compiled step builds the kernels: a compiler that fails (none installed, an unsupported
-    device) becomes one line instead of a long traceback."""
+    device) becomes one line instead of a long traceback. Errors that are not the compiler's pass unchanged:
+    our own ValueErrors, and an out-of-memory (also when the compiler's autotuning ran out), which run_main
+    turns into its own line."""
     try:
         yield
     except Exception as e:
-        if not first:
+        oom = _out_of_memory(e)
+        if oom is not None:
+            raise oom from None
+        if not first or isinstance(e, ValueError):
             raise
         raise ValueError(f"--compile: torch.compile failed here ({type(e).__name__}: {drl.one_line(e)}); run "
                          f"without --compile") from None
+
+
+def _out_of_memory(e):
+    """The torch.cuda.OutOfMemoryError in e's chain of causes (compilers wrap the errors they meet), else None."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return e
+        e = e.__cause__ or getattr(e, "inner_exception", None)
+    return None
 
 
 def _check_stackable(models, flag):
@@ -542,34 +565,57 @@ def _objective(template, vmapped):
 _COMPILED = {}
 
 
-def _compiled(template):
-    """torch.compile of the vmapped objective, one per architecture: the template lends only its structure
-    (every weight comes in through params), so the models of a sweep share one set of kernels."""
-    key = json.dumps(drl.model_config(template), sort_keys=True)
+def _compiled(template, n_models):
+    """torch.compile of the vmapped objective, one per architecture and stack size, with static shapes (a
+    second stack size would otherwise recompile the first one's graph with dynamic shapes): the template lends
+    only its structure (every weight comes in through params), so the models of a sweep share one set of
+    kernels."""
+    key = (json.dumps(drl.model_config(template), sort_keys=True), n_models)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_objective(template, vmapped=True))
+        _COMPILED[key] = torch.compile(_objective(template, vmapped=True), dynamic=False)
     return _COMPILED[key]
 
 
-def _draw(group, batch_fn, step, device, template, vmapped):
-    """Each run's batch, and for the vmap step its reparameterisation noise ε, drawn right after seeding the
-    torch RNG with (seed, step) — where a model alone draws it inside — so a stacked model equals its run
-    alone. Runs with the same seed (β = 1 and β = 2) share a batch. Returns the batch (stacked when vmapped)
-    and the noise."""
-    drawn = {}
+def _next_batch(group, x, batch_fn, step, latent_dim, vmapped):
+    """The batch of every run of the group and, for the vmap step, its reparameterisation noise ε.
+
+    Each seed's indices and ε are drawn right after seeding the torch RNG with (seed, step) — where a model
+    alone draws ε inside — so a stacked model equals its run alone; runs with the same seed (β = 1 and β = 2)
+    share them. The indices of all runs go to the device in one non-blocking copy (to_device) and select
+    their rows of x there. Returns the batch (x or (x1, x2); a leading model dim when vmapped) and ε."""
+    drawn, noise = {}, {}
     for r in group:
         if r.seed not in drawn:
-            torch.manual_seed(step_seed(r.seed, step))
-            batch = batch_fn(r.seed, step)
-            rows = 2 * len(batch[0]) if isinstance(batch, tuple) else len(batch)
-            noise = torch.randn(rows, template.config["latent_dim"], device=device) if vmapped else None
-            drawn[r.seed] = (batch, noise)
+            seed_torch(step_seed(r.seed, step), x.device)
+            drawn[r.seed] = batch_fn(r.seed, step)
+            if vmapped:
+                rows = drawn[r.seed].size  # 2B rows for pairs, B for single images
+                noise[r.seed] = torch.randn(rows, latent_dim, device=x.device)
+    seeds = [r.seed for r in group] if vmapped else [group[0].seed]
+    idx = to_device(torch.from_numpy(np.stack([drawn[s] for s in seeds])), x.device)  # (M, [2,] B)
+    batch = to_model(x[idx])
     if not vmapped:
-        return drawn[group[0].seed]
-    batches = [drawn[r.seed][0] for r in group]
-    batch = (tuple(torch.stack([b[i] for b in batches]).to(device) for i in range(2))
-             if isinstance(batches[0], tuple) else torch.stack(batches).to(device))
-    return batch, torch.stack([drawn[r.seed][1] for r in group])
+        batch = batch[0]
+    if idx.dim() == 3:  # pairs: (M, 2, B, ...) -> x1, x2
+        batch = (batch[:, 0], batch[:, 1]) if vmapped else (batch[0], batch[1])
+    return batch, torch.stack([noise[s] for s in seeds]) if vmapped else None
+
+
+def seed_torch(seed, device):
+    """torch.manual_seed(seed) for the generators a step draws from: the CPU's and, on CUDA, the one of
+    `device` (torch.manual_seed seeds every backend, at 75 µs a call on this CPU; this takes 1 µs)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
+def to_device(t, device):
+    """A host tensor on `device` without waiting for it: on CUDA a pinned copy goes over asynchronously
+    (a pageable one makes the host wait for the copy); elsewhere the tensor itself."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _clip_per_model(params, max_norm):
@@ -688,6 +734,9 @@ def explain_difference(cfg, key, there, now):
         return "the Texture-dSprites source differs (--textures or --dsprites is not as in that run)"
     if key == "backbone_weights":
         return "the backbone weights differ (--backbone-weights or --dino-weights is not as in that run)"
+    if key == "precision" and there:  # e.g. models trained on a GPU (bf16 Φ), evaluated on a CPU
+        return (f"those models were trained on {there} features, this run makes {now} ones; add --precision "
+                f"{there} to use them")
     if key == "source":  # the finetuned model's source model: say which of its settings differs
         sub = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))[0]
         return explain_difference(cfg, sub, there.get(sub), now.get(sub))
@@ -701,10 +750,10 @@ def _printer(label):
     return progress
 
 
-def _fit_and_report(runs, batch_fn, label, cfg, res, steps, **kw):
+def _fit_and_report(runs, x, batch_fn, label, cfg, res, steps, **kw):
     """fit() the runs (stacked with --parallel-models), then one summary line per model."""
     t0 = time.time()
-    done = fit(runs, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models, compile=cfg.compile,
+    done = fit(runs, x, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models, compile=cfg.compile,
                progress=_printer(label), **kw)
     for r, ckpt in zip(runs, done):
         say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt['loss']:.2f} "
@@ -746,7 +795,7 @@ def train_source(cfg, res):
         + (" each, stacked (--parallel-models)" if cfg.parallel_models else " each"))
     for r in runs:
         r.extra = src.stats or {}
-    _fit_and_report(runs, src.batches(cfg.batch_size, cfg.method == "adagvae"), f"source {model_tag(cfg, res)}",
+    _fit_and_report(runs, src.x, src.batches(cfg.batch_size, cfg.method == "adagvae"), f"source {model_tag(cfg, res)}",
                     cfg, res, cfg.steps, lr=cfg.lr, optimizer="adam", warmup_steps=cfg.warmup_steps)
     return paths
 
@@ -780,7 +829,7 @@ def finetune(cfg, res, target):
     x = target_inputs(cfg, res, train_split(cfg, target), runs[0].extra, f"{cfg.target}-train").to(res.device)
     steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
     say(f"finetune {cfg.target}: {len(runs)} model(s), {cfg.epochs} epochs of {len(x)} images ({steps} steps)")
-    _fit_and_report(runs, epoch_batches(x, cfg.batch_size), f"finetune {cfg.target}", cfg, res, steps,
+    _fit_and_report(runs, x, epoch_batches(len(x), cfg.batch_size), f"finetune {cfg.target}", cfg, res, steps,
                     lr=cfg.lr, optimizer="adamw", weight_decay=0.01)
     return pairs
 
@@ -800,31 +849,44 @@ def _rank_prefix():
 
 
 # Several processes (torchrun): each rank trains and scores its share of the seed × β models (my_models);
-# at the end every rank tells the others over gloo whether its share succeeded, and rank 0 writes the report
-# from the checkpoints and caches they all wrote. Nothing else passes between ranks: the models are
-# independent, so a weight never depends on the number of ranks.
+# at the end every rank tells the others through torchrun's key-value store (a TCPStore) whether its share
+# succeeded, and rank 0 writes the report from the checkpoints and caches they all wrote. Nothing else passes
+# between ranks: the models are independent, so a weight never depends on the number of ranks. There is no
+# process group: a gloo group's worker threads outlived destroy_process_group into interpreter shutdown,
+# where one that exits is killed inside C++ code, and the rank aborted ("terminate called without an active
+# exception", SIGABRT) in about one torchrun run in ten.
 
-_RANKS = {"synced": False}
+_RANKS = {}  # the store client of this rank under torchrun, and whether the final exchange happened
 
 
 def join_ranks(res):
-    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo, on the CPU, whatever the device."""
-    if res.world > 1 and not torch.distributed.is_initialized():
+    """Under torchrun (WORLD_SIZE > 1), connect to its store at MASTER_ADDR:MASTER_PORT; torchrun's agent
+    hosts it (TORCHELASTIC_USE_AGENT_STORE), other launchers leave it to rank 0."""
+    if res.world > 1 and "store" not in _RANKS:
         import datetime
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        _RANKS["synced"] = False
+        host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and res.rank == 0
+        _RANKS.update(rank=res.rank, world=res.world, host=host, synced=False, store=torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), res.world, is_master=host,
+            timeout=datetime.timedelta(days=7)))
 
 
 def wait_for_ranks(error=None):
     """Every rank says whether its share succeeded (`error`: its one-line message, or None) and hears the
     others. A failed rank elsewhere is raised here as one line naming it; one process returns at once."""
-    if not torch.distributed.is_initialized() or _RANKS["synced"]:
+    if "store" not in _RANKS or _RANKS["synced"]:
         return
     _RANKS["synced"] = True
-    errors = [None] * torch.distributed.get_world_size()
+    store, world = _RANKS["store"], _RANKS["world"]
+    prefix = f"drl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted run has fresh keys
+    keys = [f"{prefix}status/{r}" for r in range(world)]
     try:
-        torch.distributed.all_gather_object(errors, error)
-    except RuntimeError as e:  # a rank died without a word (killed, out of memory): torchrun names it
+        store.set(keys[_RANKS["rank"]], json.dumps(error))
+        store.wait(keys)
+        errors = [json.loads(store.get(k)) for k in keys]
+        store.add(prefix + "read", 1)
+        while _RANKS["host"] and store.add(prefix + "read", 0) < world:  # the host stays until all have read
+            time.sleep(0.01)
+    except RuntimeError as e:  # the rank hosting the store died without a word (killed, out of memory)
         raise ValueError(f"another rank stopped without reporting ({drl.one_line(e)}); torchrun's summary "
                          f"names it; the finished checkpoints are kept: run the same command again to "
                          f"resume") from None
@@ -848,10 +910,30 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def set_matmul_precision(cfg, res):
-    """Process-wide: on CUDA, fp32 matmuls and convolutions may use TF32 unless --no-tf32."""
+def setup_process(cfg, res):
+    """Everything process-wide, in one place (both scripts call it once): glibc keeps freed memory, this rank
+    joins the others under torchrun, and on CUDA the rank's GPU becomes the current device (else every rank
+    opens a context on GPU 0) and fp32 matmuls and convolutions may use TF32 unless --no-tf32 (feature
+    extraction turns TF32 off while it runs: fp32 Φ is fp32 on every device, see `features`)."""
+    keep_freed_memory()
+    join_ranks(res)
     if res.device.startswith("cuda"):
+        torch.cuda.set_device(res.device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.no_tf32
+
+
+@contextlib.contextmanager
+def exact_fp32(device):
+    """TF32 off on CUDA while the block runs (fp32 features must not depend on --no-tf32), then as before."""
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def check_writable(folder):
@@ -889,13 +971,17 @@ def run_main(main):
                if str(e) == "SIGTERM" else "")
         print(_rank_prefix() + why + interrupted_message(), file=sys.stderr)
         sys.exit(130)
-    except (ValueError, OSError) as e:
-        print(f"{_rank_prefix()}error: {e}", file=sys.stderr, flush=True)
-        wait_for_ranks(str(e))  # under torchrun: the other ranks learn that this one failed
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
+        message = _oom_message(e) if isinstance(e, torch.cuda.OutOfMemoryError) else str(e)
+        print(f"{_rank_prefix()}error: {message}", file=sys.stderr, flush=True)
+        wait_for_ranks(message)  # under torchrun: the other ranks learn that this one failed
         sys.exit(2)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def _oom_message(e):
+    kept = f"the {len(WRITTEN)} checkpoint(s) this run wrote are kept" if WRITTEN else "no checkpoint was written"
+    return (f"out of GPU memory ({drl.one_line(e, 100)}); lower --batch-size, or train fewer models per process "
+            f"(without --parallel-models, or with more torchrun ranks); {kept}, and the same command resumes")
 
 
 def parser():
@@ -909,11 +995,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
     check_writable(cfg.out)
-    keep_freed_memory()
     t0 = time.time()
     res = resolve(cfg, say)
-    join_ranks(res)
-    set_matmul_precision(cfg, res)
+    setup_process(cfg, res)
     if args.stage == "source":
         paths = train_source(cfg, res)
     else:
