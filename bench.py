@@ -61,6 +61,8 @@ TARGETS = {
     "conv_sweep_models_steps_s_compiled": ("conv_sweep_models_steps_s_vectorised", None, None,
                                            "compiled / eager"),
     "metrics_s": (None, "<", 60.0, "seconds"),
+    "sweep_host_ms_per_step": (None, "<=", 1.0, "ms per step, 20 models"),
+    "vit_img_s_tf32": ("vit_img_s_fp32", None, None, "TF32 / fp32"),
     "extract_peak_rss_mb": (None, "<=", 2048.0, "MB"),
     "se2_groupconv_ms": ("conv_equal_maps_ms", None, None, "SE(2,8) / plain conv"),
     "e2cnn_r2conv_ms": ("se2_groupconv_ms", None, None, "e2cnn / ours"),
@@ -72,8 +74,10 @@ TARGETS = {
 # ---------------------------------------------------------------------------------------------------
 
 def sync(device):
+    """Wait for `device` itself (torch.cuda.synchronize() alone waits for the current device, which on cuda:1
+    would time only the launches)."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def best_times(fns, reps, device, warmup=1):
@@ -231,7 +235,7 @@ def bench_vit(args, source):
 
     def run(name, net, inp=x):  # keeps the output, so no extra forward is needed for the comparison
         feats[name] = net(inp)
-    with torch.inference_mode():
+    with torch.inference_mode(), train.exact_fp32(args.device):  # fp32 means fp32: TF32 has its own row
         # on a CPU the first of the interleaved rounds is the warm-up (best-of ignores it)
         ts = best_times({"ours": lambda: run("ours", model), "tv": lambda: run("tv", tv)}, reps, args.device,
                         warmup=1 if cuda else 0)
@@ -250,6 +254,14 @@ def bench_vit(args, source):
         "vit_max_abs_diff_vs_torchvision": entry((f32 - f_tv).abs().max().item(), "abs",
                                                  {**wl, "output": "CLS after final norm (768)"}),
     }
+    if cuda:  # TF32 (train.py's default for training on CUDA; feature extraction turns it off)
+        with torch.inference_mode():
+            ts32 = best_times({"tf32": lambda: run("tf32", model)}, reps, args.device)["tf32"]
+        out["vit_img_s_tf32"] = entry(batch / min(ts32), "images/s", {**wl, "dtype": "float32, TF32 allowed"},
+                                      **timing_stats(ts32))
+    else:
+        out["vit_img_s_tf32"] = entry(None, "images/s", {**wl, "dtype": "float32, TF32"},
+                                      note="TF32 is a CUDA mode; not measured on a CPU")
     # bf16 autocast: on a CPU without native bf16 it is emulated (slow), so a smaller batch suffices.
     supported = bf16_supported(args.device)
     b16 = batch if supported else (1 if args.quick else 2)
@@ -344,10 +356,22 @@ def bench_vae_steps(args):
 # 5. A sweep of N FeatureVAEs: sequential vs stacked weights
 # ---------------------------------------------------------------------------------------------------
 
-def fit_rate(args, make, batch_fn, n_models, steps, stack, compile=False):
-    """Model-steps/s of train.fit on a sweep of n_models (seeds × β ∈ {1, 2}), read from the training loop's
-    own progress report, so model construction and the final checkpoints (one-off costs of a 400k-step
-    run) are excluded. Compiled: a first fit builds the kernels, which later fits of the architecture reuse."""
+def fit_rate(args, make, bank, n_models, steps, stack, compile=False):
+    """Model-steps/s of train.fit on a sweep of n_models (seeds × β ∈ {1, 2}) drawing pairs of `bank`, read
+    from the training loop's own progress report, so model construction and the final checkpoints (one-off
+    costs of a 400k-step run) are excluded. Compiled: a 2-step fit of the same stack size builds the kernels
+    first (train._compiled keeps one static graph per architecture and stack size)."""
+    if compile:
+        _fit_rate(args, make, bank, n_models, 2, stack, compile)
+    return _fit_rate(args, make, bank, n_models, steps, stack, compile)
+
+
+def pair_indices(n, pairs=64):
+    """batch_fn of train.fit: `pairs` random pairs of rows of a bank of n."""
+    return lambda seed, step: np.random.default_rng((seed, step)).integers(0, n, (2, pairs))
+
+
+def _fit_rate(args, make, bank, n_models, steps, stack, compile):
     reports = []
     kw = dict(steps=steps, device=args.device, log_every=steps, checkpoint_every_s=1e9, progress=reports.append,
               stack=stack, compile=compile)
@@ -358,9 +382,39 @@ def fit_rate(args, make, batch_fn, n_models, steps, stack, compile=False):
             runs.append(train.Run(make().to(args.device), i // 2, 1.0 + i % 2, os.path.join(tmp, str(i)), {"i": i}))
         seconds = 0.0
         for group in ([runs] if stack else [[r] for r in runs]):
-            train.fit(group, batch_fn, **kw)
+            train.fit(group, bank, pair_indices(len(bank)), **kw)
             seconds += steps / reports[-1]["steps_per_s"]
     return n_models * steps / seconds
+
+
+def bench_host(args):
+    """What the training loop does on the host for one step of a 20-model stacked sweep on Texture-dSprites
+    (10 seeds × β ∈ {1, 2}): per seed, the (seed, step) generator, the k = 1 pairs and their indices, the
+    torch RNG seeding and ε; then one index array for all models and its copy to the device (train._next_batch),
+    and β. The gather of the rows and the step itself are device work, excluded by a bank of one row per image
+    (x is never read here)."""
+    source = data.TextureDSprites()
+    group = [train.Run(None, i // 2, 1.0 + i % 2, "", {}) for i in range(20)]
+    batch_fn = train.SourceInputs.batches(source_shim(source), 64, paired=True)
+    x = torch.zeros(len(source), 1, device=args.device)
+    betas = torch.tensor([r.beta for r in group], device=args.device)
+    steps = 200 if args.quick else 1000
+
+    def run():
+        for step in range(steps):
+            train._next_batch(group, x, batch_fn, step, 10, vmapped=True)
+            betas * drl.beta_warmup(step, 1.0, 50_000)
+    ts = [t / steps for t in best_times({"host": run}, 3 if args.quick else 5, args.device)["host"]]
+    wl = workload(args, models=20, seeds=10, batch="64 pairs", steps_timed=steps,
+                  how="train._next_batch (indices, ε, one copy) + β, per step")
+    return {"sweep_host_ms_per_step": entry(1e3 * min(ts), "ms", wl, **timing_stats(ts))}
+
+
+def source_shim(source):
+    """The part of train.SourceInputs that its batches() uses, without building the inputs."""
+    shim = train.SourceInputs.__new__(train.SourceInputs)
+    shim.dataset, shim.factor_sizes = source, source.factor_sizes
+    return shim
 
 
 def bench_sweep(args):
@@ -370,21 +424,10 @@ def bench_sweep(args):
     n_models = 20 if (cuda or not args.quick) else 4
     steps = (200 if cuda else 30) if not args.quick else (50 if cuda else 10)
     pairs, g = 64, torch.Generator().manual_seed(0)
-    features = torch.randn(4096, 768, generator=g).to(args.device)
-    images = torch.rand(512, 3, 64, 64, generator=g).to(args.device)
-
-    def pairs_of(bank):
-        def batch_fn(seed, step):
-            i = torch.as_tensor(np.random.default_rng((seed, step)).integers(0, len(bank), (2, pairs)),
-                                device=bank.device)
-            return bank[i[0]], bank[i[1]]
-        return batch_fn
+    f_batches = torch.randn(4096, 768, generator=g).to(args.device)
+    c_batches = torch.randint(0, 256, (512, 3, 64, 64), generator=g, dtype=torch.uint8).to(args.device)
     feat, conv = (lambda: drl.FeatureVAE()), (lambda: drl.ConvVAE())
-    f_batches, c_batches = pairs_of(features), pairs_of(images)
     conv_models, conv_steps = (n_models, steps) if cuda else (min(n_models, 4), max(2, steps // 5))
-    for make, batches, n in ((feat, f_batches, 1), (feat, f_batches, n_models), (conv, c_batches, 1),
-                             (conv, c_batches, conv_models)):  # build the compiled kernels of each shape
-        fit_rate(args, make, batches, n, 2, stack=True, compile=True)
     rates = {"seq": [], "vec": [], "vec_c": [], "one_c": []}
     for _ in range(2 if args.quick else 3):  # interleaved repetitions, best of each
         rates["seq"].append(fit_rate(args, feat, f_batches, n_models, steps, stack=False))
@@ -394,7 +437,7 @@ def bench_sweep(args):
     conv_rates = {k: fit_rate(args, conv, c_batches, m, conv_steps, stack=m > 1, compile=c)
                   for k, m, c in (("one", 1, False), ("one_c", 1, True), ("vec", conv_models, False),
                                   ("vec_c", conv_models, True))}
-    flops = step_flops(drl.FeatureVAE().to(args.device), features[:pairs], features[pairs:2 * pairs], 1.0)
+    flops = step_flops(drl.FeatureVAE().to(args.device), f_batches[:pairs], f_batches[pairs:2 * pairs], 1.0)
     wl = workload(args, models=n_models, steps_per_model=steps, batch=f"{pairs} pairs",
                   model="FeatureVAE(768,512,10)", dtype="float32" + (", TF32" if cuda else ""),
                   step="Ada-GVAE loss + backward + per-model clip 1.0 + Adam",
@@ -629,7 +672,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json", help="JSON output (written atomically)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-B/16 weights (else hub cache, else random)")
     p.add_argument("--only", default=None, help="comma list of stages: matmul,vit,render,vae,sweep,metrics,"
-                                                "convs,extract")
+                                                "convs,extract,host")
     p.add_argument("--extract-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.extract_child:
@@ -649,7 +692,8 @@ def main(argv=None):
         stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, source),
                   "render": lambda: bench_render(args, source), "vae": lambda: bench_vae_steps(args),
                   "sweep": lambda: bench_sweep(args), "metrics": lambda: bench_metrics(args),
-                  "convs": lambda: bench_convs(args), "extract": lambda: bench_extract(args)}
+                  "convs": lambda: bench_convs(args), "extract": lambda: bench_extract(args),
+                  "host": lambda: bench_host(args)}
         only = args.only.split(",") if args.only else list(stages)
         unknown = [s for s in only if s not in stages]
         if unknown:
