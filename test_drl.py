@@ -1,6 +1,8 @@
 """Tests for drl-microscopy (offline, CPU). `python -m pytest -q -m "not slow"` runs the CI suite;
 `-m slow` runs the full-scale checks."""
 import argparse
+import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -2366,17 +2368,22 @@ def test_open_set_far_cluster():
 
 # ---- the training loop (train.fit): loss falls, exact resume, refused configs, NaN guard --------------------
 
-def _feature_batches(n_dim=8):
-    basis = torch.randn(3, n_dim, generator=torch.Generator().manual_seed(0))
+N_PAIRS = 2048
 
-    def batch_fn(seed, step):
-        rng = np.random.default_rng((seed, step))
-        f1 = torch.from_numpy(rng.normal(size=(32, 3))).float()
-        f2 = f1.clone()
-        j = rng.integers(0, 3, size=32)
-        f2[torch.arange(32), torch.from_numpy(j)] = torch.from_numpy(rng.normal(size=32)).float()
-        return f1 @ basis, f2 @ basis
-    return batch_fn
+
+def _feature_bank(n_dim=8):
+    """Rows i and N_PAIRS + i are a pair: 3 gaussian factors, one of them redrawn, through a fixed linear map;
+    the last row is NaN (for the divergence test)."""
+    g = torch.Generator().manual_seed(0)
+    basis, f1 = torch.randn(3, n_dim, generator=g), torch.randn(N_PAIRS, 3, generator=g)
+    f2 = f1.clone()
+    f2[torch.arange(N_PAIRS), torch.randint(0, 3, (N_PAIRS,), generator=g)] = torch.randn(N_PAIRS, generator=g)
+    return torch.cat([f1 @ basis, f2 @ basis, torch.full((1, n_dim), float("nan"))])
+
+
+def _feature_batches(seed, step):
+    i = np.random.default_rng((seed, step)).integers(0, N_PAIRS, size=32)
+    return np.stack([i, i + N_PAIRS])
 
 
 def _run(folder, seed=0, beta=1.0, config=None):
@@ -2387,7 +2394,8 @@ def _run(folder, seed=0, beta=1.0, config=None):
 
 def _fit(folder, steps, batch_fn=None, **kw):
     run = _run(folder)
-    ckpt = train.fit([run], batch_fn or _feature_batches(), steps=steps, lr=3e-3, warmup_steps=10, **kw)[0]
+    ckpt = train.fit([run], _feature_bank(), batch_fn or _feature_batches, steps=steps, lr=3e-3, warmup_steps=10,
+                     **kw)[0]
     return run.model, ckpt
 
 
@@ -2416,7 +2424,7 @@ def _interrupted_at(step, batch_fn):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, _ = _fit(tmp_path / "a", 120, log_every=10)
     with pytest.raises(_Interrupt):  # checkpoints at every log step (10, 20, ...), interrupted at step 75
-        _fit(tmp_path / "b", 120, _interrupted_at(75, _feature_batches()), log_every=10, checkpoint_every_s=0)
+        _fit(tmp_path / "b", 120, _interrupted_at(75, _feature_batches), log_every=10, checkpoint_every_s=0)
     assert drl.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 70
     resumed, ckpt = _fit(tmp_path / "b", 120, log_every=10)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
@@ -2428,15 +2436,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_resume_with_other_config_is_refused(tmp_path):
     _fit(tmp_path, 20)
     with pytest.raises(ValueError, match="other data or flags: --beta is 1.0 there, 2.0 now"):
-        train.fit([_run(tmp_path, beta=2.0)], _feature_batches(), steps=20)
+        train.fit([_run(tmp_path, beta=2.0)], _feature_bank(), _feature_batches, steps=20)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    good = _feature_batches()
-
     def nan_from_step_20(seed, step):
-        x1, x2 = good(seed, step)
-        return (x1, x2) if step < 20 else (x1 * float("nan"), x2)
+        i = _feature_batches(seed, step)
+        if step >= 20:
+            i[0, 0] = 2 * N_PAIRS  # the NaN row of the bank
+        return i
 
     with pytest.raises(train.TrainingDiverged, match=r"loss became nan by step 30 \(seed 0, beta 1.0\)"):
         _fit(tmp_path, 40, nan_from_step_20, log_every=10, checkpoint_every_s=0)
@@ -2465,11 +2473,11 @@ def _stack_runs(root, make):
 
 
 def _sampled(x, n, paired):
+    """(x, batch_fn) for train.fit: n random pairs (2, n) or images (n,) of x per step."""
     def batch_fn(seed, step):
-        rng = np.random.default_rng((seed, step))
-        i = torch.as_tensor(rng.integers(0, len(x), (2, n)))
-        return (x[i[0]], x[i[1]]) if paired else x[i[0]]
-    return batch_fn
+        i = np.random.default_rng((seed, step)).integers(0, len(x), (2, n))
+        return i if paired else i[0]
+    return x, batch_fn
 
 
 def _relative_difference(a, b):
@@ -2478,10 +2486,10 @@ def _relative_difference(a, b):
     return float(num.sqrt() / sum(a[k].double().pow(2).sum() for k in a).sqrt())
 
 
-def _alone_vs_stacked(tmp_path, make, batch_fn, steps, **kw):
+def _alone_vs_stacked(tmp_path, make, sampled, steps, **kw):
     kw = dict(steps=steps, warmup_steps=steps // 4, log_every=10, **kw)
-    alone = train.fit(_stack_runs(tmp_path / "alone", make), batch_fn, **kw)
-    stacked = train.fit(_stack_runs(tmp_path / "stacked", make), batch_fn, stack=True, **kw)
+    alone = train.fit(_stack_runs(tmp_path / "alone", make), *sampled, **kw)
+    stacked = train.fit(_stack_runs(tmp_path / "stacked", make), *sampled, stack=True, **kw)
     return alone, stacked
 
 
@@ -2511,14 +2519,14 @@ def test_stacked_conv_vaes_equal_their_runs_alone_after_a_step(tmp_path):
 
 def test_stack_resumes_models_at_different_steps(tmp_path):
     make = lambda: drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=6)  # noqa: E731
-    batch_fn, kw = _sampled(torch.randn(200, 48), 16, True), dict(log_every=10, checkpoint_every_s=0)
-    full = train.fit(_stack_runs(tmp_path / "full", make), batch_fn, steps=60, stack=True, **kw)
+    (x, batch_fn), kw = _sampled(torch.randn(200, 48), 16, True), dict(log_every=10, checkpoint_every_s=0)
+    full = train.fit(_stack_runs(tmp_path / "full", make), x, batch_fn, steps=60, stack=True, **kw)
     runs = _stack_runs(tmp_path / "part", make)
-    train.fit(runs[:1], batch_fn, steps=60, **kw)                      # model 0 alone, finished
+    train.fit(runs[:1], x, batch_fn, steps=60, **kw)                   # model 0 alone, finished
     with pytest.raises(_Interrupt):                                    # models 1 and 2 stacked, stopped at 35
-        train.fit(runs[1:], _interrupted_at(35, batch_fn), steps=60, stack=True, **kw)
+        train.fit(runs[1:], x, _interrupted_at(35, batch_fn), steps=60, stack=True, **kw)
     assert [drl.load_checkpoint(os.path.join(r.folder, "checkpoint.pt"))["step"] for r in runs] == [60, 30, 30]
-    resumed = train.fit(_stack_runs(tmp_path / "part", make), batch_fn, steps=60, stack=True, **kw)
+    resumed = train.fit(_stack_runs(tmp_path / "part", make), x, batch_fn, steps=60, stack=True, **kw)
     for a, b in zip(full, resumed):
         assert b["done"] and _relative_difference(a["model"], b["model"]) <= 1e-4
 
@@ -2531,10 +2539,10 @@ def test_compiled_step_equals_eager_after_100_steps(tmp_path, stack):
     """--compile: the objective through torch.compile (the vmap path, ε drawn outside, β a tensor) trains
     the same weights as eager, alone or stacked; one compiled function serves every model of a sweep."""
     make = lambda: drl.FeatureVAE(in_dim=48, hidden=32, latent_dim=6)  # noqa: E731
-    batch_fn, kw = _sampled(torch.randn(200, 48), 16, True), dict(steps=100, warmup_steps=25, log_every=10)
-    eager = train.fit(_stack_runs(tmp_path / "eager", make), batch_fn, **kw)
+    sampled, kw = _sampled(torch.randn(200, 48), 16, True), dict(steps=100, warmup_steps=25, log_every=10)
+    eager = train.fit(_stack_runs(tmp_path / "eager", make), *sampled, **kw)
     train._COMPILED.clear()
-    compiled = train.fit(_stack_runs(tmp_path / "compiled", make), batch_fn, stack=stack, compile=True, **kw)
+    compiled = train.fit(_stack_runs(tmp_path / "compiled", make), *sampled, stack=stack, compile=True, **kw)
     assert len(train._COMPILED) == 1
     for a, c in zip(eager, compiled):
         assert _relative_difference(a["model"], c["model"]) <= COMPILE_TOLERANCE
@@ -2561,7 +2569,7 @@ def test_stack_refuses_models_with_batchnorm(tmp_path):
     runs = [train.Run(se2.SE2VAE(n_iso=2, n_ori=1, width=(1, 1, 1)), s, 1.0, str(tmp_path / str(s)), {})
             for s in (0, 1)]
     with pytest.raises(ValueError, match="BatchNorm.*--parallel-models"):
-        train.fit(runs, _sampled(torch.rand(8, 3, 64, 64), 2, True), steps=2, stack=True)
+        train.fit(runs, *_sampled(torch.rand(8, 3, 64, 64), 2, True), steps=2, stack=True)
 
 
 # ---- identifiability: Ada-GVAE recovers factors that a β-VAE does not (Locatello et al. 2020) ------------
@@ -2585,20 +2593,23 @@ def test_adagvae_identifies_nonlinearly_mixed_factors_and_betavae_does_not(tmp_p
     rng = np.random.default_rng(123)
     f_train, f_test = (np.stack([rng.integers(0, s, n) for s in sizes], 1) for n in (2000, 1000))
 
+    grid = np.stack(np.unravel_index(np.arange(int(np.prod(sizes))), sizes), 1)
+    bank = mix(grid)  # the mixed features of every grid point, addressed by the factors' flat index
+
     def batches(paired):
         def batch_fn(seed, step):
             r = np.random.default_rng((seed, step))
             if paired:
                 f1, f2, _ = data.sample_pairs(sizes, 64, r)
-                return mix(f1), mix(f2)
-            return mix(data.sample_factors(sizes, 64, r))
+                return np.stack([np.ravel_multi_index(f1.T, sizes), np.ravel_multi_index(f2.T, sizes)])
+            return np.ravel_multi_index(data.sample_factors(sizes, 64, r).T, sizes)
         return batch_fn
 
     scores = {}
     for method in ("adagvae", "betavae"):
         torch.manual_seed(0)
         run = train.Run(drl.FeatureVAE(in_dim=32, hidden=64, latent_dim=10), 0, 1.0, str(tmp_path / method), {})
-        train.fit([run], batches(method == "adagvae"), steps=8000, lr=1e-3, warmup_steps=1000)
+        train.fit([run], bank, batches(method == "adagvae"), steps=8000, lr=1e-3, warmup_steps=1000)
         z_train, z_test = (run.model.eval().representation(mix(f)).numpy() for f in (f_train, f_test))
         scores[method] = (metrics.dci(z_train, f_train, z_test, f_test)["disentanglement"],
                           metrics.mig(z_train, f_train))
@@ -3181,6 +3192,182 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, offline_hub, capsys, mo
                               + TINY, capsys)
     assert_one_line_error(code, err, "--device cuda", "no CUDA GPU")
     assert not (tmp_path / "r").exists()
+
+
+# --- the GPU path without a GPU: PyTorch's fake tensors on a "cuda" device --------------------------------
+# FakeTensorMode runs every op for its shapes and devices only: it refuses a CPU/CUDA mix and any read of a
+# device value. DeviceTraffic, a dispatch mode inside it, counts per training step the copies between host and
+# device and the reads of a device value (.item(), bool(), nonzero, ...), which make the host wait for the GPU.
+# What the harness cannot see, so stubs: the autograd engine needs a real CUDA context, so backward gives every
+# leaf a zero gradient of its shape and device (the backward kernels' own traffic is not seen); pinning needs the
+# CUDA host allocator, so pin_memory is the identity (the copy's non_blocking flag is checked, not the pinning);
+# the GPU's generator is a CPU one; a fake tensor has no data, so .numpy() of one gives zeros; ops under
+# torch.inference_mode escape the dispatch mode, so no_grad stands in for it.
+
+aten = torch.ops.aten
+READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default, aten.equal.default}
+
+
+class DeviceTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Per step (set by the caller; "setup" before the first): host->device and device->host copies as
+    (kind, non_blocking) and reads of device values by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.reset()
+
+    def reset(self):
+        self.step, self.copies, self.reads = "setup", collections.defaultdict(list), collections.defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if args and torch.is_tensor(args[0]) else None
+        if func is aten._to_copy.default and src is not None and "device" in kwargs \
+                and torch.device(kwargs["device"]).type != src.device.type:
+            self.copies[self.step].append((f"{src.device.type}->{torch.device(kwargs['device']).type}",
+                                           bool(kwargs.get("non_blocking"))))
+        elif func is aten.copy_.default and args[0].device.type != args[1].device.type and args[1].dim() > 0:
+            self.copies[self.step].append((f"{args[1].device.type}->{args[0].device.type}", bool(args[2:3] and args[2])))
+        elif func in READS and any(torch.is_tensor(a) and a.device.type == "cuda" for a in args):
+            self.reads[self.step].append(str(func))
+        return func(*args, **kwargs)
+
+
+def _fake_backward(loss, *args, **kwargs):
+    todo, seen = [loss.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)
+        if leaf is not None and leaf.grad is None:
+            leaf.grad = torch.zeros_like(leaf)
+        todo.extend(f for f, _ in fn.next_functions)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """(FakeTensorMode, DeviceTraffic): enter both (`with mode, traffic:`) to run code on a fake "cuda"."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(torch.Tensor, "backward", _fake_backward)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.cuda, "default_generators", (torch.Generator(),))
+    real_numpy = torch.Tensor.numpy
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda self, *a, **k: np.zeros(self.shape, dtype=np.float32)
+                        if type(self).__name__ == "FakeTensor" else real_numpy(self, *a, **k))
+    traffic = DeviceTraffic()
+    counting = train._next_batch
+
+    def next_batch(group, x, batch_fn, step, *a):  # marks where each step begins
+        traffic.step = step
+        return counting(group, x, batch_fn, step, *a)
+    monkeypatch.setattr(train, "_next_batch", next_batch)
+    return FakeTensorMode(allow_non_fake_inputs=True), traffic
+
+
+def _stop_before(step, batch_fn):
+    """The loop's log step reads its losses back (as it should); the harness stops the run before it."""
+    def fn(seed, s):
+        if s == step:
+            raise _Interrupt
+        return batch_fn(seed, s)
+    return fn
+
+
+def _fake_fit(fake_cuda, runs, x, batch_fn, steps=4, **kw):
+    """fit() on the fake "cuda" for `steps` steps (no log step); returns DeviceTraffic."""
+    mode, traffic = fake_cuda
+    traffic.reset()
+    with mode, traffic, pytest.raises(_Interrupt):
+        train.fit(runs, x.to("cuda"), _stop_before(steps, batch_fn), steps=1000, device="cuda", log_every=1000,
+                  warmup_steps=10, **kw)
+    return traffic
+
+
+def _assert_never_waits(traffic, steps):
+    """Each step: exactly one copy, the indices, host -> device and non-blocking; no copy back; no read."""
+    assert sorted(k for k in traffic.copies if k != "setup") == list(range(steps))
+    for step in range(steps):
+        assert traffic.copies[step] == [("cpu->cuda", True)], (step, traffic.copies[step])
+        assert traffic.reads[step] == [], (step, traffic.reads[step])
+
+
+FAKE_CASES = {"feature, one": (lambda: drl.FeatureVAE(48, 32, 6), 1, "features"),
+              "feature, stack of 3": (lambda: drl.FeatureVAE(48, 32, 6), 3, "features"),
+              "conv, one": (lambda: drl.ConvVAE(latent_dim=4), 1, "pixels"),
+              "conv, stack of 2": (lambda: drl.ConvVAE(latent_dim=4), 2, "pixels"),
+              "se2, one": (lambda: se2.SE2VAE(n_iso=2, n_ori=1, width=(1, 1, 1)), 1, "pixels")}
+
+
+@pytest.mark.fake_cuda
+@pytest.mark.parametrize("case", list(FAKE_CASES))
+@pytest.mark.parametrize("paired", [True, False], ids=["pairs", "images"])
+def test_fake_cuda_step_never_waits_for_the_host(case, paired, tmp_path, fake_cuda):
+    make, n, kind = FAKE_CASES[case]
+    x = torch.randn(64, 48) if kind == "features" else torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8)
+    runs = [train.Run(make(), s, 1.0 + s % 2, str(tmp_path / str(s)), {}) for s in range(n)]
+    _assert_never_waits(_fake_fit(fake_cuda, runs, *_sampled(x, 8, paired), stack=n > 1), 4)
+
+
+@pytest.mark.fake_cuda
+def test_fake_cuda_compiled_step_never_waits_for_the_host(tmp_path, fake_cuda, monkeypatch):
+    """--compile wraps the same objective; torch.compile itself is out of reach of fake tensors (it makes its
+    own), so the harness runs the objective it wraps, on the vmap path --compile takes."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(train, "_COMPILED", {})
+    runs = [train.Run(drl.FeatureVAE(48, 32, 6), 0, 1.0, str(tmp_path), {})]
+    _assert_never_waits(_fake_fit(fake_cuda, runs, *_sampled(torch.randn(64, 48), 8, True), compile=True), 4)
+
+
+@pytest.mark.fake_cuda
+def test_fake_cuda_source_stage_and_finetuning_resumed_from_a_cpu_checkpoint(tmp_path, fake_cuda, monkeypatch):
+    """The pipeline's own inputs and batches: Texture-dSprites pixels (SourceInputs) for the source stage, the
+    synthetic-cells train split (epoch_batches) for finetuning, each resuming a checkpoint written on the CPU."""
+    monkeypatch.setattr(data, "SYNTHETIC_N", 200)
+    cfg = train.Config(backbone="pixels", latent_dim=4, out=str(tmp_path))
+    res = train.Resolved("pixels", device="cuda")
+    src = train.SourceInputs(cfg, dataclasses.replace(res, device="cpu"))
+    batches = src.batches(16, paired=True)
+    make = lambda s: train.Run(drl.ConvVAE(latent_dim=4), s, 1.0, str(tmp_path / f"src{s}"), {"s": s})  # noqa: E731
+    with pytest.raises(_Interrupt):  # 3 steps on the CPU, checkpointed
+        train.fit([make(0), make(1)], src.x, _stop_before(4, batches), steps=1000, log_every=3, checkpoint_every_s=0,
+                  warmup_steps=10, stack=True)
+    traffic = _fake_fit(fake_cuda, [make(0), make(1)], src.x, batches, steps=6, stack=True)
+    assert traffic.copies["setup"] and not traffic.reads["setup"]  # the CPU checkpoints' weights went over
+    assert sorted(k for k in traffic.copies if k != "setup") == [3, 4, 5]
+    for step in range(3, 6):
+        assert traffic.copies[step] == [("cpu->cuda", True)] and not traffic.reads[step]
+    target = data.load_target("synthetic-cells")
+    x = train.target_inputs(cfg, res, target.train, None, "synthetic-cells-train")
+    assert x.device.type == "cpu"  # the caller moves it (finetune: .to(res.device))
+    run = train.Run(drl.load_model(str(tmp_path / "src0" / "checkpoint.pt"))[0], 0, 1.0, str(tmp_path / "ft"), {})
+    _assert_never_waits(_fake_fit(fake_cuda, [run], x, train.epoch_batches(len(x), 16), steps=4, optimizer="adamw",
+                                  weight_decay=0.01), 4)
+
+
+@pytest.mark.fake_cuda
+def test_fake_cuda_feature_extraction_and_evaluation_encoder(tmp_path, fake_cuda, monkeypatch):
+    """Φ: per batch, the uint8 images go over once and the features come back once (into the memmap); the
+    normalisation needs no constant from the host. The evaluation encoder: one chunk over, its codes back."""
+    mode, traffic = fake_cuda
+    torch.manual_seed(0)
+    vit = drl.VisionTransformer(embed_dim=24, depth=2, num_heads=2).eval()
+    images = lambda idx: np.full((len(idx), 64, 64, 3), 7, np.uint8)  # noqa: E731
+    with mode, traffic:
+        vit = vit.to("cuda").requires_grad_(False)
+        traffic.step = "extract"
+        with monkeypatch.context() as m:  # the ops under inference_mode would escape DeviceTraffic
+            m.setattr(torch, "inference_mode", lambda *a: torch.no_grad())
+            drl.extract_features(vit, images, 10, str(tmp_path / "phi.npy"), batch_size=4, device="cuda")
+    assert traffic.copies["extract"] == [("cpu->cuda", False), ("cuda->cpu", False)] * 3
+    assert not traffic.reads["extract"]
+    model = drl.FeatureVAE(24, 8, 4).eval()
+    with mode, traffic:
+        model = model.to("cuda")
+        traffic.step = "encode"
+        z = evaluate.encode(model, torch.randn(10, 24), "cuda", batch=4)
+    assert z.shape == (10, 4) and traffic.copies["encode"] == [("cpu->cuda", False), ("cuda->cpu", False)] * 3
 
 
 def _readme_commands():
