@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -26,6 +27,7 @@ import torch
 import data
 import drl
 import metrics
+import se2
 import train
 from train import say
 
@@ -134,6 +136,7 @@ class Inputs:
 
     def __init__(self, cfg, res, target, stats):
         self.cfg, self.res, self.target, self.stats = cfg, res, target, stats
+        self.source_digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
         self.known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
         if cfg.holdout_class:
             held = target.classes.index(cfg.holdout_class)
@@ -273,7 +276,15 @@ def evaluate_all(cfg, res, target, pairs, folder):
     for m in per_model:
         for state in STATES:
             m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
-    figures = make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES)
+    shown, t0 = median_model(per_model), time.time()
+    key = dict(part="figures", models=[{s: {k: v for k, v in m[s].items() if k != "_z_test"} for s in STATES}
+                                       for m in per_model], shown=drl.weights_digest(pairs[shown][1]),
+               z=hashlib.sha256(per_model[shown]["after"]["_z_test"].tobytes()).hexdigest(), target=target.digest,
+               source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
+    figures = cached_figures(os.path.join(folder, "figures"), key, lambda: _scored("figures and galleries", lambda: {
+        **make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES, shown),
+        **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"], figure_label(per_model, shown)),
+        "seconds": round(time.time() - t0, 1)}))
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
@@ -511,12 +522,38 @@ def report(res):
               "", f"## Clustering (K-Means, k = {_kmeans_k(res)}: the classes present in the test split)", "",
               *_header(["AMI", "silhouette"]),
               *_rows(s, ["clustering.ami", "clustering.silhouette"], num)]
-    return "\n".join(lines + _interpretability(res) + _open_set(res) + [
-        "", "## Figures", "", f"Fig. 3 is the mean over models; Figs. 4, 6 and 7 show one model ("
-        f"{res['figures']['model_shown']}), so the r in the titles of Fig. 6 is that model's, not the mean of the "
-        "table above.", ""] + [f"- {k}: `{v}`" for k, v in res["figures"].items()
-                                if isinstance(v, str) and k.startswith("fig")] + [
+    return "\n".join(lines + _interpretability(res) + _open_set(res) + _figures(res) + [
         "", f"Every number above is in `results.json` (per model). Run time {res['seconds']} s.", ""])
+
+
+FIGURE_HELP = {
+    "fig3_importance": "the GBT's Gini importance summed over the dims named after each source factor, before and "
+                       "after finetuning (mean over models): which factors the classifier uses.",
+    "fig4_top2_dims": "the test images on the two dims the GBT relies on most, coloured by class.",
+    "fig6_correlation": "each dim named after a factor against the handcrafted feature it should track (mask area, "
+                        "mean red, solidity), one point per test image with a mask.",
+    "fig7_open_set": "per dim, how far the held-out class lies from the centroid of the known class it is "
+                     "classified as.",
+    "gallery_target": "one row per active dim: the test images nearest to 9 evenly spaced quantiles of the dim, "
+                      "lowest on the left, its value under each; what changes along a row is what the dim encodes.",
+    "gallery_source": "the same on Texture-dSprites, whose factors are known: the row of the dim named scale should "
+                      "grow, the one named colour change colour.",
+    "traversals": "the test code nearest the mean, with one dim swept from its mean − 2 SD to + 2 SD (values under "
+                  "the images) and decoded: what the model draws when that dim alone changes.",
+    "class_means": "each class's mean ± SD on the two most important dims: classes apart on a dim named after a "
+                   "factor differ in that factor, not in the others.",
+}
+
+
+def _figures(res):
+    f = res["figures"]
+    lines = ["", "## Figures", "", f"Fig. 3 is the mean over models; every other figure shows one model, {f['model_shown']}: "
+             f"the median of the {len(res['models'])} model(s) by GBT accuracy after finetuning (so the r in the "
+             "titles of Fig. 6 is that model's, not the mean of the table above).", ""]
+    lines += [f"- `{f[k]}`: {help}" for k, help in FIGURE_HELP.items() if k in f]
+    if "traversals" not in f and res["backbone"] != "pixels":
+        lines.append("- traversals: not drawn, since the decoder of a VAE on features Φ returns features, not images.")
+    return lines
 
 
 def _kmeans_k(res):
@@ -579,16 +616,42 @@ def _open_set(res):
 # Figures (paper Figs. 3-7)
 # ---------------------------------------------------------------------------------------------------------
 
-def make_figures(folder, per_model, target, cfg, factor_names):
+def median_model(per_model):
+    """The index of the model the figures show: the median by GBT accuracy after finetuning (the report's
+    main score; of two middle ones the lower), so the pictures are of a typical model, not the luckiest."""
+    score = [(m["after"].get("downstream") or {}).get("gbt", -1.0) for m in per_model]
+    return sorted(range(len(score)), key=lambda i: (score[i], i))[(len(score) - 1) // 2]
+
+
+def figure_label(per_model, k):
+    return f"seed {per_model[k]['seed']}, β {per_model[k]['beta']:g}, after finetuning"
+
+
+def cached_figures(fig_dir, key, draw):
+    """draw() -> {name: path or value} once per key: the key and the result are kept beside the figures, so a
+    rerun whose models, data and scores did not change redraws nothing."""
+    stamp, key = os.path.join(fig_dir, "figures.json"), drl.cache_key(version=EVAL_VERSION, **key)
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            kept = json.load(f)
+        if kept["key"] == key and all(os.path.exists(os.path.join(os.path.dirname(fig_dir), v))
+                                      for v in kept["figures"].values() if str(v).endswith(".png")):
+            return kept["figures"]
+    figures = json.loads(json.dumps(draw(), default=_json_default))
+    drl.write_text(stamp, json.dumps({"key": key, "figures": figures}))
+    return figures
+
+
+def make_figures(folder, per_model, target, cfg, factor_names, shown):
     """Paper Figs. 3-7 as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Figs. 4-7
-    show one model, the first (its seed and β are in the titles); Fig. 3 the mean over models."""
+    show model `shown` (median_model; its seed and β are in the titles); Fig. 3 the mean over models."""
     import matplotlib
     matplotlib.use("Agg")
     fig_dir = os.path.join(folder, "figures")
     out = {"factor_order": list(factor_names),
            "importance_by_factor": {s: importance_by_factor(per_model, s, factor_names) for s in STATES}}
     out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
-    m, who = per_model[0]["after"], f"seed {per_model[0]['seed']}, β {per_model[0]['beta']:g}, after finetuning"
+    m, who = per_model[shown]["after"], figure_label(per_model, shown)
     out["model_shown"] = who
     out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
     if target.test.has_masks and len(target.test.with_masks) >= 3:
@@ -666,6 +729,99 @@ def _fig_open_set(fig_dir, m, target, holdout, who):
     assigned = target.classes[int(m["open_set"]["assigned"])]
     ax.set_title(f"held-out {holdout}: distance to the centroid of {assigned} ({who})", fontsize=8)
     return _save(fig, fig_dir, "fig7_open_set.png")
+
+
+GALLERY_COLUMNS = 9           # images per gallery row: the nearest to each of 9 evenly spaced quantiles of the dim
+SOURCE_GALLERY_IMAGES = 2000  # the Texture-dSprites images (a fixed random subset) the source gallery picks from
+
+
+def latent_figures(folder, res, inputs, path, m, who):
+    """What each active dim of one model (m: its scores after finetuning, `path` its checkpoint) means, in
+    images: galleries of the target's test images and of Texture-dSprites along every dim, traversals of a
+    decoded code (pixel models; a Φ model's decoder returns features), the classes on the two dims the GBT
+    relies on most."""
+    fig_dir = os.path.join(folder, "figures")
+    model = drl.load_model(path, res.device)[0]
+    dims = m["active_dims"] or list(range(len(m["dim_names"])))
+    names = [f"z{d} {m['dim_names'][d]}" for d in dims]
+    z, test, src = m["_z_test"], inputs.target.test, inputs.source
+    index, values = metrics.latent_gallery(z, dims, GALLERY_COLUMNS)
+    out = {"gallery_dims": dims, "gallery_target": _fig_gallery(
+        fig_dir, "gallery_target.png", test.images(index.ravel(), 64), values, names,
+        f"{inputs.cfg.target} test images along each dim ({who})")}
+    pick = np.sort(np.random.default_rng(0).choice(len(src.dataset), SOURCE_GALLERY_IMAGES, replace=False))
+    index, values = metrics.latent_gallery(encode(model, src.x[pick], res.device), dims, GALLERY_COLUMNS)
+    out["gallery_source"] = _fig_gallery(fig_dir, "gallery_source.png", src.dataset.images(pick[index.ravel()]),
+                                         values, names, f"Texture-dSprites along each dim ({who})")
+    swept = traversal(model, z, dims)
+    if swept is not None:
+        out["traversals"] = _fig_gallery(fig_dir, "traversals.png", *swept, names,
+                                         f"one test code, each dim swept over its mean ± 2 SD, decoded ({who})")
+    out["class_means"] = _fig_class_means(fig_dir, m, inputs.target, who)
+    return out
+
+
+def traversal(model, z, dims, n=GALLERY_COLUMNS):
+    """The classic latent traversal: the test code nearest the mean code, with dim d set to n values from its
+    mean − 2 SD to its mean + 2 SD (over the test codes z), decoded. Returns (uint8 (len(dims)·n, H, W, 3)
+    images, (len(dims), n) values), or None for a model on features Φ (its decoder returns features)."""
+    if isinstance(model, drl.FeatureVAE):
+        return None
+    spread = z.std(0).clip(1e-12)
+    codes = np.repeat(z[np.argmin((((z - z.mean(0)) / spread) ** 2).sum(1))][None], len(dims) * n, axis=0)
+    values = z[:, dims].mean(0)[:, None] + np.linspace(-2, 2, n)[None] * spread[dims][:, None]
+    for i, d in enumerate(dims):
+        codes[i * n:(i + 1) * n, d] = values[i]
+    x = decode_codes(model, torch.as_tensor(codes, dtype=torch.float32, device=next(model.parameters()).device))
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8), values
+
+
+def decode_codes(model, codes):
+    """Images in [0, 1], (n, C, H, W), decoded from representation codes: μ for the conv VAE; μ_ISO and then
+    (cos θ, sin θ) of each angle for the SE(2,N) VAE. Both decoders return Bernoulli logits."""
+    with torch.no_grad():
+        if isinstance(model, se2.SE2VAE):
+            k = model.n_iso
+            angles = torch.atan2(codes[:, k + 1::2], codes[:, k::2]).remainder(2 * np.pi)
+            return torch.sigmoid(model.decode(codes[:, :k], angles))
+        return torch.sigmoid(model.decode(codes))
+
+
+def _fig_gallery(fig_dir, name, images, values, row_names, title):
+    """A grid of images (rows·cols, H, W, 3) with one row per dim, the value under each image."""
+    import matplotlib.pyplot as plt
+    rows, cols = values.shape
+    h, w, gap = images.shape[1], images.shape[2], 12  # room under each image for its value
+    canvas = np.full((rows * (h + gap), cols * (w + 2), 3), 255, np.uint8)
+    for k, img in enumerate(images):
+        i, j = divmod(k, cols)
+        canvas[i * (h + gap):i * (h + gap) + h, j * (w + 2):j * (w + 2) + w] = img
+    fig, ax = plt.subplots(figsize=(canvas.shape[1] / 110 + 1.4, canvas.shape[0] / 110 + 0.4))
+    ax.imshow(canvas, interpolation="nearest")
+    for i in range(rows):
+        ax.text(-4, i * (h + gap) + h / 2, row_names[i], ha="right", va="center", fontsize=7)
+        for j in range(cols):
+            ax.text(j * (w + 2) + w / 2, i * (h + gap) + h + 1, f"{values[i, j]:.2f}", ha="center", va="top",
+                    fontsize=5)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8)
+    return _save(fig, fig_dir, name)
+
+
+def _fig_class_means(fig_dir, m, target, who):
+    """Each class's mean ± SD on the two dims the GBT relies on most (the test split)."""
+    import matplotlib.pyplot as plt
+    z, y = m["_z_test"], target.test.labels
+    present = [c for c in range(len(target.classes)) if np.any(y == c)]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, d in zip(axes, np.argsort(m["gini_importance"])[::-1][:2]):
+        ax.errorbar(range(len(present)), [z[y == c, d].mean() for c in present],
+                    yerr=[z[y == c, d].std() for c in present], fmt="o", capsize=3)
+        ax.set_xticks(range(len(present)), [target.classes[c] for c in present], rotation=30, fontsize=7)
+        ax.set_title(f"z{d} ({m['dim_names'][d]})", fontsize=9)
+        ax.set_ylabel("class mean ± SD of the code", fontsize=8)
+    fig.suptitle(f"classes on the two most important dims ({who})", fontsize=9)
+    return _save(fig, fig_dir, "class_means.png")
 
 
 def _save(fig, folder, name):

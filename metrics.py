@@ -567,6 +567,18 @@ def name_dims(importance, factor_names):
     return out
 
 
+def latent_gallery(z, dims, n=9):
+    """What a code dim means, as images to show (paper Sec. IV, interpretability): for each dim d of `dims`,
+    the rows of z nearest to n evenly spaced quantiles of z[:, d] (its minimum, ..., its maximum). Returns
+    (index (len(dims), n) rows of z, ordered from the lowest to the highest value; values (len(dims), n))."""
+    z = _codes(z, "z", 1, allow_constant=True)
+    dims = np.asarray(dims, np.int64)
+    col = z[:, dims]                                                       # (rows, len(dims))
+    targets = np.quantile(col, np.linspace(0.0, 1.0, n), axis=0).T        # (len(dims), n)
+    index = np.abs(col.T[:, None, :] - targets[:, :, None]).argmin(axis=2)  # nearest row to each quantile
+    return index, np.take_along_axis(col.T, index, axis=1)
+
+
 def correlations(z, features):
     """Pearson r and two-sided p-value of every (code dim, feature) pair (paper Fig. 6).
 

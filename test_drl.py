@@ -1574,8 +1574,9 @@ def test_bad_shapes_raise_clear_errors():
             model.loss(xb, 1.0)
     with pytest.raises(ValueError, match="float"):
         model.representation((x * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        model.loss(x * 3, 1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # checked once per dataset, not in every step
+        model.check_range(x * 3)
+    model.check_range(x)
     with pytest.raises(ValueError, match="same shape"):
         model.pair_loss(x, x[:1], 1.0)
     with pytest.raises(ValueError, match=r"LiftingConv2d expects images \(B, 3, H, W\)"):
@@ -2855,7 +2856,19 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     for key in ("fig3_importance", "fig4_top2_dims", "fig7_open_set"):
         assert (folder / res["figures"][key]).stat().st_size > 1000
     assert not list(out.rglob("*.tmp"))
-    assert "Figs. 4, 6 and 7 show one model (seed 0, β 1, after finetuning)" in report
+    shown = evaluate.median_model(res["models"])  # of two models the one with the lower GBT accuracy after
+    assert res["models"][shown]["after"]["downstream"]["gbt"] == min(m["after"]["downstream"]["gbt"]
+                                                                    for m in res["models"])
+    who = f"seed {res['models'][shown]['seed']}, β 1, after finetuning"
+    assert f"every other figure shows one model, {who}: the median of the 2 model(s)" in report
+    # galleries: one row per active dim, 9 columns; traversals of the pixel model; every figure linked and explained
+    dims, fig = res["figures"]["gallery_dims"], res["figures"]
+    assert dims == res["models"][shown]["after"]["active_dims"] and len(dims) >= 1
+    for key in ("gallery_target", "gallery_source", "traversals", "class_means"):
+        assert (folder / fig[key]).stat().st_size > 1000 and f"`{fig[key]}`: " in report, key
+    for key in ("gallery_target", "gallery_source", "traversals"):  # the canvas is 1:1 in pixels, one row per dim
+        width, height = Image.open(folder / fig[key]).size
+        assert (width, height) == evaluate_gallery_size(len(dims)), key
     assert "## Clustering (K-Means, k = 3: the classes present in the test split)" in report  # negative held out
     # a second run trains nothing, computes nothing and writes the same report
     code, stdout, err = run_script(evaluate.main, argv + ["--no-train"], capsys)
@@ -2869,6 +2882,39 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     assert code == 0, err
     assert stdout.count("DCI/MIG/OMES on Texture-dSprites (600 + 200 samples)\n") == 4
     assert "raw-input" not in stdout and "steps/s" not in stdout
+
+
+def evaluate_gallery_size(rows, cols=evaluate.GALLERY_COLUMNS, image=64):
+    """The PNG size _fig_gallery gives a grid of rows x cols images of image x image pixels (110 dpi)."""
+    fig_w, fig_h = (cols * (image + 2)) / 110 + 1.4, (rows * (image + 12)) / 110 + 0.4
+    return int(fig_w * 110), int(fig_h * 110)
+
+
+def test_gallery_row_of_a_brightness_dim_is_ordered_by_brightness():
+    """A constructed encoder whose dim 0 is exactly the mean brightness of the image: its gallery row shows
+    images of increasing brightness, from the darkest to the brightest, and the values are their codes."""
+    images = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 3)).astype(np.uint8)
+    z = np.stack([images.mean(axis=(1, 2, 3)), np.random.default_rng(1).normal(size=300)], axis=1)
+    index, values = metrics.latent_gallery(z, [0, 1], 9)
+    brightness = images[index[0]].mean(axis=(1, 2, 3))
+    assert index.shape == values.shape == (2, 9)
+    assert np.all(np.diff(brightness) >= 0) and brightness[0] == z[:, 0].min() and brightness[-1] == z[:, 0].max()
+    np.testing.assert_array_equal(values[0], brightness)
+    assert np.all(np.diff(values[1]) >= 0)
+
+
+def test_traversals_decode_images_in_the_unit_range_and_not_for_features():
+    torch.manual_seed(0)
+    z = np.random.default_rng(0).normal(size=(50, 4))
+    images, values = evaluate.traversal(drl.ConvVAE(latent_dim=4).eval(), z, [0, 2])
+    assert images.shape == (18, 64, 64, 3) and images.dtype == np.uint8 and values.shape == (2, 9)
+    np.testing.assert_allclose(values[0, [0, -1]], z[:, 0].mean() + np.array([-2, 2]) * z[:, 0].std())
+    assert not np.array_equal(images[0], images[8])  # sweeping dim 0 changes the decoded image
+    model = se2.SE2VAE(n_iso=2, n_ori=1, width=(1, 1, 1)).eval()
+    codes = torch.as_tensor(np.c_[z[:, :2], np.cos(z[:, 2]), np.sin(z[:, 2])], dtype=torch.float32)
+    x = evaluate.decode_codes(model, codes)
+    assert x.shape == (50, 3, 64, 64) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert evaluate.traversal(drl.FeatureVAE(16, 8, 4), z, [0]) is None
 
 
 def test_report_flags_mlps_that_did_not_converge():
@@ -2910,7 +2956,7 @@ def test_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
     code, _, err = run_script(interrupted, [], capsys)
     assert code == 130 and "before this run wrote a checkpoint" in err and "kept" not in err
     with pytest.raises(_Interrupt):
-        _fit(tmp_path, 40, _interrupted_at(25, _feature_batches()), log_every=10, checkpoint_every_s=0)
+        _fit(tmp_path, 40, _interrupted_at(25, _feature_batches), log_every=10, checkpoint_every_s=0)
     code, _, err = run_script(interrupted, [], capsys)
     assert code == 130 and "1 checkpoint(s) of this run are kept" in err and "at step 20" in err
 
@@ -3056,6 +3102,9 @@ def test_transfer_protocol_runs_on_a_torchvision_backbone(tmp_path, offline_hub,
     assert len(list((out / "features").glob("*.npy"))) == 3   # source, target train and test: one cache each
     report = (out / "eval/synthetic-cells/resnet18-mlp-adagvae-z10-20steps-1ep/report.md").read_text()
     assert "Backbone **resnet18** (mlp VAE" in report and "resnet18 features Φ (512-d)" in report
+    figures = out / "eval/synthetic-cells/resnet18-mlp-adagvae-z10-20steps-1ep/figures"  # Φ: galleries, no traversal
+    assert (figures / "gallery_target.png").exists() and (figures / "gallery_source.png").exists()
+    assert not (figures / "traversals.png").exists() and "- traversals: not drawn" in report
 
 
 # --- several processes: torchrun ---------------------------------------------------------------------
