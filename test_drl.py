@@ -2875,6 +2875,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     assert code == 0, err
     assert "nothing to train" in stdout and "steps/s" not in stdout
     assert "DCI/MIG/OMES" not in stdout and "downstream" not in stdout and "raw-input" not in stdout
+    assert "figures and galleries" not in stdout  # nothing changed, nothing redrawn
     assert (folder / "report.md").read_text().split("Run time")[0] == report.split("Run time")[0]
     # another DCI sample size recomputes DCI/MIG/OMES (and what depends on it: dim names), nothing else
     code, stdout, err = run_script(evaluate.main, argv[:-4] + ["--n-test", "200", "--holdout-class", "negative"],
@@ -3364,21 +3365,13 @@ def fake_cuda(monkeypatch):
     return FakeTensorMode(allow_non_fake_inputs=True), traffic
 
 
-def _stop_before(step, batch_fn):
-    """The loop's log step reads its losses back (as it should); the harness stops the run before it."""
-    def fn(seed, s):
-        if s == step:
-            raise _Interrupt
-        return batch_fn(seed, s)
-    return fn
-
-
 def _fake_fit(fake_cuda, runs, x, batch_fn, steps=4, **kw):
-    """fit() on the fake "cuda" for `steps` steps (no log step); returns DeviceTraffic."""
+    """fit() on the fake "cuda" for `steps` steps, stopped before the first log step (which reads the losses
+    back, as it should); returns DeviceTraffic."""
     mode, traffic = fake_cuda
     traffic.reset()
     with mode, traffic, pytest.raises(_Interrupt):
-        train.fit(runs, x.to("cuda"), _stop_before(steps, batch_fn), steps=1000, device="cuda", log_every=1000,
+        train.fit(runs, x.to("cuda"), _interrupted_at(steps, batch_fn), steps=1000, device="cuda", log_every=1000,
                   warmup_steps=10, **kw)
     return traffic
 
@@ -3409,6 +3402,24 @@ def test_fake_cuda_step_never_waits_for_the_host(case, paired, tmp_path, fake_cu
 
 
 @pytest.mark.fake_cuda
+def test_fake_cuda_harness_catches_a_device_mix_a_blocking_copy_and_a_read(tmp_path, fake_cuda):
+    """The harness can fail: a dataset left on the CPU mixes devices in the step, and a pageable copy and an
+    .item() are recorded as what they are."""
+    mode, traffic = fake_cuda
+    x, batch_fn = _sampled(torch.randn(64, 48), 8, True)
+    run = train.Run(drl.FeatureVAE(48, 32, 6), 0, 1.0, str(tmp_path), {})
+    with mode, pytest.raises(Exception, match="cuda|cpu"):
+        train.fit([run], x, batch_fn, steps=2, device="cuda", log_every=1000)
+    traffic.reset()
+    with mode, traffic:
+        traffic.step = 0
+        y = torch.ones(3).to("cuda")
+        with pytest.raises(Exception):
+            y.sum().item()
+    assert traffic.copies[0] == [("cpu->cuda", False)] and traffic.reads[0] == ["aten._local_scalar_dense.default"]
+
+
+@pytest.mark.fake_cuda
 def test_fake_cuda_compiled_step_never_waits_for_the_host(tmp_path, fake_cuda, monkeypatch):
     """--compile wraps the same objective; torch.compile itself is out of reach of fake tensors (it makes its
     own), so the harness runs the objective it wraps, on the vmap path --compile takes."""
@@ -3429,7 +3440,7 @@ def test_fake_cuda_source_stage_and_finetuning_resumed_from_a_cpu_checkpoint(tmp
     batches = src.batches(16, paired=True)
     make = lambda s: train.Run(drl.ConvVAE(latent_dim=4), s, 1.0, str(tmp_path / f"src{s}"), {"s": s})  # noqa: E731
     with pytest.raises(_Interrupt):  # 3 steps on the CPU, checkpointed
-        train.fit([make(0), make(1)], src.x, _stop_before(4, batches), steps=1000, log_every=3, checkpoint_every_s=0,
+        train.fit([make(0), make(1)], src.x, _interrupted_at(4, batches), steps=1000, log_every=3, checkpoint_every_s=0,
                   warmup_steps=10, stack=True)
     traffic = _fake_fit(fake_cuda, [make(0), make(1)], src.x, batches, steps=6, stack=True)
     assert traffic.copies["setup"] and not traffic.reads["setup"]  # the CPU checkpoints' weights went over
