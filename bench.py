@@ -1,5 +1,5 @@
-"""Speed and memory benchmarks of every stage of the pipeline (issue 6), against references measured in
-the same run on the same machine.
+"""Speed and memory benchmarks of every stage of the pipeline, against references measured in the same run
+on the same machine.
 
     python bench.py            # full workloads (long on a 2-core CPU), writes bench.json
     python bench.py --quick    # small workloads, < 3 minutes on 2 cores
@@ -8,11 +8,11 @@ the same run on the same machine.
 Every entry of bench.json is {"value", "unit", "workload": {batch, shapes, threads, device, dtype, ...}}.
 Timings are the BEST of a few repetitions (the least disturbed by other processes); pairs that are
 compared (our ViT vs torchvision's, sequential vs vectorised sweep, ...) are measured interleaved so that
-load from other processes hits both alike. The table prints ratios against the targets of issue 6.
+load from other processes hits both alike. The table prints ratios against the targets in TARGETS.
 
-FLOP conventions: `matmul_gflops` counts 2·n³ per n×n matmul (a multiply and an add). The issue's
-17.6 "GFLOP" per ViT-B/16 image is the usual multiply-accumulate count (fvcore convention); the same
-image costs 35.2 GFLOP when counted like the matmul. `vit_gflops_fp32` uses 17.6 as the issue asks;
+FLOP conventions: `matmul_gflops` counts 2·n³ per n×n matmul (a multiply and an add). The usual
+17.6 "GFLOP" per ViT-B/16 image is a multiply-accumulate count (fvcore convention); the same image costs
+35.2 GFLOP when counted like the matmul. `vit_gflops_fp32` uses 17.6, the figure usually quoted;
 `vit_gflops_fp32_2mac` counts like the matmul. `feature_vae_gflops` counts fwd + bwd with
 torch.utils.flop_counter (2 per multiply-accumulate, like the matmul).
 """
@@ -40,8 +40,8 @@ import metrics
 import se2
 import train
 
-MACS_PER_IMAGE = drl.VIT_B16_GFLOP      # 17.6 G multiply-accumulates per 224×224 image (issue 6)
-# Targets of issue 6: key -> (reference key or None, op, bound, what).
+MACS_PER_IMAGE = drl.VIT_B16_GMAC      # 17.6 G multiply-accumulates per 224×224 image
+# Targets: key -> (reference key or None, op, bound, what).
 TARGETS = {
     "vit_img_s_fp32": ("torchvision_vit_img_s_fp32", ">=", 1.0, "ours / torchvision"),
     "vit_max_abs_diff_vs_torchvision": (None, "<=", 1e-4, "max |ours - tv|"),
@@ -657,13 +657,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small workloads (< 3 min on 2 cores)")
@@ -721,7 +714,7 @@ def main(argv=None):
             if k in TARGETS:
                 e["target"] = verdict(k, results)[1]
         print(table(results))
-        write_json(args.out, {"machine": machine, **results})
+        drl.write_text(args.out, json.dumps({"machine": machine, **results}, indent=1))
         print(f"wrote {args.out} ({machine['seconds']:.0f} s)")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

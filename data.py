@@ -1,5 +1,5 @@
 """Data for drl-microscopy: the Texture-dSprites source, the weak-supervision pair sampler and the
-microscopy targets (design.md §2, §3; reference/anchor-official.md §4).
+microscopy targets (Dapueto et al. 2025, Sec. III; the official Malga-Vision/disentangled_representation_microscopy).
 
 Imports only numpy, PIL, scipy and the standard library, so the file can be copied into other projects.
 Images everywhere are numpy uint8 arrays (n, H, W, 3) RGB.
@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 # =====================================================================================================
-# 1. Texture-dSprites (design §2)
+# 1. Texture-dSprites
 # =====================================================================================================
 
 FACTOR_NAMES = ("texture", "colour", "shape", "scale", "orientation")
@@ -274,7 +274,7 @@ def dsprites_masks(path, size=64):
 
 
 class TextureDSprites:
-    """Texture-dSprites (design §2): texture 5 × colour 7 × shape 3 × scale 6 × orientation 40 =
+    """Texture-dSprites (Dapueto et al. 2025): texture 5 × colour 7 × shape 3 × scale 6 × orientation 40 =
     25,200 centred 64×64 RGB images on black; image = mask × colour × texture.
 
     textures: folder of five grayscale images (default: five procedural textures).
@@ -374,7 +374,7 @@ def explicitness_split(n_images, n=None, seed=0):
 
 
 # =====================================================================================================
-# 2. Weak supervision (Locatello et al. 2020, k = 1; design §2)
+# 2. Weak supervision (Locatello et al. 2020, k = 1)
 # =====================================================================================================
 
 def sample_factors(factor_sizes, n, rng):
@@ -535,7 +535,7 @@ def _cached(key, make):
 
 
 # =====================================================================================================
-# 4. Targets (design §3)
+# 4. Targets
 # =====================================================================================================
 
 TARGETS = ("lensless", "whoi15", "vacuoles", "sipakmed", "synthetic-cells")
@@ -669,7 +669,7 @@ class Target:
 
 
 def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE):
-    """Load a target by name (design §3).
+    """Load a target by name.
 
     Real targets live under `root` (default: env DRL_DATA, else ./data) as
       <root>/<name>/train/<class>/<image> and <root>/<name>/test/<class>/<image>  (native split), or
@@ -1037,7 +1037,7 @@ def _split_record(name, seed, names, train, test):
 
 
 # =====================================================================================================
-# 5. Handcrafted features from masks (paper Fig. 6; anchor-official §6)
+# 5. Handcrafted features from masks (paper Fig. 6; the official extract_simple_features.py)
 # =====================================================================================================
 
 def handcrafted_features(images, masks):

@@ -8,11 +8,12 @@ Conventions
 - Factors `y`: array (n, K) of discrete factor values (any labels: they are encoded to 0..m-1 per column).
 - Every default is pinned and written in the docstring; the same seed gives the same numbers.
 
-References (see ../shared/reference/):
-- DCI: Eastwood & Williams 2018, as implemented in disentanglement_lib `evaluation/metrics/dci.py` (anchor A1).
-- MIG: Chen et al. 2018, disentanglement_lib `mig.py` + `utils.py` (anchor A2).
-- OMES: Dapueto et al. 2024/2025, official `omes.py` (anchor-official §5).
-- Downstream / interpretability / open set: Dapueto et al. 2025 §III-IV, anchor-official §6.
+References:
+- DCI: Eastwood & Williams 2018, as implemented in google-research/disentanglement_lib
+  `evaluation/metrics/dci.py`.
+- MIG: Chen et al. 2018, disentanglement_lib `evaluation/metrics/mig.py` + `utils.py`.
+- OMES: Dapueto et al. 2024/2025, `omes.py` of the official Malga-Vision/disentangled_representation_microscopy.
+- Downstream / interpretability / open set: Dapueto et al. 2025, Sec. III-IV, and the same official code.
 """
 import math
 import warnings
@@ -101,7 +102,7 @@ def inactive_dims(z, threshold=INACTIVE_STD):
 
 
 # ----------------------------------------------------------------------------------------------------
-# DCI (Eastwood & Williams 2018; disentanglement_lib dci.py, anchor A1)
+# DCI (Eastwood & Williams 2018; disentanglement_lib dci.py)
 # ----------------------------------------------------------------------------------------------------
 
 def _fit_factor(z_train, t_train, z_test, t_test, seed):
@@ -133,7 +134,7 @@ def dci_from_importance(importance):
 
 
 def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1):
-    """DCI disentanglement, completeness and informativeness (disentanglement_lib settings, anchor A1).
+    """DCI disentanglement, completeness and informativeness (disentanglement_lib settings).
 
     z_train (n, d), y_train (n, K), z_test (m, d), y_test (m, K). Factor labels of any type are encoded to
     integers first (jointly over train and test). For each factor one scikit-learn
@@ -190,7 +191,7 @@ def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1):
 
 
 # ----------------------------------------------------------------------------------------------------
-# MIG (Chen et al. 2018; disentanglement_lib mig.py / utils.py, anchor A2)
+# MIG (Chen et al. 2018; disentanglement_lib mig.py / utils.py)
 # ----------------------------------------------------------------------------------------------------
 
 def histogram_discretize(z, bins=MIG_BINS):
@@ -204,7 +205,7 @@ def histogram_discretize(z, bins=MIG_BINS):
 
 
 def mig(z, y, bins=MIG_BINS):
-    """Mutual Information Gap (disentanglement_lib settings, anchor A2).
+    """Mutual Information Gap (disentanglement_lib settings).
 
     Each code is discretised into `bins` (default 20) equal-width histogram bins; I[i, j] =
     sklearn `mutual_info_score(y_j, bin_i)` (plug-in estimate, nats); H_j = mutual_info_score(y_j, y_j).
@@ -231,7 +232,7 @@ def mig(z, y, bins=MIG_BINS):
 
 
 # ----------------------------------------------------------------------------------------------------
-# OMES (Dapueto et al.; official omes.py, anchor-official §5)
+# OMES (Dapueto et al.; the official omes.py)
 # ----------------------------------------------------------------------------------------------------
 
 def _one_minus_abs_r(a, b):
@@ -269,7 +270,7 @@ def relation_matrix(z_a, z_b, factor):
 
 
 def omes_from_relation(M, alpha=0.5, pooling="avg"):
-    """OMES of a relation matrix M (active dims × factors), official definition (anchor-official §5):
+    """OMES of a relation matrix M (active dims × factors), the official definition (omes.py):
     O(d,f) = 1 − mean_j |1[j=f] − M[d,j]|   (overlap / modularity, mean over factors)
     E(d,f) = 1 − mean_k |1[k=d] − M[k,f]|   (multiple encoding / compactness, mean over dims)
     pooling "avg": OS_f = Σ_d M[d,f]² O(d,f) / Σ_d M[d,f]  (= np.average(O·M, weights=M)); "max": max_d O·M.
@@ -413,7 +414,7 @@ def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=O
       encoded whole, once: DCI/MIG rows are looked up, and OMES uses EVERY pair of the grid
       (grid_relation_matrix), exact, no seed noise. Larger grids: n_pairs (default 10,000) pairs per factor,
       anchors = training rows (reused, so only the partners are rendered); on synthetic 10-dim codes of a
-      (5, 7, 3, 6, 40, 32) grid this keeps OMES within ±0.005 between seeds (_test_metrics.py).
+      (5, 7, 3, 6, 40, 32) grid this keeps OMES within ±0.005 between seeds (test_omes_stable_between_seeds).
     Inactive dims (std < 0.05) are found on the train codes. Images are rendered and encoded `batch_size`
     (1,000) at a time. n_jobs goes to `dci`.
 
@@ -454,7 +455,7 @@ def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=O
 
 
 # ----------------------------------------------------------------------------------------------------
-# Target evaluation helpers (design §5, anchor-official §6)
+# Target evaluation helpers (Dapueto et al. 2025, Sec. III-IV)
 # ----------------------------------------------------------------------------------------------------
 
 def _xy(z, y, name):
@@ -466,7 +467,7 @@ def _xy(z, y, name):
 
 
 def downstream_accuracy(z_train, y_train, z_test, y_test, seed=0, *, mlp_max_iter=300, gbt_max_features=None):
-    """Target classification from codes (paper Table II/V; anchor-official §6).
+    """Target classification from codes (paper Tables II and V; the official downstream_task.py).
 
     GBT: GradientBoostingClassifier(learning_rate=0.1, max_depth=4, random_state=seed), 100 trees, raw codes.
     MLP: MLPClassifier(hidden_layer_sizes=(256, 256), alpha=1e-7, random_state=seed) on inputs standardised
@@ -523,7 +524,7 @@ def explicitness(phi_train, f_train, phi_test, f_test, factor_names, seed=0, *, 
 
 
 def _downstream_gbt(seed):
-    """The paper's downstream GBT (anchor-official §6): learning rate 0.1, depth 4, 100 stages."""
+    """The paper's downstream GBT (the official downstream_task.py): learning rate 0.1, depth 4, 100 stages."""
     return GradientBoostingClassifier(learning_rate=0.1, max_depth=4, random_state=seed)
 
 

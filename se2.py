@@ -1,9 +1,9 @@
 """SE(2,N) orientation-disentangled VAE in plain PyTorch.
 
-Lafarge et al., the orientation-disentangled SE(2,N)-VAE for computational pathology (equation
-numbers below are the paper's: papers/lafarge-orientation-disentangled-se2-vae.txt). Layers follow
-tueimage/SE2CNN (Bekkers & Lafarge); the angle sampler follows the spec of
-reference/anchor-methods.md §C (no official code of the VAE was found).
+M. W. Lafarge, J. P. W. Pluim, M. Veta, "Orientation-disentangled unsupervised representation learning for
+computational pathology" (arXiv:2008.11673, 2020); equation numbers below are that paper's. Layers follow
+tueimage/SE2CNN (Bekkers & Lafarge); the angle sampler is inverse-transform sampling of the paper's Eq. 4 (no
+official code of the VAE was found).
 
 The file reads top to bottom:
   §1  rotating a k×k kernel by θ_r = 2πr/N: one fixed linear operator (a buffer, built once)
@@ -151,7 +151,7 @@ class LiftingConv2d(nn.Module):
 #     orientation axis is rolled by r. Both are folded into one expanded kernel, so a layer is a
 #     single conv2d from C·N to C'·N channels. Cost: that of a plain conv2d with N·C' output maps
 #     (the expansion is ~1% of it) and the same as e2cnn's R2Conv on C_N-regular fields, which
-#     also expands its weights to a dense filter on every training call (measured, issue 5).
+#     also expands its weights to a dense filter on every training call (measured with bench.py).
 # ---------------------------------------------------------------------------------------------
 
 class GroupConv2d(nn.Module):
@@ -261,7 +261,7 @@ class ProjectionConv2d(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# §6  Angle latents z_ORI (paper §4.3, Eq. 4; sampler spec: anchor-methods.md §C)
+# §6  Angle latents z_ORI (paper §4.3, Eq. 4)
 #     The encoder gives logits a ∈ R^N per angle variable; rotating the input by 2πm/N rolls a by m
 #     (Eq. 3). Q = softmax(a) is a pmf over N bins of width Δ = 2π/N. We centre bin i on θ_i = iΔ,
 #     the angle of orientation channel i (Eq. 4 writes the edges as [(j-1)Δ, jΔ); centring only shifts
@@ -321,12 +321,12 @@ def kl_normal(mu, logvar):
 
 
 def kl_normal_pair(mu1, logvar1, mu2, logvar2):
-    """KL(N(μ1, σ1²) ‖ N(μ2, σ2²)) per dimension (half of disentanglement_lib's δ, anchor §A3)."""
+    """KL(N(μ1, σ1²) ‖ N(μ2, σ2²)) per dimension (half of disentanglement_lib's δ)."""
     return 0.5 * ((logvar1 - logvar2).exp() + (mu2 - mu1) ** 2 / logvar2.exp() - 1 + logvar2 - logvar1)
 
 
 def ada_gvae_average(mu1, logvar1, logp1, mu2, logvar2, logp2):
-    """Ada-GVAE posterior averaging (disentanglement_lib group_vae_argmax, per example, anchor §A3)
+    """Ada-GVAE posterior averaging (disentanglement_lib group_vae_argmax, per example)
     over all latent units of the SE(2,N)-VAE. This Gaussian + categorical combination is ours: no
     published code has it.
 
@@ -484,7 +484,7 @@ class SE2VAE(nn.Module):
         return dict(loss=loss.mean(), recon=recon.mean(), kl=(kl_iso + kl_ori).mean())
 
     def pair_loss(self, x1, x2, beta):
-        """Ada-GVAE loss on pairs (anchor §A3) with ada_gvae_average over z_ISO and z_ORI units:
+        """Ada-GVAE loss on pairs (Locatello et al. 2020) with ada_gvae_average over z_ISO and z_ORI units:
         ½(R1 + R2) + ½(β_ISO·(KL_ISO(q̃1) + KL_ISO(q̃2)) + β_ORI·(KL_ORI(q̃1) + KL_ORI(q̃2))), batch means."""
         self._check_images(x1, "x1")
         self._check_images(x2, "x2")

@@ -694,7 +694,7 @@ def no_weights(tmp_path, monkeypatch):
 # --- architecture -----------------------------------------------------------------------------------
 
 def dino_table():
-    """The reference §B state-dict table of DINO ViT-B/16."""
+    """The state-dict table of DINO ViT-B/16 (facebookresearch/dino's vit_base)."""
     t = {"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768),
          "patch_embed.proj.weight": (768, 3, 16, 16), "patch_embed.proj.bias": (768,),
          "norm.weight": (768,), "norm.bias": (768,)}
@@ -1922,7 +1922,7 @@ def one_factor_pairs(y_sizes, n, seed, code):
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference test vectors (anchor-methods A1, A2)
+# Reference test vectors (disentanglement_lib's dci and mig on the same inputs)
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("R, D, C", [
@@ -3499,7 +3499,7 @@ def test_readme_commands_run_as_written():
     """After the quickstart the venv is active: every command says `python`, names a script of this
     project, and its flags parse into a valid Config (the commands themselves take hours)."""
     readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
-    assert ".venv/bin/python" not in readme and "../shared" not in readme
+    assert ".venv/bin/python" not in readme and "../" + "shared" not in readme
     commands = _readme_commands()
     assert len(commands) >= 5
     scripts = {"train.py": (train.parser, train.config_from_args),
@@ -3509,6 +3509,18 @@ def test_readme_commands_run_as_written():
         if scripts[cmd[0]] is not None:
             parser, config = scripts[cmd[0]]
             config(parser().parse_args(cmd[1:]))
+
+
+def test_nothing_points_outside_the_repository():
+    """Code, comments and README cite papers and repositories by name: no issue numbers, no design-contract or
+    reference-note section labels, no paths into a folder beside the checkout (a public clone has none)."""
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    pattern = re.compile("|".join([r"\bissue [0-9]+", "design " + "§", "anchor[ -](A[0-9]|§)", "reference " + "§",
+                                   r"\.\./" + "shared", r"papers/[a-z0-9_-]+\.txt"]))
+    hits = [f"{name}:{k + 1}" for name in sorted(os.listdir(here)) if name.endswith((".py", ".md"))
+            for k, line in enumerate(open(os.path.join(here, name), encoding="utf-8")) if pattern.search(line)]
+    assert hits == []
 
 
 def test_readme_test_command_is_the_ci_command():

@@ -160,7 +160,7 @@ def resolve_device(cfg):
 
 
 def resolve(cfg, announce=print):
-    """Decide the backbone (design §4: auto = dino when its weights resolve, else pixels), its weights and the
+    """Decide the backbone (auto = dino when its weights resolve, else pixels), its weights and the
     device; `announce` gets the one line that says which."""
     at = resolve_device(cfg)
     if cfg.backbone not in ("auto", "pixels") and cfg.arch == "se2":
