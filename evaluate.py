@@ -281,10 +281,15 @@ def evaluate_all(cfg, res, target, pairs, folder):
                                        for m in per_model], shown=drl.weights_digest(pairs[shown][1]),
                z=hashlib.sha256(per_model[shown]["after"]["_z_test"].tobytes()).hexdigest(), target=target.digest,
                source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
-    figures = cached_figures(os.path.join(folder, "figures"), key, lambda: _scored("figures and galleries", lambda: {
-        **make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES, shown),
-        **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"], figure_label(per_model, shown)),
-        "seconds": round(time.time() - t0, 1)}))
+
+    def draw():
+        with stage("figures and galleries"):
+            drawn = {**make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES, shown),
+                     **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"],
+                                      figure_label(per_model, shown))}
+        say(f"evaluate: figures and galleries drawn in {time.time() - t0:.1f} s")
+        return drawn
+    figures = cached_figures(os.path.join(folder, "figures"), key, draw)
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
