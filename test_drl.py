@@ -3243,7 +3243,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
     """A CUDA out-of-memory in the second model's training (raised by a stand-in, wrapped by a compiler as
     torch.compile's autotuning does) is one line naming --batch-size and the models per process; the first
     model's checkpoint is kept."""
-    real, calls = train._fit_stack, []
+    real, calls = train._fit_group, []
 
     def oom_in_the_second_model(group, *a, **k):
         calls.append(group)
@@ -3252,7 +3252,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
                 raise RuntimeError("BackendCompilerFailed: autotuning") from torch.cuda.OutOfMemoryError(
                     "CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(group, *a, **k)
-    monkeypatch.setattr(train, "_fit_stack", oom_in_the_second_model)
+    monkeypatch.setattr(train, "_fit_group", oom_in_the_second_model)
     monkeypatch.setattr(train, "WRITTEN", {})
     argv = ["--stage", "source", "--out", str(tmp_path / "r"), "--steps", "3", "--seeds", "0", "1", "--betas", "1",
             "--batch-size", "4", "--latent-dim", "4"]

@@ -365,11 +365,10 @@ def epoch_batches(n, batch_size):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The training loop. Models of one architecture train as one stack: every trainable tensor gets a
-#    leading model dim (torch.func.stack_module_state) and the objective runs through torch.vmap. One model
-#    is a stack of one, called without vmap (BatchNorm's running statistics, as in se2, then work). Adam is
-#    elementwise, so one Adam over the stacked tensors is each model's own Adam; gradient clipping is per
-#    model. Every random draw is a pure function of (seed, step): a resumed run equals an uninterrupted one.
+# 4. The training loop: fit resumes each run and trains it, or a Stack of runs (--parallel-models), through
+#    train_step: batch -> model(batch, beta) -> backward -> per-model clipping -> Adam. A Stack looks like one
+#    model to that step (stacked weights, the objective under torch.vmap). Every random draw is a pure
+#    function of (seed, step): a resumed run equals an uninterrupted one.
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -423,7 +422,7 @@ def fit(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0
     groups = ([[r for r in todo if r.start == s] for s in sorted({r.start for r in todo})] if stack
               else [[r] for r in todo])
     for group in groups:
-        _fit_stack(group, x, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        _fit_group(group, x, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                    warmup_steps=warmup_steps, grad_clip=grad_clip, device=device, compile=compile,
                    log_every=log_every, checkpoint_every_s=checkpoint_every_s, progress=progress)
     return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
@@ -458,37 +457,41 @@ def _flag_difference(key, there, now):
     return f"--{key.replace('_', '-')} is {there!r} there, {now!r} now"
 
 
-def _fit_stack(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device, compile,
+def train_step(model, opt, batch, beta, noise, grad_clip):
+    """One optimiser step, the same for one model and for a Stack of them: the loss of model(batch, beta) (a
+    β-VAE on images, the Ada-GVAE on pairs), backward, each model's gradients clipped to norm grad_clip, Adam.
+    Returns each model's loss, reconstruction, KL and gradient norm, (M, 4), left on the device."""
+    out = model(batch, beta) if noise is None else model(batch, beta, noise)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].sum().backward()
+    norms = clip_per_model(model, grad_clip).reshape(out["loss"].shape)
+    opt.step()
+    return torch.stack([out["loss"], out["recon"], out["kl"], norms], dim=-1).reshape(-1, 4).detach()
+
+
+def _fit_group(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device, compile,
                log_every, checkpoint_every_s, progress):
-    """Train the runs of `group`, all at the same step, to `steps` as one stack of M models."""
-    M, start, template = len(group), group[0].start, group[0].model
-    vmapped = M > 1 or compile  # compiled, even one model runs the vmap path: ε and β come in as tensors
-    if vmapped:
-        _check_stackable([r.model for r in group], "--compile" if compile else "--parallel-models")
+    """Train the runs of `group`, all at the same step, to `steps`: one model, or a Stack of M."""
+    M, start = len(group), group[0].start
     for r in group:
         r.model.to(device).train()
-    names = [k for k, p in template.named_parameters() if p.requires_grad]
-    params = {k: v.detach().requires_grad_() for k, v in
-              torch.func.stack_module_state([r.model for r in group])[0].items() if k in names}
-    opt = make_optimizer(params.values(), optimizer, lr=lr, weight_decay=weight_decay)
+    stacked = M > 1 or compile  # compiled, even one model is a Stack: ε and β come in as tensors
+    model = Stack([r.model for r in group], compile) if stacked else group[0].model
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=lr,
+                         weight_decay=weight_decay)
     if start > 0:
-        opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]))
-    objective = _compiled(template, M) if compile else _objective(template, vmapped)
+        opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]) if stacked
+                            else group[0].optimizer_state)
     logs = [_Log(r.folder, start) for r in group]
     stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, _RecentRate(start)
     betas = torch.tensor([r.beta for r in group], device=device)  # built once; each step scales it on the device
     t0 = last_ckpt = last_progress = time.time()
     for step in range(start, steps):
-        batch, noise = _next_batch(group, x, batch_fn, step, template.config.get("latent_dim"), vmapped)
+        batch, noise = _next_batch(group, x, batch_fn, step, group[0].model.config.get("latent_dim"), stacked)
         ramp = drl.beta_warmup(step, 1.0, warmup_steps)  # a Python float: β·ramp needs no host-to-device copy
         with _compiling(compile and step == start):
-            out = objective(params, batch, betas * ramp if vmapped else group[0].beta * ramp, noise)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].sum().backward()
-        norms = _clip_per_model(list(params.values()), grad_clip)
-        opt.step()
-        # (M, 4) running sums stay on the device: the host reads them only when it logs
-        stats += torch.stack([out["loss"], out["recon"], out["kl"], norms], dim=1).detach().double()
+            stats += train_step(model, opt, batch, betas * ramp if stacked else group[0].beta * ramp, noise,
+                                grad_clip).double()  # (M, 4) running sums stay on the device until a log step
         n_stats += 1
         done = step + 1
         if done % log_every and done != steps:
@@ -507,10 +510,53 @@ def _fit_stack(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup
                       "models": M, "steps_per_s": r_now, "eta_s": (steps - done) / max(r_now, 1e-9)})
             last_progress = now
         if now - last_ckpt >= checkpoint_every_s or done == steps:
-            _write_checkpoints(group, params, opt, done, steps, means)
+            _write_checkpoints(group, model, opt, done, steps, means)
             last_ckpt = now
     for log in logs:
         log.close()
+
+
+class Stack(torch.nn.Module):
+    """M models of one architecture as one model, for --parallel-models: every trainable weight becomes one
+    tensor with a leading model dim (torch.func.stack_module_state), and forward(batch, beta (M,), noise) runs
+    the models' own objective through torch.vmap, returning (M,) losses. Adam is elementwise, so one Adam over
+    the stacked tensors is each model's own Adam. The first model lends its structure only (not registered).
+    compile=True: the vmapped objective goes through torch.compile (see _compiled)."""
+
+    def __init__(self, models, compile=False):
+        super().__init__()
+        _check_stackable(models, "--compile" if compile else "--parallel-models")
+        trainable = [k for k, p in models[0].named_parameters() if p.requires_grad]
+        weights = torch.func.stack_module_state(models)[0]
+        self.names = [k for k in weights if k in trainable]
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(weights[k].detach()) for k in self.names])
+        self.objective = _compiled(models[0], len(models)) if compile else _vmapped(models[0])
+
+    def forward(self, batch, beta, noise):
+        return self.objective(dict(zip(self.names, self.weights)), batch, beta, noise)
+
+    def unstack(self, models):
+        """Copy model m's slice of every stacked weight into models[m]."""
+        with torch.no_grad():
+            for m, model in enumerate(models):
+                own = dict(model.named_parameters())
+                for k, w in zip(self.names, self.weights):
+                    own[k].copy_(w[m])
+
+
+def clip_per_model(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_, model by model: the norm of model m's gradients over all its tensors,
+    scaled by max_norm / (norm + 1e-6) where that is below 1 (0 or None: no clipping). A single model is a
+    stack of one (its gradients viewed with a model dim of 1). Returns the (M,) norms."""
+    grads = [p.grad if isinstance(model, Stack) else p.grad.unsqueeze(0) for p in model.parameters()
+             if p.grad is not None]
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1),
+                                     dim=1)
+    if max_norm:
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+    return norms
 
 
 @contextlib.contextmanager
@@ -551,15 +597,10 @@ def _check_stackable(models, flag):
                              f"and {drl.model_config(m)}")
 
 
-def _objective(template, vmapped):
-    """(params, batch, beta, noise) -> dict of (M,) losses: template(batch, beta) with the stacked weights.
-    vmapped: beta is an (M,) tensor and noise the stacked ε; else beta is a float and the model draws ε."""
-    if not vmapped:
-        def one(params, batch, beta, noise):
-            out = torch.func.functional_call(template, {k: p.squeeze(0) for k, p in params.items()}, (batch, beta))
-            return {k: v.unsqueeze(0) for k, v in out.items()}
-        return one
-    return torch.vmap(lambda p, b, beta, noise: torch.func.functional_call(template, p, (b, beta, noise)))
+def _vmapped(template):
+    """(stacked weights, batch, beta (M,), noise (M, ...)) -> dict of (M,) losses: template(batch, beta, noise)
+    with each model's weights, through torch.vmap."""
+    return torch.vmap(lambda w, b, beta, noise: torch.func.functional_call(template, w, (b, beta, noise)))
 
 
 _COMPILED = {}
@@ -572,33 +613,33 @@ def _compiled(template, n_models):
     kernels."""
     key = (json.dumps(drl.model_config(template), sort_keys=True), n_models)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_objective(template, vmapped=True), dynamic=False)
+        _COMPILED[key] = torch.compile(_vmapped(template), dynamic=False)
     return _COMPILED[key]
 
 
-def _next_batch(group, x, batch_fn, step, latent_dim, vmapped):
+def _next_batch(group, x, batch_fn, step, latent_dim, stacked):
     """The batch of every run of the group and, for the vmap step, its reparameterisation noise ε.
 
     Each seed's indices and ε are drawn right after seeding the torch RNG with (seed, step) — where a model
     alone draws ε inside — so a stacked model equals its run alone; runs with the same seed (β = 1 and β = 2)
     share them. The indices of all runs go to the device in one non-blocking copy (to_device) and select
-    their rows of x there. Returns the batch (x or (x1, x2); a leading model dim when vmapped) and ε."""
+    their rows of x there. Returns the batch (x or (x1, x2); a leading model dim when stacked) and ε."""
     drawn, noise = {}, {}
     for r in group:
         if r.seed not in drawn:
             seed_torch(step_seed(r.seed, step), x.device)
             drawn[r.seed] = batch_fn(r.seed, step)
-            if vmapped:
+            if stacked:
                 rows = drawn[r.seed].size  # 2B rows for pairs, B for single images
                 noise[r.seed] = torch.randn(rows, latent_dim, device=x.device)
-    seeds = [r.seed for r in group] if vmapped else [group[0].seed]
+    seeds = [r.seed for r in group] if stacked else [group[0].seed]
     idx = to_device(torch.from_numpy(np.stack([drawn[s] for s in seeds])), x.device)  # (M, [2,] B)
     batch = to_model(x[idx])
-    if not vmapped:
+    if not stacked:
         batch = batch[0]
     if idx.dim() == 3:  # pairs: (M, 2, B, ...) -> x1, x2
-        batch = (batch[:, 0], batch[:, 1]) if vmapped else (batch[0], batch[1])
-    return batch, torch.stack([noise[s] for s in seeds]) if vmapped else None
+        batch = (batch[:, 0], batch[:, 1]) if stacked else (batch[0], batch[1])
+    return batch, torch.stack([noise[s] for s in seeds]) if stacked else None
 
 
 def seed_torch(seed, device):
@@ -616,19 +657,6 @@ def to_device(t, device):
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def _clip_per_model(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_ model by model: the norm of model m's gradients over all its tensors,
-    scaled by max_norm / (norm + 1e-6) where that is below 1 (0 or None: no clipping). Returns the (M,) norms."""
-    grads = [p.grad for p in params]
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1),
-                                     dim=1)
-    if max_norm:
-        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
-    return norms
 
 
 def _check_finite(means, step, group):
@@ -650,27 +678,28 @@ def _stack_optimizer_states(states):
 
 
 def _model_optimizer_state(state, m):
-    """Model m's slice of a stacked optimiser's state_dict: what an optimiser of that model alone holds."""
+    """Model m's slice of a stacked optimiser's state_dict (m None: one model's, as it is): what an optimiser of
+    that model alone holds."""
     return {"param_groups": state["param_groups"],
-            "state": {i: {k: v if k == "step" else v[m].clone() for k, v in st.items()}
+            "state": {i: {k: v if k == "step" or m is None else v[m].clone() for k, v in st.items()}
                       for i, st in state["state"].items()}}
 
 
 WRITTEN = {}  # checkpoint path -> step, for every checkpoint this process wrote (the Ctrl-C message)
 
 
-def _write_checkpoints(group, params, opt, step, steps, means):
-    """Copy model m's slice of the stack into its module and write its checkpoint (atomically)."""
-    state = opt.state_dict()
-    with torch.no_grad():
-        for m, r in enumerate(group):
-            own = dict(r.model.named_parameters())
-            for k, p in params.items():
-                own[k].copy_(p[m])
-            drl.save_checkpoint(_ckpt_path(r), {
-                "config": r.config, "model": r.model.state_dict(), "optimizer": _model_optimizer_state(state, m),
-                "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
-            WRITTEN[_ckpt_path(r)] = step
+def _write_checkpoints(group, model, opt, step, steps, means):
+    """Each run's checkpoint (atomically): its weights (a Stack's slice copied into its module first) and what
+    an optimiser of that model alone holds."""
+    stacked, state = isinstance(model, Stack), opt.state_dict()
+    if stacked:
+        model.unstack([r.model for r in group])
+    for m, r in enumerate(group):
+        drl.save_checkpoint(_ckpt_path(r), {
+            "config": r.config, "model": r.model.state_dict(),
+            "optimizer": _model_optimizer_state(state, m if stacked else None),
+            "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
+        WRITTEN[_ckpt_path(r)] = step
 
 
 class _Log:
