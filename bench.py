@@ -402,7 +402,7 @@ def bench_host(args):
 
     def run():
         for step in range(steps):
-            train._next_batch(group, x, batch_fn, step, 10, vmapped=True)
+            train._next_batch(group, x, batch_fn, step, 10, True)
             betas * drl.beta_warmup(step, 1.0, 50_000)
     ts = [t / steps for t in best_times({"host": run}, 3 if args.quick else 5, args.device)["host"]]
     wl = workload(args, models=20, seeds=10, batch="64 pairs", steps_timed=steps,

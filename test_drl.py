@@ -3583,10 +3583,12 @@ def test_verdict_pass_fail_and_bf16_note():
 def test_bench_writes_json_with_workloads(tmp_path, capsys):
     torch.set_num_threads(2)
     out = tmp_path / "b.json"
-    assert bench.main(["--quick", "--device", "cpu", "--only", "matmul,render,convs", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--only", "matmul,render,convs,host", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["machine"]["device"] == "cpu" and res["machine"]["quick"] is True
-    for key in ("matmul_gflops", "render_img_s", "se2_groupconv_ms", "conv_equal_maps_ms", "e2cnn_r2conv_ms"):
+    assert 0 < res["sweep_host_ms_per_step"]["value"] < 100 and res["sweep_host_ms_per_step"]["workload"]["models"] == 20
+    for key in ("matmul_gflops", "render_img_s", "se2_groupconv_ms", "conv_equal_maps_ms", "e2cnn_r2conv_ms",
+                "sweep_host_ms_per_step"):
         assert key in res and {"value", "unit", "workload"} <= set(res[key])
         assert res[key]["workload"]["threads"] == 2 and res[key]["workload"]["device"] == "cpu"
     assert res["matmul_gflops"]["value"] > 0.1 and res["render_img_s"]["value"] > 1
