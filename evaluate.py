@@ -136,11 +136,14 @@ class Inputs:
 
     def __init__(self, cfg, res, target, stats):
         self.cfg, self.res, self.target, self.stats = cfg, res, target, stats
-        self.source_digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
         self.known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
         if cfg.holdout_class:
             held = target.classes.index(cfg.holdout_class)
             self.known = {"train": target.train.labels != held, "test": target.test.labels != held}
+
+    @functools.cached_property
+    def source_digest(self):
+        return data.TextureDSprites(textures=self.cfg.textures, dsprites=self.cfg.dsprites).digest
 
     @functools.cached_property
     def source(self):
@@ -305,7 +308,6 @@ def evaluate_all(cfg, res, target, pairs, folder):
 
 def score_models(cfg, res, target, pairs, inputs):
     """Each (source, finetuned) pair scored before and after finetuning, every part cached."""
-    source_digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
     per_model = []
     for src_path, ft_path in pairs:
         row = {}
@@ -314,7 +316,7 @@ def score_models(cfg, res, target, pairs, inputs):
             label = f"{state} finetuning beta={ckpt_config['beta']:g} seed={ckpt_config['seed']}"
             model = lazy_model(path, res.device)
             checkpoint = drl.weights_digest(path)
-            dis, dis_key = cached(cfg, dict(part="source", checkpoint=checkpoint, source=source_digest,
+            dis, dis_key = cached(cfg, dict(part="source", checkpoint=checkpoint, source=inputs.source_digest,
                                             n_train=cfg.n_train, n_test=cfg.n_test), lambda: _scored(
                 f"{label}: DCI/MIG/OMES on Texture-dSprites ({cfg.n_train} + {cfg.n_test} samples)",
                 lambda: source_scores(model(), inputs.source, cfg, res.device, label)))
