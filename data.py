@@ -8,15 +8,13 @@ Contents, top to bottom:
   1. Texture-dSprites: factors, shape masks, colours, textures, rendering.
   2. Weak supervision (Locatello et al. 2020, k = 1): `sample_factors`, `sample_pairs`.
   3. Image reading: `load_image`, `pad_to_square`, resizing, a small LRU cache.
-  4. Targets: `ImageSet`, `Target`, `load_target` (image folders, splits, masks) and `synthetic-cells`.
+  4. synthetic-cells, the built-in target (`make_synthetic_cells`); folders.py reads the real ones.
   5. Handcrafted features from masks: area, mean R/G/B, solidity.
 """
 
 import colorsys
 import functools
 import hashlib
-import io
-import json
 import os
 import warnings
 import zipfile
@@ -103,14 +101,14 @@ def procedural_textures(size=64):
 
 def _image_files(folder):
     """Sorted non-hidden files in `folder` whose extension PIL knows."""
-    exts = _image_extensions()
+    exts = image_extensions()
     return sorted(f for f in os.listdir(folder)
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
                   and os.path.isfile(os.path.join(folder, f)))
 
 
 @functools.lru_cache(maxsize=1)
-def _image_extensions():
+def image_extensions():
     return frozenset(e.lower() for e in Image.registered_extensions())
 
 
@@ -369,8 +367,22 @@ def explicitness_split(n_images, n=None, seed=0):
         raise ValueError(f"the explicitness subset needs 2 to {n_images} images, got {n}")
     chosen = np.sort(np.random.default_rng(seed).choice(n_images, n, replace=False))
     orientation = chosen % FACTOR_SIZES[-1]  # the last mixed-radix digit of the index
-    train, test = _stratified_split(orientation, seed)
+    train, test = stratified_split(orientation, seed)
     return chosen[train], chosen[test]
+
+
+def stratified_split(labels, seed, test_fraction=0.2):
+    """Per class (in label order): shuffle with one seeded generator, `test_fraction` (rounded, ≥ 1 when the
+    class has ≥ 2 images) to test. Returns sorted index arrays (train, test)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = 0 if len(idx) < 2 else max(1, int(round(test_fraction * len(idx))))
+        test.extend(idx[:n_test])
+        train.extend(idx[n_test:])
+    return np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64))
 
 
 # =====================================================================================================
@@ -422,15 +434,15 @@ def load_image(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image {path} not found")
     try:
-        return _decode(path)
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read image {path} ({_reason(e)}); remove or replace it") from None
+        return decode_image(path)
+    except IMAGE_ERRORS as e:
+        raise ValueError(f"cannot read image {path} ({error_reason(e)}); remove or replace it") from None
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def _decode(source):
+def decode_image(source):
     """The first frame of a path or file object, EXIF-oriented, as uint8 RGB; PIL's exceptions pass through."""
     with Image.open(source) as img:
         img.seek(0)
@@ -439,7 +451,7 @@ def _decode(source):
         return _to_rgb(img)
 
 
-def _reason(e):
+def error_reason(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
@@ -479,7 +491,7 @@ def pad_to_square(img):
     return out
 
 
-def _resize_rgb(img, size):
+def resize_image(img, size):
     """Pad to a square, then resize to size×size (bilinear; PIL antialiases when shrinking)."""
     sq = pad_to_square(img)
     if sq.shape[0] == size:
@@ -487,30 +499,12 @@ def _resize_rgb(img, size):
     return np.asarray(Image.fromarray(sq).resize((size, size), Image.BILINEAR))
 
 
-def _resize_mask(mask, size):
+def resize_mask(mask, size):
     """Pad to a square, then resize with nearest neighbour: bool (size, size)."""
     sq = pad_to_square(mask.astype(np.uint8) * 255)
     if sq.shape[0] != size:
         sq = np.asarray(Image.fromarray(sq).resize((size, size), Image.NEAREST))
     return sq > 127
-
-
-def _load_mask(path):
-    """Mask file → bool (H, W): any non-zero value (any colour channel) is foreground. Read without
-    the intensity scaling of `load_image`, so 16-bit label masks with small labels keep them."""
-    try:
-        with Image.open(path) as img:
-            img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
-                a = np.asarray(img)
-                a = a[..., 0] if a.ndim == 3 else a
-            else:
-                a = np.asarray(img.convert("RGB")).max(axis=2)
-            return a > 0
-    except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read mask {path} ({_reason(e)}); remove or replace it") from None
 
 
 # A small in-process LRU of decoded, padded and resized arrays (keyed per file, mtime and size).
@@ -519,7 +513,7 @@ _CACHE_LIMIT = 256 * 2 ** 20
 _cache_bytes = 0
 
 
-def _cached(key, make):
+def cached_array(key, make):
     global _cache_bytes
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -535,371 +529,14 @@ def _cached(key, make):
 
 
 # =====================================================================================================
-# 4. Targets
+# 4. synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes (folders.py loads it)
 # =====================================================================================================
 
-TARGETS = ("lensless", "whoi15", "vacuoles", "sipakmed", "synthetic-cells")
 SYNTHETIC_CLASSES = ("single", "multiple", "condensed", "negative")
 # 4,000 images (3,200 train / 800 test): with 1,000 (800 train), 20 finetuning epochs are only 260 steps and
 # finetuning the pixel VAE lowered the downstream accuracy (README, "Where we differ": synthetic-cells).
 SYNTHETIC_N = 4000
-TEST_FRACTION = 0.2
-BAD_IMAGE_TOLERANCE = 0.01  # undecodable images skipped up to this fraction (or count, when >= 1); else an error
-MIN_IMAGE_SIZE = 16         # px, shorter side: smaller images are used but named in a warning
 
-
-class ImageSet:
-    """A list of labelled images decoded on demand.
-
-    `.labels` (n,) int64, `.classes`, `.names` (ids: paths relative to the target folder),
-    `.images(idx, size)` → uint8 (n, size, size, 3) padded to a centred square and resized,
-    `.masks(idx, size)` → bool (n, size, size) or None, `.has_masks`, `.digest`, `.subset(idx)`.
-    Items are either files (`paths`, optional `mask_paths`) or in-memory arrays (`arrays`, `mask_arrays`).
-    """
-
-    def __init__(self, names, labels, classes, paths=None, mask_paths=None, arrays=None,
-                 mask_arrays=None, rows=None, stamp="", content=None):
-        self.names = list(names)
-        self._content = None if content is None else list(content)  # sha256 of each file (image + mask)
-        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        self.classes = list(classes)
-        self._paths, self._mask_paths = paths, mask_paths
-        self._arrays, self._mask_arrays = arrays, mask_arrays
-        self._rows = np.arange(len(self.names)) if rows is None else np.asarray(rows, np.int64)
-        self._stamp = stamp  # identity of the in-memory arrays (their digest)
-        self._digest = None
-
-    def __len__(self):
-        return len(self.names)
-
-    @property
-    def has_masks(self):
-        return self._mask_arrays is not None or any(p is not None for p in (self._mask_paths or []))
-
-    @property
-    def with_masks(self):
-        """Indices of the images that have a mask (all of them for in-memory sets with masks)."""
-        if self._mask_arrays is not None:
-            return np.arange(len(self))
-        return np.array([i for i, p in enumerate(self._mask_paths or []) if p is not None], np.int64)
-
-    def _index(self, idx):
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise ValueError(f"image index out of range for a set of {len(self)} images")
-        return idx % max(len(self), 1)
-
-    def images(self, idx, size):
-        """uint8 (n, size, size, 3) RGB, padded to a centred square and resized."""
-        out = np.zeros((0, size, size, 3), np.uint8)
-        items = [self._image(int(i), int(size)) for i in self._index(idx)]
-        return np.stack(items) if items else out
-
-    def masks(self, idx, size):
-        """bool (n, size, size) masks padded and resized like the images (nearest), or None."""
-        if not self.has_masks:
-            return None
-        items = [self._mask(int(i), int(size)) for i in self._index(idx)]
-        return np.stack(items) if items else np.zeros((0, size, size), bool)
-
-    def _image(self, i, size):
-        if self._arrays is not None:
-            r = int(self._rows[i])
-            return _cached(("arr", self._stamp, r, size), lambda: _resize_rgb(self._arrays[r], size))
-        p = self._paths[i]
-        return _cached(("img", p, _mtime(p), size), lambda: _resize_rgb(load_image(p), size))
-
-    def _mask(self, i, size):
-        if self._mask_arrays is not None:
-            r = int(self._rows[i])
-            return _cached(("amask", self._stamp, r, size),
-                           lambda: _resize_mask(self._mask_arrays[r], size))
-        p = self._mask_paths[i]
-        return _cached(("mask", p, _mtime(p), size), lambda: _resize_mask(_load_mask(p), size))
-
-    def subset(self, idx):
-        """A new ImageSet with the items `idx` (same classes)."""
-        idx = self._index(idx)
-        pick = (lambda xs: None if xs is None else [xs[int(i)] for i in idx])
-        return ImageSet([self.names[int(i)] for i in idx], self.labels[idx], self.classes,
-                        paths=pick(self._paths), mask_paths=pick(self._mask_paths),
-                        arrays=self._arrays, mask_arrays=self._mask_arrays, rows=self._rows[idx],
-                        stamp=self._stamp, content=pick(self._content))
-
-    @property
-    def digest(self):
-        """sha256 over names (relative paths), labels, classes and each file's bytes (or the arrays'
-        digest): a copied folder is the same dataset, an edited image another one."""
-        if self._digest is None:
-            h = hashlib.sha256(json.dumps([self.names, self.labels.tolist(), self.classes]).encode())
-            h.update(self._stamp.encode())
-            h.update(self._rows.tobytes() if self._arrays is not None else b"")
-            if self._content is not None:  # file-backed sets; in-memory ones are identified by the stamp
-                h.update(json.dumps(self._content).encode())
-            self._digest = h.hexdigest()
-        return self._digest
-
-
-def _mtime(path):
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0
-
-
-class Target:
-    """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.split`,
-    `.native_split` (the folder had train/ and test/), `.path` (its folder, None when built in),
-    `.bad` (skipped images and why), `.files` (content digest of every file)."""
-
-    def __init__(self, name, classes, train, test, native_split=False, path=None, split=None, bad=(), files=None):
-        self.name, self.classes, self.train, self.test = name, list(classes), train, test
-        self.native_split, self.path = native_split, path
-        self.bad = list(bad)           # (name, reason) of every image skipped as undecodable
-        self.files = files or {}       # {name: sha256 of its bytes}: what a rerun compares against
-        self.split = split  # the random split's image names (to save and reuse), None for a native split
-
-    @property
-    def digest(self):
-        return hashlib.sha256(f"{self.name}|{self.train.digest}|{self.test.digest}".encode()).hexdigest()
-
-    def __repr__(self):
-        return (f"Target({self.name!r}, classes={self.classes}, train={len(self.train)}, "
-                f"test={len(self.test)}, masks={self.train.has_masks})")
-
-
-def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE):
-    """Load a target by name.
-
-    Real targets live under `root` (default: env DRL_DATA, else ./data) as
-      <root>/<name>/train/<class>/<image> and <root>/<name>/test/<class>/<image>  (native split), or
-      <root>/<name>/<class>/<image>  (split here: 80/20 stratified, seeded by `seed`).
-    Optional masks mirror the image tree under <root>/<name>/masks/ (same relative path and stem,
-    any extension). Without a native split, `split` (a dict with "train" / "test" name lists, as
-    `read_split` returns it; `split_name` names it in errors) is reused when given, and the split made is
-    in `target.split` for the caller to save. `synthetic-cells` is built in (no folder needed).
-    Every image is decoded here, before any training: undecodable ones are skipped (`target.bad`) up to
-    `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all. Images
-    whose shorter side is below MIN_IMAGE_SIZE are used, with a warning naming them.
-    """
-    if name not in TARGETS:
-        raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
-    if name == "synthetic-cells":
-        return _synthetic_target(seed, split, split_name)
-    tdir, groups, classes = _target_layout(name, root)
-    names, labels = _collect_images(tdir, groups, classes)
-    all_names = [n for part in names.values() for n in part]
-    sizes, files, bad = _decode_all(tdir, all_names, max_bad)
-    _drop(names, labels, {n for n, _ in bad}, classes, tdir)
-    masks = _find_masks(tdir, [n for n in all_names if n in sizes], sizes, files)
-
-    def make(part_names, part_labels):
-        return ImageSet(part_names, part_labels, classes, paths=[os.path.join(tdir, n) for n in part_names],
-                        mask_paths=None if masks is None else [masks.get(n) for n in part_names],
-                        content=[files[n] + _mask_digest(files, masks, n, tdir) for n in part_names])
-
-    if "train" in groups:
-        target = Target(name, classes, make(names["train"], labels["train"]), make(names["test"], labels["test"]),
-                        native_split=True, path=tdir, bad=bad, files=files)
-    else:
-        tr, te = _split(names[""], labels[""], seed, split, split_name, tdir)
-        pick = lambda xs, idx: [xs[k] for k in idx]  # noqa: E731
-        target = Target(name, classes, make(pick(names[""], tr), pick(labels[""], tr)),
-                        make(pick(names[""], te), pick(labels[""], te)), path=tdir,
-                        split=_split_record(name, seed, names[""], tr, te), bad=bad, files=files)
-    empty = [c for i, c in enumerate(classes) if not np.any(target.test.labels == i)]
-    if empty:
-        warnings.warn(f"class(es) {', '.join(empty)} of {tdir} have no test images; their accuracy is not measured")
-    return target
-
-
-def _mask_digest(files, masks, n, tdir):
-    return files[os.path.relpath(masks[n], tdir)] if masks and n in masks else ""
-
-
-def _target_layout(name, root):
-    """(target folder, {part: class folders} with parts "train"/"test" or "", classes) after the checks."""
-    root = root or os.environ.get("DRL_DATA") or "./data"
-    where = (f"put the {name} images under {os.path.join(root, name)}/<class>/<image> "
-             f"(or train/ and test/ subfolders), see README 'Datasets', or set --data-root / DRL_DATA")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"data root {root} not found; {where}")
-    tdir = os.path.join(root, name)
-    if not os.path.isdir(tdir):
-        raise FileNotFoundError(f"target folder {tdir} not found; {where}")
-    has_train, has_test = (os.path.isdir(os.path.join(tdir, p)) for p in ("train", "test"))
-    if has_train != has_test:
-        raise ValueError(f"{tdir} has a {'train' if has_train else 'test'}/ folder but no "
-                         f"{'test' if has_train else 'train'}/; a native split needs both (or neither)")
-    if has_train:
-        groups = {p: _class_dirs(os.path.join(tdir, p)) for p in ("train", "test")}
-        extra = sorted(set(groups["test"]) - set(groups["train"]))
-        if extra:
-            raise ValueError(f"{tdir}/test has classes not in train/: {', '.join(extra)}; "
-                             f"every test class needs training images")
-        classes = groups["train"]
-    else:
-        classes = _class_dirs(tdir)
-        groups = {"": classes}
-    if not classes:
-        raise ValueError(f"no class folders in {tdir}; {where}")
-    if len(classes) < 2:
-        raise ValueError(f"{tdir} has a single class folder '{classes[0]}'; need at least two classes")
-    return tdir, groups, classes
-
-
-def _collect_images(tdir, groups, classes):
-    """{part: names} and {part: labels}; a name is the image path relative to the target folder (posix)."""
-    names, labels = {part: [] for part in groups}, {part: [] for part in groups}
-    for part, cls_list in groups.items():
-        for c in cls_list:
-            cdir = os.path.join(tdir, part, c)
-            files = _image_files(cdir)
-            if not files:
-                raise ValueError(f"class folder {cdir} has no images; add images or remove the folder")
-            for f in files:
-                names[part].append("/".join(x for x in (part, c, f) if x))
-                labels[part].append(classes.index(c))
-    return names, labels
-
-
-class BadImages(ValueError):
-    """More undecodable images than allowed; `.bad` lists every one as (name, reason)."""
-
-    def __init__(self, message, bad):
-        super().__init__(message)
-        self.bad = bad
-
-
-def _decode_all(tdir, all_names, max_bad):
-    """Decode every image (as load_image does) and hash its bytes. Returns ({name: (width, height)},
-    {name: sha256}, [(name, reason)] of the undecodable ones); over `max_bad` raises BadImages."""
-    sizes, files, bad, small = {}, {}, [], []
-    for n in all_names:
-        path = os.path.join(tdir, n)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            files[n] = hashlib.sha256(raw).hexdigest()
-            h, w = _decode(io.BytesIO(raw)).shape[:2]   # the bytes just hashed, not a second read
-        except _DECODE_ERRORS as e:
-            bad.append((n, _reason(e)))
-            files.pop(n, None)
-            continue
-        sizes[n] = (w, h)
-        if min(w, h) < MIN_IMAGE_SIZE:
-            small.append(f"{n} ({w}x{h})")
-    if small:
-        warnings.warn(f"{len(small)} image(s) in {tdir} are smaller than {MIN_IMAGE_SIZE} px on a side and will "
-                      f"be upscaled a lot: {', '.join(small[:10])}" + (", ..." if len(small) > 10 else ""))
-    allowed = max_bad if max_bad >= 1 else max_bad * len(all_names)
-    if len(bad) > allowed:
-        raise BadImages(f"{len(bad)} of {len(all_names)} images in {tdir} cannot be decoded, more than "
-                        f"--max-bad-images {max_bad:g} allows; fix or remove them (each is listed above)", bad)
-    return sizes, files, bad
-
-
-def _drop(names, labels, bad, classes, tdir):
-    """Remove the undecodable images from names/labels (in place); every class must keep one."""
-    for part in names:
-        keep = [k for k, n in enumerate(names[part]) if n not in bad]
-        names[part][:] = [names[part][k] for k in keep]
-        labels[part][:] = [labels[part][k] for k in keep]
-    for c in range(len(classes)):
-        if not any(lab == c for part in labels for lab in labels[part]):
-            raise ValueError(f"class '{classes[c]}' in {tdir} has no readable images")
-
-
-def _class_dirs(folder):
-    """Sorted non-hidden sub-folders, except masks/ (and train/ test/ which mark a native split)."""
-    return sorted(d for d in os.listdir(folder)
-                  if not d.startswith(".") and d not in ("masks", "train", "test")
-                  and os.path.isdir(os.path.join(folder, d)))
-
-
-def _find_masks(tdir, names, sizes, files):
-    """{image name: mask path} for the images that have a usable mask under <tdir>/masks (None when that
-    folder does not exist). A mask mirrors its image's path and stem, any extension, and has its size.
-    Masks only serve the handcrafted-feature analysis, so a missing, unreadable or mis-sized mask drops
-    that image from it (one warning says how many) and never blocks classification. Mask bytes go into
-    `files` (keyed by their path in the target folder), so an edited mask makes another dataset."""
-    mdir = os.path.join(tdir, "masks")
-    if not os.path.isdir(mdir):
-        return None
-    listing, out, skipped = {}, {}, []
-    for n in names:
-        sub, fname = os.path.split(n)
-        folder = os.path.join(mdir, sub)
-        if folder not in listing:
-            listing[folder] = {}
-            for f in (sorted(os.listdir(folder)) if os.path.isdir(folder) else []):
-                if os.path.splitext(f)[1].lower() in _image_extensions() and not f.startswith("."):
-                    listing[folder].setdefault(os.path.splitext(f)[0], os.path.join(folder, f))
-        path = listing[folder].get(os.path.splitext(fname)[0])
-        if path is None:
-            continue
-        try:
-            h, w = _load_mask(path).shape
-        except ValueError as e:
-            skipped.append(f"{path} ({e})")
-            continue
-        if (w, h) != sizes[n]:
-            skipped.append(f"{path} is {w}x{h} but its image is {sizes[n][0]}x{sizes[n][1]}")
-            continue
-        with open(path, "rb") as f:
-            files[os.path.relpath(path, tdir)] = hashlib.sha256(f.read()).hexdigest()
-        out[n] = path
-    if len(out) < len(names):
-        warnings.warn(f"{len(out)} of {len(names)} images in {tdir} have a usable mask; the handcrafted-feature "
-                      f"analysis uses those" + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
-    return out
-
-
-def _stratified_split(labels, seed):
-    """Per class (in label order): shuffle with one seeded generator, 20 % (rounded, ≥ 1 when the class
-    has ≥ 2 images) to test. Returns sorted index arrays (train, test)."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    train, test = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = 0 if len(idx) < 2 else max(1, int(round(TEST_FRACTION * len(idx))))
-        test.extend(idx[:n_test])
-        train.extend(idx[n_test:])
-    return np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64))
-
-
-def read_split(path):
-    """A split saved by an earlier run: dict with "train" and "test" lists of image names."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        return {"train": list(saved["train"]), "test": list(saved["test"])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
-
-
-def split_json(target):
-    """The text of target.split, for the caller to save (and pass back to load_target next time)."""
-    return json.dumps(target.split, indent=1)
-
-
-def _split(names, labels, seed, saved, saved_name, where):
-    """Stratified 80/20 split (train, test index arrays), or the `saved` one when it matches the images."""
-    if saved is None:
-        return _stratified_split(labels, seed)
-    current, listed = set(names), set(saved["train"]) | set(saved["test"])
-    if listed != current or set(saved["train"]) & set(saved["test"]):
-        new, gone = sorted(current - listed), sorted(listed - current)
-        example = (new or gone or sorted(set(saved["train"]) & set(saved["test"])))[0]
-        raise ValueError(f"split file {saved_name} does not match the images in {where} ({len(new)} new, "
-                         f"{len(gone)} missing, e.g. {example}); delete it to re-split")
-    pos = {n: k for k, n in enumerate(names)}
-    return (np.array([pos[n] for n in saved["train"]], np.int64),
-            np.array([pos[n] for n in saved["test"]], np.int64))
-
-
-# ----- synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes -----------------
 
 def _hsv(h, s, v):
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v))
@@ -1016,24 +653,6 @@ def make_synthetic_cells(n=SYNTHETIC_N, size=80, seed=0):
     for a in (images, masks, labels):
         a.setflags(write=False)
     return images, masks, labels
-
-
-def _synthetic_target(seed, saved, saved_name):
-    images, masks, labels = make_synthetic_cells(SYNTHETIC_N, 80, seed)
-    names = [f"{SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
-    stamp = hashlib.sha256(b"synthetic-cells-v2" + images.tobytes() + masks.tobytes()).hexdigest()
-    train, test = _split(names, labels, seed, saved, saved_name, "synthetic-cells")
-
-    def make(idx):
-        return ImageSet([names[k] for k in idx], labels[idx], SYNTHETIC_CLASSES, arrays=images,
-                        mask_arrays=masks, rows=idx, stamp=stamp)
-
-    return Target("synthetic-cells", SYNTHETIC_CLASSES, make(train), make(test), split=_split_record(
-        "synthetic-cells", seed, names, train, test))
-
-
-def _split_record(name, seed, names, train, test):
-    return {"target": name, "seed": seed, "train": [names[k] for k in train], "test": [names[k] for k in test]}
 
 
 # =====================================================================================================

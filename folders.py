@@ -1,0 +1,786 @@
+"""Target datasets for drl-microscopy: the paper's four microscopy datasets as their downloads unpack, a
+researcher's own image folders, and the built-in synthetic-cells set.
+
+Where each dataset's images, classes, masks and split live is data, not code: `DATASETS` below, one entry per
+paper dataset, written from the dataset pages and from the paper's official code
+(Malga-Vision/disentangled_representation_microscopy, code/dataset/). `load_target` finds one of those layouts
+under --data-root (its top, or any level that identifies it), checks the paper's classes, decodes every image
+once, and splits: the official code's split where it defines one, the download's own train/test where it has
+one. A plain `<class>/<image>` or `train|test/<class>/<image>` folder works for any other data. `describe`
+is what `--check-data` prints.
+
+Contents: 1. the layouts as data; 2. ImageSet and Target; 3. load_target; 4. finding a layout; 5. images and
+masks of a layout; 6. splits; 7. synthetic-cells.
+"""
+import hashlib
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+import data
+
+# =====================================================================================================
+# 1. The paper's datasets as they download
+# =====================================================================================================
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a download keeps its images: paths from the download's top, `{class}` at the class folder level
+    (the same name may repeat below it). `masks` is a mask-folder pattern per split part, or "dat" for
+    contour files beside each image."""
+    name: str
+    train: str
+    test: str = None
+    masks: tuple = ()
+    exts: tuple = ()          # image extensions taken (default: any PIL reads)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    source: str               # where to download it, and what the layouts come from
+    classes: tuple            # the paper's classes (folder names as the official code lists them)
+    split: str                # "paper": the official code's stratified 80/20, seed 42; "native": train/ test/
+    layouts: tuple
+    aliases: tuple = ()       # (folder name, class) where a download names a class otherwise
+    extra: str = "error"      # class folders the paper does not use: "error", or "leave out" (named once)
+    slide: str = None         # regex whose group 1 is an image's slide in its file name (--split-by-slide)
+    hint: tuple = ()          # (pattern, message): a known wrong folder, named when no layout matches
+
+
+DATASETS = {
+    "lensless": Dataset(
+        source="the lensless plankton set of Pastore, Zimmerman, Biswas & Bianco, \"Annotation-free learning of "
+               "plankton for classification and anomaly detection\" (Sci. Rep. 2020): 10 species x 640 images "
+               "with binary masks",
+        classes=("ACTINOSPHAERIUM NUCLEOFILUM", "ARCELLA VULGARIS", "BLEPHARISMA AMERICANUM", "DIDINIUM NASUTUM",
+                 "DILEPTUS", "EUPLOTES EURYSTOMUS", "PARAMECIUM BURSARIA", "SPIROSTOMUM AMBIGUUM",
+                 "STENTOR COERULEUS", "VOLVOX"),
+        split="native",
+        layouts=(Layout("the lensless download: TRAIN_IMAGE/TRAIN_IMAGE/<class>/*.jpg, masks in "
+                        "TRAIN_IMAGE/TRAIN_IMAGEBIN, the same under TEST_IMAGE",
+                        train="TRAIN_IMAGE/TRAIN_IMAGE/{class}", test="TEST_IMAGE/TEST_IMAGE/{class}",
+                        masks=("TRAIN_IMAGE/TRAIN_IMAGEBIN/{class}", "TEST_IMAGE/TEST_IMAGEBIN/{class}")),)),
+    "whoi15": Dataset(
+        source="WHOI-Plankton (Sosik, Peacock & Brownlee 2015, hdl.handle.net/1912/7341), year 2007; WHOI15 is "
+               "its 15 classes of Ciranni, Odone & Pastore (Front. Mar. Sci. 2024)",
+        classes=("Asterionellopsis", "Chaetoceros", "Cylindrotheca", "Dactyliosolen", "Dinobryon", "Ditylum",
+                 "Licmophora", "Phaeocystis", "Pleurosigma", "Pseudonitzschia", "Rhizosolenia", "Skeletonema",
+                 "Thalassiosira", "detritus", "pennate"),
+        split="paper", extra="leave out",
+        layouts=(Layout("WHOI15 as the paper's code reads it: WHOI15_2007-2010/2007/train/<class>/*.png",
+                        train="2007/train/{class}"),
+                 Layout("the WHOI-Plankton 2007 archive: 2007/<class>/*.png (every WHOI class)",
+                        train="2007/{class}"))),
+    "vacuoles": Dataset(
+        source="budding-yeast vacuoles of Pastore et al. (ICIAP 2023), github.com/CCCofficial/"
+               "Vacuoles-dataset-unsupervised-learning; 'positive' is the paper's 'single vacuole'",
+        classes=("condensed", "multiple", "negative", "positive"),
+        split="native", aliases=(("single", "positive"),),
+        layouts=(Layout("the vacuoles download: Dataset/images/{train_annotated,test}/<class>",
+                        train="images/train_annotated/{class}", test="images/test/{class}"),)),
+    "sipakmed": Dataset(
+        source="SIPaKMeD (Plissiti et al., ICIP 2018), www.cs.uoi.gr/~marina/sipakmed.html: one zip per class",
+        classes=("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"),
+        split="paper", slide=r"^(\d+)_",
+        layouts=(Layout("SIPaKMeD as downloaded: im_<Class>/CROPPED/*.bmp with .dat contours",
+                        train="im_{class}/CROPPED", masks="dat", exts=(".bmp",)),
+                 Layout("SIPaKMeD with each zip unpacked in its own folder: im_<Class>/im_<Class>/CROPPED/*.bmp",
+                        train="im_{class}/im_{class}/CROPPED", masks="dat", exts=(".bmp",)),
+                 Layout("SIPaKMeD as the paper's code reads it: <Class>/CROPPED/*.bmp",
+                        train="{class}/CROPPED", masks="dat", exts=(".bmp",))),
+        hint=("im_{class}", "download holds the full-slide images but no CROPPED/ folder; the paper uses the "
+                            "4,049 cell crops in im_<Class>/CROPPED/")),
+}
+TARGETS = tuple(DATASETS) + ("synthetic-cells",)
+PAPER_SPLIT = "the paper's: stratified 80/20, seed 42 (the official code's train_test_split)"
+NATIVE_SPLIT = "the download's own train and test folders"
+SLIDE_SPLIT = "stratified 80/20 grouped by slide, seed 42 (--split-by-slide: no slide in both parts)"
+PROJECT_SPLIT = "stratified 80/20 per class, seed {seed} (saved and reused)"
+
+TEST_FRACTION = 0.2
+BAD_IMAGE_TOLERANCE = 0.01  # undecodable images skipped up to this fraction (or count, when >= 1); else an error
+MIN_IMAGE_SIZE = 16         # px, shorter side: smaller images are used but named in a warning
+MASK_SLACK = 4              # px: a mask this close to its image's size is padded or cropped to it
+JUNK = ("__MACOSX", "Thumbs.db", "desktop.ini")  # and every name starting with "." (AppleDouble ._*)
+
+
+# =====================================================================================================
+# 2. ImageSet and Target
+# =====================================================================================================
+
+@dataclass(frozen=True)
+class Mask:
+    """Where an image's mask comes from: one mask image, or contour files (.dat), for an image of `size` (w, h)."""
+    files: tuple
+    size: tuple
+
+
+class ImageSet:
+    """A list of labelled images decoded on demand.
+
+    `.labels` (n,) int64, `.classes`, `.names` (ids: paths relative to the target folder),
+    `.images(idx, size)` → uint8 (n, size, size, 3) padded to a centred square and resized,
+    `.masks(idx, size)` → bool (n, size, size) or None, `.has_masks`, `.digest`, `.subset(idx)`.
+    Items are either files (`paths`, optional `masks`: a Mask or None each) or in-memory arrays (`arrays`,
+    `mask_arrays`).
+    """
+
+    def __init__(self, names, labels, classes, paths=None, masks=None, arrays=None,
+                 mask_arrays=None, rows=None, stamp="", content=None):
+        self.names = list(names)
+        self._content = None if content is None else list(content)  # sha256 of each file (image + mask)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.classes = list(classes)
+        self._paths, self._masks = paths, masks
+        self._arrays, self._mask_arrays = arrays, mask_arrays
+        self._rows = np.arange(len(self.names)) if rows is None else np.asarray(rows, np.int64)
+        self._stamp = stamp  # identity of the in-memory arrays (their digest)
+        self._digest = None
+
+    def __len__(self):
+        return len(self.names)
+
+    @property
+    def has_masks(self):
+        return self._mask_arrays is not None or any(m is not None for m in (self._masks or []))
+
+    @property
+    def with_masks(self):
+        """Indices of the images that have a mask (all of them for in-memory sets with masks)."""
+        if self._mask_arrays is not None:
+            return np.arange(len(self))
+        return np.array([i for i, m in enumerate(self._masks or []) if m is not None], np.int64)
+
+    def _index(self, idx):
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise ValueError(f"image index out of range for a set of {len(self)} images")
+        return idx % max(len(self), 1)
+
+    def images(self, idx, size):
+        """uint8 (n, size, size, 3) RGB, padded to a centred square and resized."""
+        items = [self._image(int(i), int(size)) for i in self._index(idx)]
+        return np.stack(items) if items else np.zeros((0, size, size, 3), np.uint8)
+
+    def masks(self, idx, size):
+        """bool (n, size, size) masks padded and resized like the images (nearest), or None."""
+        if not self.has_masks:
+            return None
+        items = [self._mask(int(i), int(size)) for i in self._index(idx)]
+        return np.stack(items) if items else np.zeros((0, size, size), bool)
+
+    def _image(self, i, size):
+        if self._arrays is not None:
+            r = int(self._rows[i])
+            return data.cached_array(("arr", self._stamp, r, size), lambda: data.resize_image(self._arrays[r], size))
+        p = self._paths[i]
+        return data.cached_array(("img", p, _mtime(p), size), lambda: data.resize_image(data.load_image(p), size))
+
+    def _mask(self, i, size):
+        if self._mask_arrays is not None:
+            r = int(self._rows[i])
+            return data.cached_array(("amask", self._stamp, r, size),
+                                     lambda: data.resize_mask(self._mask_arrays[r], size))
+        m = self._masks[i]
+        return data.cached_array(("mask", m, _mtime(m.files[0]), size),
+                                 lambda: data.resize_mask(read_mask(m), size))
+
+    def subset(self, idx):
+        """A new ImageSet with the items `idx` (same classes)."""
+        idx = self._index(idx)
+        pick = (lambda xs: None if xs is None else [xs[int(i)] for i in idx])
+        return ImageSet([self.names[int(i)] for i in idx], self.labels[idx], self.classes,
+                        paths=pick(self._paths), masks=pick(self._masks),
+                        arrays=self._arrays, mask_arrays=self._mask_arrays, rows=self._rows[idx],
+                        stamp=self._stamp, content=pick(self._content))
+
+    @property
+    def digest(self):
+        """sha256 over names (relative paths), labels, classes and each file's bytes (or the arrays'
+        digest): a copied folder is the same dataset, an edited image another one."""
+        if self._digest is None:
+            h = hashlib.sha256(json.dumps([self.names, self.labels.tolist(), self.classes]).encode())
+            h.update(self._stamp.encode())
+            h.update(self._rows.tobytes() if self._arrays is not None else b"")
+            if self._content is not None:  # file-backed sets; in-memory ones are identified by the stamp
+                h.update(json.dumps(self._content).encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+class Target:
+    """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.path` (its folder,
+    None when built in), `.layout` and `.split_kind` (in words), `.split` (the project split's image names, to
+    save and reuse; None otherwise), `.bad` (skipped images and why), `.left_out` (class folders not used),
+    `.ignored` (other files in the image folders), `.files` (content digest of every file)."""
+
+    def __init__(self, name, classes, train, test, *, layout, split_kind, path=None, split=None, bad=(),
+                 left_out=(), ignored=0, files=None):
+        self.name, self.classes, self.train, self.test = name, list(classes), train, test
+        self.layout, self.split_kind, self.path, self.split = layout, split_kind, path, split
+        self.bad, self.left_out, self.ignored = list(bad), list(left_out), ignored
+        self.files = files or {}       # {name: sha256 of its bytes}: what a rerun compares against
+
+    @property
+    def digest(self):
+        return hashlib.sha256(f"{self.name}|{self.train.digest}|{self.test.digest}".encode()).hexdigest()
+
+    def class_named(self, name):
+        """The class `name` is: the exact name, or an unambiguous case-insensitive prefix of one."""
+        if name in self.classes:
+            return name
+        hits = [c for c in self.classes if c.casefold().startswith(name.casefold())]
+        if len(hits) != 1:
+            raise ValueError(f"--holdout-class {name!r} {'matches ' + ' and '.join(hits) if hits else 'is not'} "
+                             f"a class of {self.name}; classes: {', '.join(self.classes)}")
+        return hits[0]
+
+    def __repr__(self):
+        return (f"Target({self.name!r}, classes={self.classes}, train={len(self.train)}, "
+                f"test={len(self.test)}, masks={self.train.has_masks})")
+
+
+def describe(target, short=False):
+    """What --check-data prints (short: the one line every run starts with)."""
+    n_masks = len(target.train.with_masks) + len(target.test.with_masks)
+    n = len(target.train) + len(target.test)
+    where = f" at {target.path}" if target.path else ""
+    if short:
+        return (f"target {target.name}: {target.layout}{where}; {len(target.classes)} classes, {len(target.train)} "
+                f"train / {len(target.test)} test images, {n_masks} with a mask; split: {target.split_kind}")
+    width = max(len(c) for c in target.classes + ["class"])
+    lines = [f"{target.name}: {target.layout}{where}", f"split: {target.split_kind}", "",
+             f"{'class':<{width}}  {'train':>6}  {'test':>6}"]
+    for k, c in enumerate(target.classes):
+        lines.append(f"{c:<{width}}  {int(np.sum(target.train.labels == k)):>6}  {int(np.sum(target.test.labels == k)):>6}")
+    lines += [f"{'total':<{width}}  {len(target.train):>6}  {len(target.test):>6}", "",
+              f"masks: {n_masks} of {n} images have a usable one" if n_masks else "masks: none"]
+    skipped = [f"{len(target.bad)} undecodable image(s)"] if target.bad else []
+    if target.left_out:
+        skipped.append(f"{len(target.left_out)} class folder(s) the paper does not use ({', '.join(target.left_out)})")
+    if target.ignored:
+        skipped.append(f"{target.ignored} other file(s) in the image folders")
+    lines.append("skipped: " + ("; ".join(skipped) if skipped else "nothing"))
+    return "\n".join(lines)
+
+
+# =====================================================================================================
+# 3. Loading a target
+# =====================================================================================================
+
+class BadImages(ValueError):
+    """More undecodable images than allowed; `.bad` lists every one as (name, reason)."""
+
+    def __init__(self, message, bad):
+        super().__init__(message)
+        self.bad = bad
+
+
+def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE,
+                by_slide=False):
+    """Load a target by name.
+
+    A paper dataset is found under `root` (default: env DRL_DATA, else ./data; `root/<name>` when that exists)
+    in one of its DATASETS layouts, searched at `root`, below it and above it, or as a plain folder:
+      <class>/<image> (split here) or train/<class>/<image> + test/<class>/<image> (native split),
+    with optional masks mirroring the image tree under masks/ (same relative path and stem, any extension).
+    The paper's classes are checked; class folders it does not use are an error, or left out and named where
+    the download holds more (WHOI). The split is the paper's where its code defines one, else the native one;
+    a plain folder of other classes is split 80/20 per class with `seed`, or as `split` says (a dict with
+    "train" / "test" name lists, as `read_split` returns it; `split_name` names it in errors), and the split
+    made is in `target.split` for the caller to save. `by_slide`: Sipakmed's split grouped by slide.
+    Every image is decoded here, before any training: undecodable ones are skipped (`target.bad`) up to
+    `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all. Images
+    whose shorter side is below MIN_IMAGE_SIZE are used, with a warning naming them.
+    `synthetic-cells` is built in (no folder needed).
+    """
+    if name not in TARGETS:
+        raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
+    if by_slide and (name not in DATASETS or not DATASETS[name].slide):
+        raise ValueError(f"--split-by-slide is for sipakmed, whose crops come from slides; not for {name}")
+    if name == "synthetic-cells":
+        return _synthetic_target(seed, split, split_name)
+    found = find_layout(name, root)
+    items, ignored = _collect_images(found)
+    sizes, files, bad = _decode_all(found.top, [it.name for it in items], max_bad)
+    items = [it for it in items if it.name in sizes]
+    for c in range(len(found.classes)):
+        if not any(it.label == c for it in items):
+            raise ValueError(f"class '{found.classes[c]}' in {found.top} has no readable images")
+    masks = _find_masks(found, items, sizes, files)
+
+    def make(part):
+        part = list(part)
+        return ImageSet([it.name for it in part], [it.label for it in part], found.classes,
+                        paths=[it.path for it in part], masks=None if masks is None else [masks.get(it.name) for it in part],
+                        content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part])
+
+    kind, saved_split = found.split, None
+    if kind == "native":
+        train, test = [it for it in items if it.part == "train"], [it for it in items if it.part == "test"]
+    else:
+        if by_slide:
+            kind = "slide"
+        tr, te = _split([it.name for it in items], np.array([it.label for it in items]), kind, seed, split,
+                        split_name, found.top, DATASETS[name].slide)
+        train, test = [items[k] for k in tr], [items[k] for k in te]
+        if kind == "project":
+            saved_split = _split_record(name, seed, [it.name for it in items], tr, te)
+    text = {"native": NATIVE_SPLIT, "paper": PAPER_SPLIT, "slide": SLIDE_SPLIT}.get(kind) or \
+        PROJECT_SPLIT.format(seed=seed)
+    target = Target(name, found.classes, make(train), make(test), layout=found.layout, split_kind=text,
+                    path=found.top, split=saved_split, bad=bad, left_out=found.left_out, ignored=ignored, files=files)
+    empty = [c for i, c in enumerate(found.classes) if not np.any(target.test.labels == i)]
+    if empty:
+        warnings.warn(f"class(es) {', '.join(empty)} of {found.top} have no test images; their accuracy is not "
+                      f"measured")
+    return target
+
+
+# =====================================================================================================
+# 4. Finding a layout
+# =====================================================================================================
+
+@dataclass
+class Found:
+    """A layout found: its top folder, the class order, the folders of each class per split part."""
+    layout: str
+    top: str
+    classes: list
+    parts: dict               # {"train" | "test" | "": {class: folder}}
+    masks: dict               # {part: {class: mask folder}}, or {"dat": True}
+    split: str                # "paper" | "native" | "project"
+    exts: tuple = ()
+    left_out: tuple = ()
+
+
+def _key(name):
+    return " ".join(name.split()).casefold()
+
+
+def _entries(folder):
+    """Sorted names in `folder` without the junk of unpacked archives (__MACOSX, Thumbs.db, ._*, .*)."""
+    try:
+        return sorted(n for n in os.listdir(folder) if not n.startswith(".") and n not in JUNK)
+    except OSError:
+        return []
+
+
+def _subdirs(folder):
+    return [d for d in _entries(folder) if os.path.isdir(os.path.join(folder, d))]
+
+
+def _class_folders(top, pattern):
+    """{folder name at the {class} level: its image folder} for `pattern` under `top`."""
+    parts = pattern.split("/")
+    k = next(i for i, p in enumerate(parts) if "{class}" in p)
+    base = os.path.join(top, *parts[:k])
+    pre, post = parts[k].split("{class}")
+    out = {}
+    for d in _subdirs(base):
+        if d.startswith(pre) and d.endswith(post) and len(d) > len(pre) + len(post):
+            name = d[len(pre):len(d) - len(post)]
+            folder = os.path.join(base, d, *[p.replace("{class}", name) for p in parts[k + 1:]])
+            if os.path.isdir(folder):
+                out[name] = folder
+    return out
+
+
+def _known(spec, folders):
+    """{paper class: folder} for the folders (by name) that are one of the paper's classes or their aliases."""
+    known = {_key(c): c for c in spec.classes} | {_key(a): c for a, c in spec.aliases}
+    return {known[_key(d)]: f for d, f in folders.items() if _key(d) in known}
+
+
+def _paper_classes(name, spec, folders, where):
+    """(class order, {class: folder}, left out) from the folders found, checked against the paper's classes."""
+    named = _known(spec, {d: d for d in folders})              # class -> its folder's name
+    missing = [c for c in spec.classes if c not in named]
+    extra = sorted(set(folders) - set(named.values()))
+    if missing:
+        raise ValueError(f"{where} has {len(named)} of the {len(spec.classes)} {name} classes of the paper; missing: "
+                         f"{', '.join(missing)}" + (f"; found instead: {', '.join(extra)}" if extra else ""))
+    if extra and spec.extra == "error":
+        raise ValueError(f"{where} has class folder(s) the paper's {name} does not have: {', '.join(extra)}; "
+                         f"expected exactly {', '.join(spec.classes)}")
+    order = sorted(named, key=lambda c: named[c])  # the folders' sorted order, as torchvision's ImageFolder
+    return order, {c: folders[named[c]] for c in order}, tuple(extra)
+
+
+def _match(name, spec, layout, top):
+    """The Found for `layout` at `top`, or None when it has none of the paper's classes there."""
+    train = _class_folders(top, layout.train)
+    if not _known(spec, train):
+        return None
+    where = f"{top} ({layout.name})"
+    classes, folders, left_out = _paper_classes(name, spec, train, where)
+    parts = {"train": folders}
+    if layout.test:
+        test = _class_folders(top, layout.test)
+        if not test:
+            raise ValueError(f"{where} has no test folders ({layout.test.replace('{class}', '<class>')}); the paper "
+                             f"uses the download's own test split")
+        _, parts["test"], _ = _paper_classes(name, spec, test, where + ", test")
+    if layout.masks == "dat":
+        masks = {"dat": True}
+    else:
+        masks = {part: _known(spec, _class_folders(top, pattern)) for part, pattern in zip(parts, layout.masks)}
+    return Found(layout.name, top, classes, parts, masks, "native" if layout.test else spec.split, layout.exts,
+                 left_out)
+
+
+def _uses(found):
+    return [f for part in found.parts.values() for f in part.values()] + \
+           [f for part in found.masks.values() if isinstance(part, dict) for f in part.values() if f]
+
+
+def _inside(path, folder):
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def find_layout(name, root=None):
+    """The Found for target `name`: a DATASETS layout at, below (3 levels) or above (3 levels, when the folder
+    pointed at is part of it) the start folder, else a plain folder there. Errors say what was looked for."""
+    root = root or os.environ.get("DRL_DATA") or "./data"
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data root {root} not found; {_where_to_put(name, root)}")
+    start = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
+    spec = DATASETS[name]
+    found, level = [], [start]
+    for depth in range(4):                                     # the start folder and below, level by level
+        for top in level:
+            found += [f for f in (_match(name, spec, lay, top) for lay in spec.layouts) if f]
+        if found:
+            break
+        level = [os.path.join(t, d) for t in level for d in _subdirs(t)]
+    up = os.path.abspath(start)
+    for _ in range(3):                                         # above: only a layout the start folder is part of
+        up = os.path.dirname(up)
+        for lay in spec.layouts:
+            f = _match(name, spec, lay, up)
+            if f and any(_inside(u, start) or _inside(start, u) for u in _uses(f)):
+                found.append(f)
+    unique = {(os.path.abspath(f.top), f.layout): f for f in found}
+    if len(unique) > 1:
+        raise ValueError(f"{start} holds {name} more than once: " + "; ".join(f"{f.layout} at {f.top}" for f in
+                         unique.values()) + "; point --data-root at one of them")
+    if unique:
+        return next(iter(unique.values()))
+    return _plain(name, spec, start)
+
+
+def _plain(name, spec, start):
+    """A plain folder: <class>/<image>, or train/<class>/<image> and test/<class>/<image>."""
+    has_train, has_test = (os.path.isdir(os.path.join(start, p)) for p in ("train", "test"))
+    if has_train != has_test:
+        raise ValueError(f"{start} has a {'train' if has_train else 'test'}/ folder but no "
+                         f"{'test' if has_train else 'train'}/; a native split needs both (or neither)")
+    parts = {p: {c: os.path.join(start, p, c) for c in _subdirs(os.path.join(start, p)) if c != "masks"}
+             for p in (("train", "test") if has_train else ("",))}
+    main = "train" if has_train else ""
+    if not parts[main]:
+        raise ValueError(_hint(spec, start) or f"no class folders in {start}; {_where_to_put(name, start)}")
+    if has_train and not parts["test"]:
+        raise ValueError(f"{start}/test is empty; a native split needs test images (or remove train/ and test/ "
+                         f"to split here)")
+    if has_train and set(parts["test"]) - set(parts["train"]):
+        raise ValueError(f"{start}/test has classes not in train/: {', '.join(sorted(set(parts['test']) - set(parts['train'])))}; "
+                         f"every test class needs training images")
+    layout, split, left_out = "a plain folder: <class>/<image>", "project", ()
+    if not _known(spec, parts[main]):                          # a researcher's own classes
+        if _hint(spec, start):
+            raise ValueError(_hint(spec, start))
+        if len(parts[main]) < 2:
+            raise ValueError(f"{start} has a single class folder '{next(iter(parts[main]))}'; need at least two "
+                             f"classes")
+        classes = sorted(parts[main])
+    else:                                                      # the paper's classes: checked, split as it does
+        classes, parts[main], left_out = _paper_classes(name, spec, parts[main], start)
+        if has_train:
+            parts["test"] = _known(spec, parts["test"])
+        layout, split = f"a plain folder with the paper's {name} classes", spec.split
+        if split == "native" and not has_train:
+            split = "project"
+            warnings.warn(f"{start} has the {name} classes but not the download's own test split, which the paper "
+                          f"uses; they are split 80/20 here")
+    if has_train:
+        split, layout = "native", layout.replace("<class>/<image>", "train|test/<class>/<image>")
+    masks = {p: {c: os.path.join(start, "masks", p, os.path.basename(f)) for c, f in part.items()}
+             for p, part in parts.items()} if os.path.isdir(os.path.join(start, "masks")) else {}
+    return Found(layout, start, classes, parts, masks, split, (), left_out)
+
+
+def _hint(spec, start):
+    """The message for a known wrong folder under `start` (DATASETS' `hint`), or None."""
+    found = _class_folders(start, spec.hint[0]) if spec.hint else {}
+    if not found:
+        return None
+    shown = ", ".join(sorted(os.path.basename(f) for f in found.values())[:3])
+    return f"found {shown}{', ...' if len(found) > 3 else ''} in {start}: this {spec.hint[1]}"
+
+
+def _where_to_put(name, where):
+    spec = DATASETS[name]
+    accepted = "; ".join(lay.name for lay in spec.layouts)
+    seen = ", ".join(_entries(where)[:8]) if os.path.isdir(where) else ""
+    return (f"the {name} layouts read are: {accepted}; or a plain <class>/<image> or train|test/<class>/<image> "
+            f"folder (README, 'Datasets'); set --data-root or DRL_DATA" + (f"; found: {seen}" if seen else ""))
+
+
+# =====================================================================================================
+# 5. The images and masks of a layout
+# =====================================================================================================
+
+@dataclass(frozen=True)
+class Item:
+    name: str       # path relative to the top (posix): the image's id everywhere
+    path: str
+    label: int
+    part: str
+
+
+def _collect_images(found):
+    """([Item] in ImageFolder order: by part, class (found.classes order), then sorted file name), number of
+    other files ignored in the image folders."""
+    exts = found.exts or data.image_extensions()
+    items, ignored = [], 0
+    for part, folders in found.parts.items():
+        for label, c in enumerate(found.classes):
+            folder = folders.get(c)
+            if folder is None:
+                continue
+            entries = [f for f in _entries(folder) if os.path.isfile(os.path.join(folder, f))]
+            files = [f for f in entries if os.path.splitext(f)[1].lower() in exts]
+            contours = [f for f in entries if "dat" in found.masks and f.lower().endswith(".dat")]
+            ignored += len(entries) - len(files) - len(contours)
+            if not files and part != "test":
+                raise ValueError(f"class folder {folder} has no images; add images or remove the folder")
+            for f in files:
+                path = os.path.join(folder, f)
+                items.append(Item(os.path.relpath(path, found.top).replace(os.sep, "/"), path, label, part))
+    if found.parts.get("test") is not None and not any(it.part == "test" for it in items):
+        raise ValueError(f"the test folders of {found.top} hold no images; a native split needs test images")
+    return items, ignored
+
+
+def _decode_all(top, names, max_bad):
+    """Decode every image (as load_image does) and hash its bytes. Returns ({name: (width, height)},
+    {name: sha256}, [(name, reason)] of the undecodable ones); over `max_bad` raises BadImages."""
+    sizes, files, bad, small = {}, {}, [], []
+    for n in names:
+        try:
+            with open(os.path.join(top, n), "rb") as f:
+                raw = f.read()
+            files[n] = hashlib.sha256(raw).hexdigest()
+            h, w = data.decode_image(io.BytesIO(raw)).shape[:2]   # the bytes just hashed, not a second read
+        except data.IMAGE_ERRORS as e:
+            bad.append((n, data.error_reason(e)))
+            files.pop(n, None)
+            continue
+        sizes[n] = (w, h)
+        if min(w, h) < MIN_IMAGE_SIZE:
+            small.append(f"{n} ({w}x{h})")
+    if small:
+        warnings.warn(f"{len(small)} image(s) in {top} are smaller than {MIN_IMAGE_SIZE} px on a side and will "
+                      f"be upscaled a lot: {', '.join(small[:10])}" + (", ..." if len(small) > 10 else ""))
+    allowed = max_bad if max_bad >= 1 else max_bad * len(names)
+    if len(bad) > allowed:
+        raise BadImages(f"{len(bad)} of {len(names)} images in {top} cannot be decoded, more than "
+                        f"--max-bad-images {max_bad:g} allows; fix or remove them (each is listed above)", bad)
+    return sizes, files, bad
+
+
+def _mask_digest(files, masks, n, top):
+    if not masks or n not in masks:
+        return ""
+    return "".join(files[os.path.relpath(f, top)] for f in masks[n].files)
+
+
+def _mask_candidates(found, item):
+    """The files that could be `item`'s mask: contour .dat files beside it, or images with its stem."""
+    folder, fname = os.path.split(item.path)
+    stem = os.path.splitext(fname)[0]
+    if "dat" in found.masks:
+        return [os.path.join(folder, f) for f in _entries(folder)
+                if f.lower().endswith(".dat") and re.match(re.escape(stem) + r"_(cyt|nuc)", f)]
+    mdir = found.masks.get(item.part, {}).get(found.classes[item.label])
+    if not mdir or not os.path.isdir(mdir):
+        return []
+    hits = [f for f in _entries(mdir) if os.path.splitext(f)[0] == stem
+            and os.path.splitext(f)[1].lower() in data.image_extensions()]
+    return [os.path.join(mdir, hits[0])] if hits else []
+
+
+def _find_masks(found, items, sizes, files):
+    """{image name: Mask} for the images that have a usable mask (None when the layout has no masks at all).
+    Masks only serve the handcrafted-feature analysis, so a missing, unreadable or mis-sized mask drops that
+    image from it (one warning says how many) and never blocks classification. A mask within MASK_SLACK px of
+    its image's size is padded or cropped to it (one warning). Mask bytes go into `files` (keyed by their path
+    in the target folder), so an edited mask makes another dataset."""
+    if not found.masks:
+        return None
+    out, skipped, fitted = {}, [], 0
+    for it in items:
+        paths = _mask_candidates(found, it)
+        if not paths:
+            continue
+        m = Mask(tuple(paths), sizes[it.name])
+        try:
+            h, w = read_mask(m, fit=False).shape
+        except ValueError as e:
+            skipped.append(f"{paths[0]} ({e})")
+            continue
+        if (w, h) != m.size:
+            if max(abs(w - m.size[0]), abs(h - m.size[1])) > MASK_SLACK:
+                skipped.append(f"{paths[0]} is {w}x{h} but its image is {m.size[0]}x{m.size[1]}")
+                continue
+            fitted += 1
+        for p in paths:
+            with open(p, "rb") as f:
+                files[os.path.relpath(p, found.top)] = hashlib.sha256(f.read()).hexdigest()
+        out[it.name] = m
+    if fitted:
+        warnings.warn(f"{fitted} mask(s) in {found.top} are up to {MASK_SLACK} px off their image's size; padded "
+                      f"or cropped to it (at the bottom and right)")
+    if len(out) < len(items):
+        warnings.warn(f"{len(out)} of {len(items)} images in {found.top} have a usable mask; the handcrafted-feature "
+                      f"analysis uses those" + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
+    return out
+
+
+def read_mask(mask, fit=True):
+    """A Mask → bool (H, W). Contours (.dat: one 'x,y' or 'x y' point per line, Sipakmed's) are filled, the
+    cytoplasm and nucleus together. A mask image: foreground is any non-zero value (any channel), read
+    without the intensity scaling of `load_image` so 16-bit label masks keep small labels; a JPEG, whose
+    compression rings around edges, is thresholded at half range instead. `fit`: pad or crop to the image's
+    size at the bottom and right."""
+    w, h = mask.size
+    if mask.files[0].lower().endswith(".dat"):
+        canvas = Image.new("L", (w, h), 0)
+        for path in mask.files:
+            pts = _contour(path)
+            if len(pts) >= 3:
+                ImageDraw.Draw(canvas).polygon([tuple(p) for p in pts], fill=255, outline=255)
+        return np.asarray(canvas) > 0
+    path = mask.files[0]
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            jpeg = img.format == "JPEG"
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            if jpeg:
+                a = np.asarray(img.convert("L")) >= 128
+            elif img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+                a = np.asarray(img)
+                a = (a[..., 0] if a.ndim == 3 else a) > 0
+            else:
+                a = np.asarray(img.convert("RGB")).max(axis=2) > 0
+    except data.IMAGE_ERRORS as e:
+        raise ValueError(f"cannot read mask {path} ({data.error_reason(e)}); remove or replace it") from None
+    if fit and a.shape != (h, w):
+        out = np.zeros((h, w), bool)
+        out[:min(h, a.shape[0]), :min(w, a.shape[1])] = a[:h, :w]
+        a = out
+    return a
+
+
+def _contour(path):
+    try:
+        with open(path) as f:
+            pts = [[float(v) for v in re.split(r"[,\s]+", line.strip())[:2]] for line in f if line.strip()]
+        return np.array(pts, np.float64).reshape(-1, 2)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read contour {path} ({e})") from None
+
+
+# =====================================================================================================
+# 6. Splits
+# =====================================================================================================
+
+def _split(names, labels, kind, seed, saved, saved_name, where, slide=None):
+    """(train, test) sorted index arrays. "paper": scikit-learn's train_test_split(test_size=0.2,
+    random_state=42, stratify=labels) over the images in ImageFolder order, exactly the official code's call;
+    "slide": StratifiedGroupKFold(5, shuffle, seed 42)'s first fold as test, grouped by class and slide;
+    "project": stratified 80/20 per class with `seed`, or the `saved` split when it matches the images."""
+    idx = np.arange(len(names))
+    if kind == "paper":
+        tr, te = train_test_split(idx, test_size=TEST_FRACTION, random_state=42, stratify=labels)
+        return np.sort(tr), np.sort(te)
+    if kind == "slide":
+        groups = [f"{labels[k]}/{_slide(n, slide)}" for k, n in enumerate(names)]
+        tr, te = next(StratifiedGroupKFold(5, shuffle=True, random_state=42).split(idx, labels, groups))
+        return np.sort(tr), np.sort(te)
+    if saved is None:
+        return data.stratified_split(labels, seed)
+    current, listed = set(names), set(saved["train"]) | set(saved["test"])
+    if listed != current or set(saved["train"]) & set(saved["test"]):
+        new, gone = sorted(current - listed), sorted(listed - current)
+        example = (new or gone or sorted(set(saved["train"]) & set(saved["test"])))[0]
+        raise ValueError(f"split file {saved_name} does not match the images in {where} ({len(new)} new, "
+                         f"{len(gone)} missing, e.g. {example}); delete it to re-split")
+    pos = {n: k for k, n in enumerate(names)}
+    return (np.array([pos[n] for n in saved["train"]], np.int64),
+            np.array([pos[n] for n in saved["test"]], np.int64))
+
+
+def _slide(name, pattern):
+    m = re.match(pattern, os.path.basename(name))
+    if not m:
+        raise ValueError(f"--split-by-slide: cannot tell the slide of {name} (its file name does not match "
+                         f"{pattern!r})")
+    return m.group(1)
+
+
+def read_split(path):
+    """A split saved by an earlier run: dict with "train" and "test" lists of image names."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return {"train": list(saved["train"]), "test": list(saved["test"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
+
+
+def split_json(target):
+    """The text of target.split, for the caller to save (and pass back to load_target next time)."""
+    return json.dumps(target.split, indent=1)
+
+
+def _split_record(name, seed, names, train, test):
+    return {"target": name, "seed": seed, "train": [names[k] for k in train], "test": [names[k] for k in test]}
+
+
+# =====================================================================================================
+# 7. synthetic-cells: built in, offline (data.make_synthetic_cells draws the images)
+# =====================================================================================================
+
+def _synthetic_target(seed, saved, saved_name):
+    images, masks, labels = data.make_synthetic_cells(data.SYNTHETIC_N, 80, seed)
+    names = [f"{data.SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
+    stamp = hashlib.sha256(b"synthetic-cells-v2" + images.tobytes() + masks.tobytes()).hexdigest()
+    train, test = _split(names, labels, "project", seed, saved, saved_name, "synthetic-cells")
+
+    def make(idx):
+        return ImageSet([names[k] for k in idx], labels[idx], data.SYNTHETIC_CLASSES, arrays=images,
+                        mask_arrays=masks, rows=idx, stamp=stamp)
+
+    return Target("synthetic-cells", data.SYNTHETIC_CLASSES, make(train), make(test),
+                  layout="built in (procedural, 4 morphology classes)", split_kind=PROJECT_SPLIT.format(seed=seed),
+                  split=_split_record("synthetic-cells", seed, names, train, test))
