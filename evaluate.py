@@ -1,7 +1,7 @@
 """Evaluate the transfer to a target: the paper's Tables II, III and V, interpretability and figures.
 
     python evaluate.py --target synthetic-cells --quick
-    python evaluate.py --target lensless --holdout-class ARCELLA
+    python evaluate.py --target lensless --holdout-class arcella
     python evaluate.py --explicitness [--backbone resnet152 densenet201 vgg19 swin_b vit_l_16 dino] [--quick]
 
 Runs what is missing first (source models, features, finetuning; announced), then scores every model
@@ -26,6 +26,7 @@ import torch
 
 import data
 import drl
+import folders
 import metrics
 import se2
 import train
@@ -214,6 +215,8 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_config_args(p, several=("backbone",))
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
+    p.add_argument("--check-data", action="store_true", help="read and check --target as a run would, print what "
+                   "was found (layout, classes, images per split, masks, what was skipped) and exit")
     p.add_argument("--explicitness", action="store_true", help="Table IV: classify each Texture-dSprites factor "
                    "from the frozen features of every --backbone (default: the paper's " +
                    ", ".join(PAPER_BACKBONES) + f"); --quick: {QUICK_EXPLICITNESS_IMAGES} images")
@@ -238,10 +241,13 @@ def main(argv=None):
     if backbones and len(backbones) > 1:
         raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with --explicitness)")
     if not cfg.target:
-        raise ValueError("--target is required; one of: " + ", ".join(data.TARGETS))
+        raise ValueError("--target is required; one of: " + ", ".join(folders.TARGETS))
+    if args.check_data:
+        return train.check_data(cfg)
     train.check_writable(cfg.out)
     t0 = time.time()
-    target = train.load_target(cfg)
+    cfg, target = train.load_target(cfg)
+    say(folders.describe(target, short=True))
     res = train.resolve(cfg, say)
     if args.no_train:
         missing = [p for p in expected_checkpoints(cfg, res) if not train.is_done(p)]
@@ -299,6 +305,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
     return {"target": cfg.target, "backbone": res.backbone, "feature_dim": res.feature_dim,
             "arch": train.vae_arch(cfg, res), "method": cfg.method,
             "classes": target.classes, "holdout_class": cfg.holdout_class, "quick": cfg.quick,
+            "data": {"layout": target.layout, "folder": target.path, "split": target.split_kind},
             "protocol": {k: getattr(cfg, k) for k in ("seeds", "betas", "steps", "epochs", "batch_size", "lr",
                                                        "latent_dim", "n_train", "n_test")},
             "n_train_images": len(target.train), "n_test_images": len(target.test),
@@ -512,7 +519,8 @@ def report(res):
              f"{len(res['models'])} model(s) (seeds {p['seeds']}, β {p['betas']}), {p['steps']} source steps, "
              f"{p['epochs']} finetuning epochs" + (" — **quick run**" if res["quick"] else "")
              + f". Target: {res['n_train_images']} train / {res['n_test_images']} test images, classes: "
-             + ", ".join(res["classes"]) + ". Values are mean ± SD over models.", "",
+             + ", ".join(res["classes"]) + f" ({res['data']['layout']}; split: {res['data']['split']})."
+             + " Values are mean ± SD over models.", "",
              "## Table II — downstream accuracy (%) on the disentangled representation", "",
              *_header(["GBT", "MLP", "GBT balanced", "MLP balanced"]),
              *_rows(s, ["downstream.gbt", "downstream.mlp", "downstream.gbt_balanced", "downstream.mlp_balanced"])]

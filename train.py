@@ -30,6 +30,7 @@ import torch
 
 import data
 import drl
+import folders
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,10 +67,13 @@ class Config:
     n_train: int = _opt(10_000, "DCI/MIG training samples of Texture-dSprites")
     n_test: int = _opt(5_000, "DCI test samples")
     # target
-    target: str = _opt(None, "target dataset: " + ", ".join(data.TARGETS))
-    data_root: str = _opt(None, "folder holding the real targets (default $DRL_DATA or ./data)")
-    holdout_class: str = _opt(None, "leave this class out of finetuning and classifiers (open set)")
-    max_bad_images: float = _opt(data.BAD_IMAGE_TOLERANCE, "undecodable target images to skip: a count (>= 1) "
+    target: str = _opt(None, "target dataset: " + ", ".join(folders.TARGETS))
+    data_root: str = _opt(None, "the unpacked download, or a folder holding <target>/ (default $DRL_DATA or ./data)")
+    holdout_class: str = _opt(None, "leave this class out of finetuning and classifiers (open set); the class or an "
+                                    "unambiguous prefix of it (arcella)")
+    split_by_slide: bool = _opt(False, "sipakmed: split 80/20 grouped by slide, so no slide has crops on both sides "
+                                       "(the paper splits the crops)")
+    max_bad_images: float = _opt(folders.BAD_IMAGE_TOLERANCE, "undecodable target images to skip: a count (>= 1) "
                                  "or a fraction (< 1) of all images; more stops the run before training")
     # run
     out: str = _opt("runs", "run folder")
@@ -282,43 +286,44 @@ class SourceInputs:
         return batch_fn
 
 
-def load_target(cfg):
-    """The target dataset, every image decoded. Skipped images are listed on stderr and in
-    out/bad-images-<target>.txt; a random split is saved under out/splits/ and reused by later runs; the
-    content digest of every file goes to out/datasets/<digest>.json, so a later run can say what changed."""
+def load_target(cfg, save=True):
+    """(cfg with --holdout-class spelled as the class is, the target dataset with every image decoded).
+    Skipped images are listed on stderr and in out/bad-images-<target>.txt. With `save`, a random split is
+    saved under out/splits/ and reused by later runs, and the content digest of every file goes to
+    out/datasets/<digest>.json, so a later run can say what changed."""
     if not cfg.target:
-        raise ValueError(f"--target is required for this stage; one of: {', '.join(data.TARGETS)}")
+        raise ValueError(f"--target is required for this stage; one of: {', '.join(folders.TARGETS)}")
     split_file = os.path.join(cfg.out, "splits", f"{cfg.target}.json")
-    saved = data.read_split(split_file) if os.path.exists(split_file) else None
+    saved = folders.read_split(split_file) if os.path.exists(split_file) else None
     try:
-        target = data.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file,
-                                  max_bad=cfg.max_bad_images)
-    except data.BadImages as e:
-        _list_bad_images(cfg, e.bad)
-        raise ValueError(f"{e}; the list is in {_bad_list_path(cfg)}") from None
-    if cfg.holdout_class and cfg.holdout_class not in target.classes:
-        raise ValueError(f"--holdout-class {cfg.holdout_class!r} is not a class of {cfg.target}; "
-                         f"classes: {', '.join(target.classes)}")
+        target = folders.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file,
+                                     max_bad=cfg.max_bad_images, by_slide=cfg.split_by_slide)
+    except folders.BadImages as e:
+        _list_bad_images(cfg, e.bad, save)
+        raise ValueError(f"{e}" + (f"; the list is in {_bad_list_path(cfg)}" if save else "")) from None
+    if cfg.holdout_class:
+        cfg = dataclasses.replace(cfg, holdout_class=target.class_named(cfg.holdout_class))
     if target.bad:
-        _list_bad_images(cfg, target.bad)
-        warnings.warn(f"skipped {len(target.bad)} undecodable image(s) of {target.path}, listed above and in "
-                      f"{_bad_list_path(cfg)}")
-    if saved is None and target.split is not None:
-        drl.write_text(split_file, data.split_json(target))
-    if target.files:
+        _list_bad_images(cfg, target.bad, save)
+        warnings.warn(f"skipped {len(target.bad)} undecodable image(s) of {target.path}, listed above" +
+                      (f" and in {_bad_list_path(cfg)}" if save else ""))
+    if save and saved is None and target.split is not None:
+        drl.write_text(split_file, folders.split_json(target))
+    if save and target.files:
         drl.write_text(os.path.join(cfg.out, "datasets", f"{target.digest}.json"),
                        json.dumps({"folder": target.path, "files": target.files}))
-    return target
+    return cfg, target
 
 
 def _bad_list_path(cfg):
     return os.path.join(cfg.out, f"bad-images-{cfg.target}.txt")
 
 
-def _list_bad_images(cfg, bad):
+def _list_bad_images(cfg, bad, save=True):
     for name, reason in bad:
         print(f"bad image: {name}: {reason}", file=sys.stderr)
-    drl.write_text(_bad_list_path(cfg), "".join(f"{name}\t{reason}\n" for name, reason in bad))
+    if save:
+        drl.write_text(_bad_list_path(cfg), "".join(f"{name}\t{reason}\n" for name, reason in bad))
 
 
 def dataset_difference(cfg, there, now):
@@ -1015,14 +1020,26 @@ def _oom_message(e):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["source", "finetune"], required=True)
+    p.add_argument("--stage", choices=["source", "finetune"])
+    p.add_argument("--check-data", action="store_true", help="read and check --target as a run would, print what "
+                   "was found (layout, classes, images per split, masks, what was skipped) and exit")
     add_config_args(p)
     return p
+
+
+def check_data(cfg):
+    """--check-data: the target read and validated as a run reads it, described; nothing written."""
+    _, target = load_target(cfg, save=False)
+    print(folders.describe(target))
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
+    if args.check_data:
+        return check_data(cfg)
+    if not args.stage:
+        raise ValueError("--stage source or --stage finetune is required (or --check-data)")
     check_writable(cfg.out)
     t0 = time.time()
     res = resolve(cfg, say)
@@ -1030,7 +1047,9 @@ def main(argv=None):
     if args.stage == "source":
         paths = train_source(cfg, res)
     else:
-        paths = [ft for _, ft in finetune(cfg, res, load_target(cfg))]
+        cfg, target = load_target(cfg)
+        say(folders.describe(target, short=True))
+        paths = [ft for _, ft in finetune(cfg, res, target)]
     wait_for_ranks()
     say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
 
