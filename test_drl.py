@@ -24,6 +24,7 @@ import bench
 import data
 import drl
 import evaluate
+import folders
 import metrics
 import se2
 import train
@@ -340,7 +341,7 @@ def test_pad_resize_keeps_aspect_and_positions(tmp_path):
     Image.fromarray(np.full((3, 5, 3), 90, np.uint8)).save(d / "tiny.png")
     (tmp_path / "t" / "b").mkdir()
     Image.fromarray(img).save(tmp_path / "t" / "b" / "x.png")
-    s = data.ImageSet(["a/r.png", "a/tiny.png"], [0, 0], ["a"],
+    s = folders.ImageSet(["a/r.png", "a/tiny.png"], [0, 0], ["a"],
                       paths=[str(d / "r.png"), str(d / "tiny.png")])
     out = s.images([0], 20)[0]
     # padded to 40 × 40 (rows shifted by 10), halved: rectangle rows 6:14, cols 4:16
@@ -384,8 +385,8 @@ def _make_folder(root, target, classes, n_per, native=False, masks=False, size=(
 def test_folder_without_native_split(tmp_path):
     _make_folder(tmp_path, "whoi15", ["b_cls", "a_cls", "c_cls"], 10)
     (tmp_path / "whoi15" / "a_cls" / "readme.txt").write_text("ignored")
-    t = data.load_target("whoi15", root=str(tmp_path), seed=0)
-    assert t.name == "whoi15" and t.classes == ["a_cls", "b_cls", "c_cls"] and not t.native_split
+    t = folders.load_target("whoi15", root=str(tmp_path), seed=0)
+    assert t.name == "whoi15" and t.classes == ["a_cls", "b_cls", "c_cls"] and "seed 0" in t.split_kind
     assert len(t.train) == 24 and len(t.test) == 6
     np.testing.assert_array_equal(np.bincount(t.test.labels), [2, 2, 2])     # stratified 80/20
     assert not set(t.train.names) & set(t.test.names)
@@ -397,9 +398,9 @@ def test_folder_without_native_split(tmp_path):
     assert x[0, 8, 8, 0] == 10 * given.index(t.classes[t.test.labels[0]]) + k  # the right file
     assert t.test.masks([0], 16) is None and not t.test.has_masks
     # same seed → same split; another seed → another split
-    t2 = data.load_target("whoi15", root=str(tmp_path), seed=0)
+    t2 = folders.load_target("whoi15", root=str(tmp_path), seed=0)
     assert t2.test.names == t.test.names and t2.digest == t.digest
-    t3 = data.load_target("whoi15", root=str(tmp_path), seed=5)
+    t3 = folders.load_target("whoi15", root=str(tmp_path), seed=5)
     assert t3.test.names != t.test.names
     sub = t.train.subset([3, 1])
     assert sub.names == [t.train.names[3], t.train.names[1]]
@@ -409,13 +410,13 @@ def test_folder_without_native_split(tmp_path):
 def test_env_var_root(tmp_path, monkeypatch):
     _make_folder(tmp_path, "sipakmed", ["x", "y"], 5)
     monkeypatch.setenv("DRL_DATA", str(tmp_path))
-    assert len(data.load_target("sipakmed").train) == 8
+    assert len(folders.load_target("sipakmed").train) == 8
 
 
 def test_folder_with_native_split_and_masks(tmp_path):
-    _make_folder(tmp_path, "vacuoles", ["single", "negative"], 8, native=True, masks=True)
-    t = data.load_target("vacuoles", root=str(tmp_path))
-    assert t.native_split and t.classes == ["negative", "single"] and t.split is None  # nothing to save
+    _make_folder(tmp_path, "vacuoles", ["live", "dead"], 8, native=True, masks=True)
+    t = folders.load_target("vacuoles", root=str(tmp_path))
+    assert t.split_kind == folders.NATIVE_SPLIT and t.classes == ["dead", "live"] and t.split is None  # nothing to save
     assert len(t.train) == 16 and len(t.test) == 4
     assert all(n.startswith("train/") for n in t.train.names)
     assert all(n.startswith("test/") for n in t.test.names)
@@ -432,7 +433,7 @@ def test_folder_with_native_split_and_masks(tmp_path):
     name = t.test.names[0]
     os.remove(tmp_path / "vacuoles" / "masks" / (os.path.splitext(name)[0] + ".tif"))
     Image.fromarray(lab).save(tmp_path / "vacuoles" / "masks" / (os.path.splitext(name)[0] + ".png"))
-    t = data.load_target("vacuoles", root=str(tmp_path))
+    t = folders.load_target("vacuoles", root=str(tmp_path))
     m = t.test.masks([0], 12)[0]
     np.testing.assert_array_equal(m[2:10].any(0), [1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1])
     assert not m[:2].any() and not m[10:].any()
@@ -441,14 +442,14 @@ def test_folder_with_native_split_and_masks(tmp_path):
 def test_saved_split_reused(tmp_path):
     _make_folder(tmp_path, "lensless", ["a", "b"], 10)
     cfg = train.Config(target="lensless", data_root=str(tmp_path), out=str(tmp_path / "run"))
-    t1 = train.load_target(cfg)                                        # saves the split it made
+    _, t1 = train.load_target(cfg)                                     # saves the split it made
     sf = tmp_path / "run" / "splits" / "lensless.json"
-    saved = data.read_split(sf)
+    saved = folders.read_split(sf)
     assert saved["test"] == t1.test.names and saved["train"] == t1.train.names
-    t2 = data.load_target("lensless", root=str(tmp_path), seed=123, split=saved)
+    t2 = folders.load_target("lensless", root=str(tmp_path), seed=123, split=saved)
     assert t2.test.names == t1.test.names                              # the saved split wins
-    assert data.load_target("lensless", root=str(tmp_path), seed=123).test.names != t1.test.names
-    assert train.load_target(cfg).test.names == t1.test.names
+    assert folders.load_target("lensless", root=str(tmp_path), seed=123).test.names != t1.test.names
+    assert train.load_target(cfg)[1].test.names == t1.test.names
     # files changed since the split was saved → clear error naming the file
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "lensless" / "a" / "new.png")
     with pytest.raises(ValueError, match=r"lensless.json does not match.*1 new.*delete it"):
@@ -459,9 +460,9 @@ def test_saved_split_reused(tmp_path):
 
 
 def test_synthetic_split_saved_and_reused(tmp_path):
-    t1 = data.load_target("synthetic-cells")
-    assert data.read_split(_write(tmp_path / "s.json", data.split_json(t1)))["test"] == t1.test.names
-    t2 = data.load_target("synthetic-cells", split=data.read_split(tmp_path / "s.json"))
+    t1 = folders.load_target("synthetic-cells")
+    assert folders.read_split(_write(tmp_path / "s.json", folders.split_json(t1)))["test"] == t1.test.names
+    t2 = folders.load_target("synthetic-cells", split=folders.read_split(tmp_path / "s.json"))
     assert t2.test.names == t1.test.names
 
 
@@ -478,7 +479,7 @@ def test_partial_and_bad_masks_only_narrow_the_handcrafted_analysis(tmp_path):
     os.remove(tdir / "masks" / "a" / "img000.tif")
     (tdir / "masks" / "a" / "img001.tif").write_bytes(b"garbage")                         # ... unreadable
     with pytest.warns(UserWarning, match=r"10 of 16 images .* have a usable mask.*5x5 but its image is 16x16"):
-        t = data.load_target("vacuoles", root=str(tmp_path))
+        t = folders.load_target("vacuoles", root=str(tmp_path))
     assert len(t.train) + len(t.test) == 16                   # classification keeps every image
     sets = (t.train, t.test)
     assert sum(len(s.with_masks) for s in sets) == 10
@@ -490,13 +491,13 @@ def test_partial_and_bad_masks_only_narrow_the_handcrafted_analysis(tmp_path):
 def test_small_images_textures_file_and_empty_test_class_say_so(tmp_path):
     _make_folder(tmp_path, "whoi15", ["a", "b"], 6, size=(3, 3))
     with pytest.warns(UserWarning, match=r"12 image\(s\) .* smaller than 16 px .*a/img000.png \(3x3\)"):
-        data.load_target("whoi15", root=str(tmp_path))
+        folders.load_target("whoi15", root=str(tmp_path))
     tdir = _make_folder(tmp_path, "sipakmed", ["a", "b", "c"], 6, size=(16, 16))
     for f in (tdir / "c").iterdir():
         if f.name != "img000.png":
             f.unlink()                                        # class c: one image, so none to test
     with pytest.warns(UserWarning, match=r"class\(es\) c of .* no test images"):
-        data.load_target("sipakmed", root=str(tmp_path))
+        folders.load_target("sipakmed", root=str(tmp_path))
     (tmp_path / "tex.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         data.load_textures(str(tmp_path / "tex.png"))
@@ -504,24 +505,222 @@ def test_small_images_textures_file_and_empty_test_class_say_so(tmp_path):
 
 def test_bad_input_messages(tmp_path):
     with pytest.raises(ValueError, match="unknown target 'plankton'.*lensless, whoi15, vacuoles, sipakmed"):
-        data.load_target("plankton", root=str(tmp_path))
+        folders.load_target("plankton", root=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data root .* not found.*README"):
-        data.load_target("lensless", root=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="target folder .*lensless not found.*README"):
-        data.load_target("lensless", root=str(tmp_path))
+        folders.load_target("lensless", root=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="no class folders in .*the lensless layouts read are: .*TRAIN_IMAGE.*README"):
+        folders.load_target("lensless", root=str(tmp_path))
     (tmp_path / "lensless").mkdir()
     with pytest.raises(ValueError, match="no class folders"):
-        data.load_target("lensless", root=str(tmp_path))
+        folders.load_target("lensless", root=str(tmp_path))
     _make_folder(tmp_path, "whoi15", ["only"], 3)
     with pytest.raises(ValueError, match="single class folder 'only'"):
-        data.load_target("whoi15", root=str(tmp_path))
+        folders.load_target("whoi15", root=str(tmp_path))
     (tmp_path / "whoi15" / "empty").mkdir()
     with pytest.raises(ValueError, match="empty has no images"):
-        data.load_target("whoi15", root=str(tmp_path))
+        folders.load_target("whoi15", root=str(tmp_path))
     _make_folder(tmp_path, "vacuoles", ["a", "b"], 2)
     (tmp_path / "vacuoles" / "train").mkdir()
     with pytest.raises(ValueError, match="train/ folder but no test/"):
-        data.load_target("vacuoles", root=str(tmp_path))
+        folders.load_target("vacuoles", root=str(tmp_path))
+
+
+# ----- the paper's datasets as their downloads unpack (fake downloads: tiny images in the real formats) -----
+
+def _img(path, value, size=(20, 16), mode="RGB", fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.full((size[1], size[0], 3), value, np.uint8)
+    Image.fromarray(a).convert(mode).save(path, fmt)
+
+
+def _junk(folder):
+    """What unpacked archives bring along: macOS resource forks and Windows thumbnails."""
+    (folder / "__MACOSX" / "x").mkdir(parents=True)
+    (folder / "__MACOSX" / "x" / "._a.png").write_bytes(b"\0\5\26\7")
+    (folder / "Thumbs.db").write_bytes(b"thumbs")
+    (folder / "._Thumbs.db").write_bytes(b"\0\5\26\7")
+
+
+def _sipakmed(top, nested=False, crops=True, slides=2):
+    """im_<Class>/ with `slides` full slides NNN.bmp (+ NNN_cytKK.dat), and CROPPED/NNN_KK.bmp with NNN_KK_cyt.dat and
+    NNN_KK_nuc.dat: 3 crops per slide. The cytoplasm contour is the rectangle x 2..12, y 3..9 of a 20 x 16 crop."""
+    for ci, c in enumerate(folders.DATASETS["sipakmed"].classes):
+        d = top / f"im_{c}" / (f"im_{c}" if nested else "")
+        for slide in range(1, slides + 1):
+            _img(d / f"{slide:03d}.bmp", 200, size=(64, 48))
+            (d / f"{slide:03d}_cyt01.dat").write_text("1,1\n30,1\n30,30\n")
+            for k in range(1, 4) if crops else ():
+                _img(d / "CROPPED" / f"{slide:03d}_{k:02d}.bmp", 10 * ci + k)
+                (d / "CROPPED" / f"{slide:03d}_{k:02d}_cyt.dat").write_text("2.0,3.0\n12.0,3.0\n12.0,9.0\n2.0,9.0\n")
+                (d / "CROPPED" / f"{slide:03d}_{k:02d}_nuc.dat").write_text("5,5\n7,5\n7,7\n")
+        _junk(d)
+
+
+def test_sipakmed_download_reads_the_crops_with_their_contours_and_the_papers_split(tmp_path):
+    from sklearn.model_selection import train_test_split
+    top = tmp_path / "SIPaKMeD"
+    _sipakmed(top)
+    _junk(top)
+    for root in (top, tmp_path, top / "im_Parabasal"):             # its top, above it, or one class inside it
+        t = folders.load_target("sipakmed", root=str(root))
+        assert t.classes == list(folders.DATASETS["sipakmed"].classes) and t.path == str(top)
+        assert len(t.train) + len(t.test) == 30 and all("/CROPPED/" in n for n in t.train.names + t.test.names)
+    assert t.split_kind == folders.PAPER_SPLIT and t.split is None and "im_<Class>/CROPPED" in t.layout
+    names = sorted(t.train.names + t.test.names)                   # ImageFolder's order: class, then file name
+    labels = [t.classes.index(n.split("/")[0][3:]) for n in names]
+    _, test = train_test_split(names, test_size=0.2, random_state=42, stratify=labels)
+    assert sorted(t.test.names) == sorted(test)                    # the official code's own call
+    m = t.train.masks([0], 20)[0]                                  # 20 x 16 padded to 20 x 20: rows + 2
+    assert m.sum() == 11 * 7 and m[5:12, 2:13].all()               # the filled cytoplasm polygon, edges included
+    assert t.ignored == 0                                          # .dat contours are masks, junk is not counted
+    nested = tmp_path / "nested"
+    _sipakmed(nested, nested=True)
+    assert len(folders.load_target("sipakmed", root=str(nested)).train) == 24
+    _sipakmed(tmp_path / "five", slides=5)
+    slides = folders.load_target("sipakmed", root=str(tmp_path / "five"), by_slide=True)
+    assert slides.split_kind == folders.SLIDE_SPLIT
+    slide_of = lambda n: (n.split("/")[0], n.split("/")[-1][:3])  # noqa: E731 (class, slide)
+    assert not {slide_of(n) for n in slides.train.names} & {slide_of(n) for n in slides.test.names}
+    assert 10 <= len(slides.test) <= 20 and set(slides.test.labels) == set(range(5))   # 75 crops, ~1 slide per class
+    with pytest.raises(ValueError, match="--split-by-slide is for sipakmed"):
+        folders.load_target("vacuoles", root=str(top), by_slide=True)
+
+
+def test_sipakmed_full_slides_without_crops_or_a_class_short_are_clear_errors(tmp_path):
+    _sipakmed(tmp_path / "s", crops=False)
+    with pytest.raises(ValueError, match=r"im_Dyskeratotic.*full-slide images but no CROPPED/.*4,049 cell crops"):
+        folders.load_target("sipakmed", root=str(tmp_path / "s"))
+    _sipakmed(tmp_path / "t")
+    import shutil
+    shutil.rmtree(tmp_path / "t" / "im_Metaplastic")
+    with pytest.raises(ValueError, match=r"has 4 of the 5 sipakmed classes of the paper; missing: Metaplastic"):
+        folders.load_target("sipakmed", root=str(tmp_path / "t"))
+
+
+WHOI15 = folders.DATASETS["whoi15"].classes
+
+
+def test_whoi15_year_archive_takes_the_papers_15_classes_and_names_the_others(tmp_path):
+    year = tmp_path / "2007"
+    for c in WHOI15 + ("Guinardia", "ciliate_mix"):
+        for k in range(5):
+            _img(year / c / f"IFCB1_2007_{k:03d}.png", k, mode="L")
+        (year / c / "Thumbs.db").write_bytes(b"thumbs")
+    _junk(year)
+    for root in (tmp_path, year):
+        t = folders.load_target("whoi15", root=str(root))
+        assert t.classes == sorted(WHOI15) and t.left_out == ["Guinardia", "ciliate_mix"]
+        assert len(t.train) == 60 and len(t.test) == 15 and t.split_kind == folders.PAPER_SPLIT
+    assert "2007 archive" in t.layout and "left out" not in t.layout
+    assert "2 class folder(s) the paper does not use (Guinardia, ciliate_mix)" in folders.describe(t)
+    os.rename(year / "Ditylum", year / "ditylum_x")
+    with pytest.raises(ValueError, match=r"14 of the 15 whoi15 classes.*missing: Ditylum.*ditylum_x"):
+        folders.load_target("whoi15", root=str(tmp_path))
+
+
+def test_whoi15_as_the_papers_code_reads_it_from_any_level(tmp_path):
+    top = tmp_path / "WHOI15_2007-2010"
+    for year in ("2007", "2008"):
+        for c in WHOI15:
+            for k in range(5):
+                _img(top / year / "train" / c / f"{year}_{k}.png", k, mode="L")
+        (top / year / "test").mkdir()                              # empty, as the paper's code never reads it
+    for root in (tmp_path, top, top / "2007", top / "2007" / "train"):
+        t = folders.load_target("whoi15", root=str(root))
+        assert t.path == str(top) and all(n.startswith("2007/train/") for n in t.train.names + t.test.names)
+        assert len(t.test) == 15 and t.split_kind == folders.PAPER_SPLIT
+    t = folders.load_target("whoi15", root=str(top / "2008" / "train"))   # another year: a plain folder
+    assert all(n.split("/")[0] in WHOI15 for n in t.train.names) and t.split_kind == folders.PAPER_SPLIT
+    plain = tmp_path / "plain" / "whoi15"
+    (plain / "train" / "a").mkdir(parents=True)
+    (plain / "test").mkdir()
+    _img(plain / "train" / "a" / "x.png", 1)
+    _img(plain / "train" / "b" / "x.png", 1)
+    with pytest.raises(ValueError, match="test is empty"):
+        folders.load_target("whoi15", root=str(tmp_path / "plain"))
+
+
+def _vacuoles(top):
+    for part, n in (("train_annotated", 4), ("test", 2), ("train_clustershcf", 3)):
+        for ci, c in enumerate(folders.DATASETS["vacuoles"].classes):
+            for k in range(n):
+                _img(top / "Dataset" / "images" / part / c / f"{c}_{k}.png", 30 * ci + k)
+                (top / "Dataset" / "hand_crafted_features" / part / c).mkdir(parents=True, exist_ok=True)
+                (top / "Dataset" / "hand_crafted_features" / part / c / f"{c}_{k}.csv").write_text("area,1\n")
+
+
+def test_vacuoles_download_keeps_its_native_test_split_from_any_level(tmp_path):
+    _vacuoles(tmp_path)
+    _junk(tmp_path / "Dataset")
+    images = tmp_path / "Dataset" / "images"
+    for root in (tmp_path, tmp_path / "Dataset", images, images / "train_annotated", images / "test" / "negative"):
+        t = folders.load_target("vacuoles", root=str(root))
+        assert t.classes == ["condensed", "multiple", "negative", "positive"] and t.split_kind == folders.NATIVE_SPLIT
+        assert len(t.train) == 16 and len(t.test) == 8 and t.path == str(tmp_path / "Dataset")
+        assert all(n.startswith("images/train_annotated/") for n in t.train.names)
+        assert all(n.startswith("images/test/") for n in t.test.names)
+    assert t.class_named("pos") == "positive" and t.class_named("Negative") == "negative"
+    with pytest.raises(ValueError, match="--holdout-class 'x' is not a class of vacuoles"):
+        t.class_named("x")
+    (images / "test" / "multiple").rename(images / "test" / "multiple_x")
+    with pytest.raises(ValueError, match=r"test.*missing: multiple"):
+        folders.load_target("vacuoles", root=str(tmp_path))
+
+
+def _ellipse(size, off=0):
+    w, h = size
+    yy, xx = np.mgrid[0:h + off, 0:w + off]
+    return ((xx - w / 2) / (w / 3)) ** 2 + ((yy - h / 2) / (h / 3)) ** 2 <= 1
+
+
+def _lensless(top, per_class=3, size=(40, 30)):
+    classes = list(folders.DATASETS["lensless"].classes)
+    classes[classes.index("PARAMECIUM BURSARIA")] = "PARAMECIUM  BURSARIA"   # the download's own spelling
+    for part, n in (("TRAIN_IMAGE", per_class), ("TEST_IMAGE", 1)):
+        for ci, c in enumerate(classes):
+            for k in range(n):
+                _img(top / part / part / c / f"{k}.jpg", 20 * ci + k, size=size, fmt="JPEG")
+                mask = _ellipse(size, off=1 if (part, ci, k) == ("TRAIN_IMAGE", 0, 0) else 0)  # one a pixel off
+                path = top / part / (part + "BIN") / c / f"{k}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask.astype(np.uint8) * 255).save(path, "JPEG", quality=75)
+
+
+def test_lensless_download_with_its_jpeg_masks(tmp_path):
+    _lensless(tmp_path / "lensless")
+    with pytest.warns(UserWarning, match="1 mask.* up to 4 px off their image's size; padded or cropped"):
+        t = folders.load_target("lensless", root=str(tmp_path))
+    assert "PARAMECIUM BURSARIA" in t.classes and len(t.classes) == 10
+    assert len(t.train) == 30 and len(t.test) == 10 and t.split_kind == folders.NATIVE_SPLIT
+    assert len(t.train.with_masks) == 30 and len(t.test.with_masks) == 10
+    truth = _ellipse((40, 30)).sum()
+    areas = [folders.read_mask(t.train._masks[i]).sum() for i in range(30)]
+    assert all(abs(a - truth) <= 0.03 * truth for a in areas), (truth, areas)   # not the JPEG ringing
+    assert t.class_named("arcella") == "ARCELLA VULGARIS"
+    with pytest.raises(ValueError, match="'DI' matches DIDINIUM NASUTUM and DILEPTUS"):
+        t.class_named("DI")
+    deeper = folders.load_target("lensless", root=str(tmp_path / "lensless" / "TRAIN_IMAGE" / "TRAIN_IMAGE"))
+    assert len(deeper.test) == 10 and deeper.train.has_masks                 # pointed deeper: nothing lost
+    import shutil
+    shutil.rmtree(tmp_path / "lensless" / "TEST_IMAGE")
+    with pytest.raises(ValueError, match="no test folders .*TEST_IMAGE/TEST_IMAGE/<class>"):
+        folders.load_target("lensless", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("name, build, expect", [
+    ("sipakmed", _sipakmed, ["SIPaKMeD as downloaded", "Dyskeratotic", "total", "24", "6", "30 of 30 images"]),
+    ("vacuoles", lambda top: _vacuoles(top), ["vacuoles download", "positive", "16", "8", "masks: none"]),
+    ("lensless", lambda top: _lensless(top, 1), ["lensless download", "VOLVOX", "20 of 20 images"])])
+def test_check_data_prints_what_was_found_and_writes_nothing(tmp_path, capsys, name, build, expect):
+    build(tmp_path / "dl")
+    out = tmp_path / "run"
+    for script, argv in ((train.main, []), (evaluate.main, [])):
+        code, stdout, err = run_script(script, argv + ["--check-data", "--target", name, "--data-root",
+                                                       str(tmp_path / "dl"), "--out", str(out)], capsys)
+        assert code == 0, err
+        assert all(e in stdout for e in expect), stdout
+        assert "split: " in stdout and "skipped: " in stdout
+    assert not out.exists()
 
 
 def _truncate(path, keep=200):
@@ -535,12 +734,12 @@ def test_undecodable_images_are_all_listed_and_skipped_within_the_tolerance(tmp_
     _truncate(tdir / "a" / "trunc.png")
     _truncate(tdir / "b" / "trunc.jpg", keep=300)
     (tdir / "b" / "garbage.tif").write_bytes(b"garbage")
-    with pytest.raises(data.BadImages, match="3 of 123 images.*cannot be decoded.*--max-bad-images 0.01") as e:
-        data.load_target("sipakmed", root=str(tmp_path))
+    with pytest.raises(folders.BadImages, match="3 of 123 images.*cannot be decoded.*--max-bad-images 0.01") as e:
+        folders.load_target("sipakmed", root=str(tmp_path))
     assert sorted(n for n, _ in e.value.bad) == ["a/trunc.png", "b/garbage.tif", "b/trunc.jpg"]
     assert all(reason for _, reason in e.value.bad)
     for max_bad in (3, 0.03):   # a count or a fraction
-        t = data.load_target("sipakmed", root=str(tmp_path), max_bad=max_bad)
+        t = folders.load_target("sipakmed", root=str(tmp_path), max_bad=max_bad)
         assert len(t.train) + len(t.test) == 120 and len(t.bad) == 3
         assert not {"a/trunc.png", "b/trunc.jpg"} & set(t.train.names + t.test.names)
 
@@ -638,7 +837,7 @@ def _morphology_features(images, masks):
 
 def test_synthetic_cells_properties():
     from sklearn.tree import DecisionTreeClassifier
-    t = data.load_target("synthetic-cells", seed=0)
+    t = folders.load_target("synthetic-cells", seed=0)
     assert t.classes == ["single", "multiple", "condensed", "negative"]
     assert len(t.train) == 3200 and len(t.test) == 800
     np.testing.assert_array_equal(np.bincount(t.train.labels), [800] * 4)
@@ -649,8 +848,8 @@ def test_synthetic_cells_properties():
     assert x_tr.shape == (3200, 80, 80, 3) and m_tr.shape == (3200, 80, 80)
     assert t.test.images([0], 64).shape == (1, 64, 64, 3)
     # deterministic from the seed
-    assert data.load_target("synthetic-cells", seed=0).digest == t.digest
-    assert data.load_target("synthetic-cells", seed=1).digest != t.digest
+    assert folders.load_target("synthetic-cells", seed=0).digest == t.digest
+    assert folders.load_target("synthetic-cells", seed=1).digest != t.digest
     # cell size varies a lot (the "scale" analysis correlates a latent with mask area)
     area = m_tr.sum((1, 2))
     assert area.min() > 100 and area.max() / area.min() > 3 and area.std() / area.mean() > 0.3
@@ -2790,7 +2989,7 @@ def test_finetuned_model_beats_chance_on_synthetic_cells(tmp_path, offline_hub, 
     assert code == 0, err
     model, _ = drl.load_model(str(out / "finetune/synthetic-cells/pixels-conv-adagvae-z10-100steps-3ep/"
                                         "beta1-seed0/checkpoint.pt"))
-    target = data.load_target("synthetic-cells", split=data.read_split(out / "splits/synthetic-cells.json"))
+    target = folders.load_target("synthetic-cells", split=folders.read_split(out / "splits/synthetic-cells.json"))
     z = [evaluate.encode(model, torch.from_numpy(part.images(np.arange(len(part)), 64)).permute(0, 3, 1, 2),
                          "cpu") for part in (target.train, target.test)]
     d = metrics.downstream_accuracy(z[0], target.train.labels, z[1], target.test.labels)
@@ -2818,7 +3017,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     assert res["backbone"] == "pixels" and "**pixels**" in report
     assert len(res["models"]) == 2
     # finetuning changed the weights and lowered the target loss
-    target = data.load_target("synthetic-cells", split=data.read_split(out / "splits/synthetic-cells.json"))
+    target = folders.load_target("synthetic-cells", split=folders.read_split(out / "splits/synthetic-cells.json"))
     train_images = target.train.subset(np.flatnonzero(target.train.labels != target.classes.index("negative")))
     x_target = torch.from_numpy(train_images.images(np.arange(len(train_images)), 64)).permute(0, 3, 1, 2) / 255
     for m in res["models"]:
@@ -3447,7 +3646,7 @@ def test_fake_cuda_source_stage_and_finetuning_resumed_from_a_cpu_checkpoint(tmp
     assert sorted(k for k in traffic.copies if k != "setup") == [3, 4, 5]
     for step in range(3, 6):
         assert traffic.copies[step] == [("cpu->cuda", True)] and not traffic.reads[step]
-    target = data.load_target("synthetic-cells")
+    target = folders.load_target("synthetic-cells")
     x = train.target_inputs(cfg, res, target.train, None, "synthetic-cells-train")
     assert x.device.type == "cpu"  # the caller moves it (finetune: .to(res.device))
     run = train.Run(drl.load_model(str(tmp_path / "src0" / "checkpoint.pt"))[0], 0, 1.0, str(tmp_path / "ft"), {})
@@ -3604,3 +3803,19 @@ def test_bench_bad_stage_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown stage 'nope'")
     assert not (tmp_path / "b.json").exists()
+
+
+def test_evaluate_quick_on_a_fake_lensless_download(tmp_path, offline_hub, capsys):
+    """evaluate.py --quick end to end on the lensless download layout, with the README's open-set class."""
+    _lensless(tmp_path / "dl", per_class=2, size=(24, 20))
+    out = tmp_path / "r"
+    argv = ["--target", "lensless", "--data-root", str(tmp_path / "dl"), "--quick", "--out", str(out),
+            "--holdout-class", "arcella", "--epochs", "1", "--n-train", "300", "--n-test", "150"] + TINY
+    code, stdout, err = run_script(evaluate.main, argv, capsys)
+    assert code == 0, err
+    assert "target lensless: the lensless download" in stdout and "20 train / 10 test images, 30 with a mask" in stdout
+    folder = out / "eval/lensless-without-ARCELLA VULGARIS/pixels-conv-adagvae-z4-3steps-1ep"
+    res = json.loads((folder / "results.json").read_text())
+    assert res["holdout_class"] == "ARCELLA VULGARIS" and res["data"]["split"] == folders.NATIVE_SPLIT
+    assert res["data"]["folder"] == str(tmp_path / "dl")
+    assert "split: the download's own train and test folders" in (folder / "report.md").read_text()
