@@ -267,7 +267,8 @@ def describe(target, short=False):
     lines = [f"{target.name}: {target.layout}{where}", f"split: {target.split_kind}", "",
              f"{'class':<{width}}  {'train':>6}  {'test':>6}"]
     for k, c in enumerate(target.classes):
-        lines.append(f"{c:<{width}}  {int(np.sum(target.train.labels == k)):>6}  {int(np.sum(target.test.labels == k)):>6}")
+        n_train, n_test = int(np.sum(target.train.labels == k)), int(np.sum(target.test.labels == k))
+        lines.append(f"{c:<{width}}  {n_train:>6}  {n_test:>6}")
     lines += [f"{'total':<{width}}  {len(target.train):>6}  {len(target.test):>6}", "",
               f"masks: {n_masks} of {n} images have a usable one" if n_masks else "masks: none"]
     skipped = [f"{len(target.bad)} undecodable image(s)"] if target.bad else []
@@ -325,9 +326,9 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     masks = _find_masks(found, items, sizes, files)
 
     def make(part):
-        part = list(part)
         return ImageSet([it.name for it in part], [it.label for it in part], found.classes,
-                        paths=[it.path for it in part], masks=None if masks is None else [masks.get(it.name) for it in part],
+                        paths=[it.path for it in part],
+                        masks=None if masks is None else [masks.get(it.name) for it in part],
                         content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part])
 
     kind, saved_split = found.split, None
@@ -463,7 +464,7 @@ def find_layout(name, root=None):
     start = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
     spec = DATASETS[name]
     found, level = [], [start]
-    for depth in range(4):                                     # the start folder and below, level by level
+    for _ in range(4):                                         # the start folder and below, level by level
         for top in level:
             found += [f for f in (_match(name, spec, lay, top) for lay in spec.layouts) if f]
         if found:
@@ -499,9 +500,10 @@ def _plain(name, spec, start):
     if has_train and not parts["test"]:
         raise ValueError(f"{start}/test is empty; a native split needs test images (or remove train/ and test/ "
                          f"to split here)")
-    if has_train and set(parts["test"]) - set(parts["train"]):
-        raise ValueError(f"{start}/test has classes not in train/: {', '.join(sorted(set(parts['test']) - set(parts['train'])))}; "
-                         f"every test class needs training images")
+    extra = sorted(set(parts.get("test", ())) - set(parts[main]))
+    if extra:
+        raise ValueError(f"{start}/test has classes not in train/: {', '.join(extra)}; every test class needs "
+                         f"training images")
     layout, split, left_out = "a plain folder: <class>/<image>", "project", ()
     if not _known(spec, parts[main]):                          # a researcher's own classes
         if _hint(spec, start):
