@@ -69,7 +69,7 @@ def target_scores(model, dis, inputs, cfg, device, label):
     y_train, y_test = target.train.labels, target.test.labels
     r = {"dim_names": (metrics.name_dims(dis["dci"]["importance"], data.FACTOR_NAMES) if dis
                        else [f"dim{d}" for d in range(z_train.shape[1])])}
-    # Design §5: dims with std < 0.05 on the train split are removed before the classifiers.
+    # Inactive dims (std < 0.05 on the train split) are removed before the classifiers (README, "Where we differ").
     pruned = _attempt(label, "pruning", lambda: metrics.prune_inactive(z_train[known["train"]], z_test,
                                                                        threshold=0.05))
     r["active_dims"] = [int(d) for d in pruned[0]] if pruned else []

@@ -3715,7 +3715,7 @@ def test_nothing_points_outside_the_repository():
     reference-note section labels, no paths into a folder beside the checkout (a public clone has none)."""
     import re
     here = os.path.dirname(os.path.abspath(__file__))
-    pattern = re.compile("|".join([r"\bissue [0-9]+", "design " + "§", "anchor[ -](A[0-9]|§)", "reference " + "§",
+    pattern = re.compile("(?i)" + "|".join([r"\bissue [0-9]+", "design " + "§", "anchor[ -](A[0-9]|§)", "reference " + "§",
                                    r"\.\./" + "shared", r"papers/[a-z0-9_-]+\.txt"]))
     hits = [f"{name}:{k + 1}" for name in sorted(os.listdir(here)) if name.endswith((".py", ".md"))
             for k, line in enumerate(open(os.path.join(here, name), encoding="utf-8")) if pattern.search(line)]
