@@ -37,6 +37,7 @@ import torchvision
 import data
 import drl
 import metrics
+import runtime
 import se2
 import train
 
@@ -235,7 +236,7 @@ def bench_vit(args, source):
 
     def run(name, net, inp=x):  # keeps the output, so no extra forward is needed for the comparison
         feats[name] = net(inp)
-    with torch.inference_mode(), train.exact_fp32(args.device):  # fp32 means fp32: TF32 has its own row
+    with torch.inference_mode(), runtime.exact_fp32(args.device):  # fp32 means fp32: TF32 has its own row
         # on a CPU the first of the interleaved rounds is the warm-up (best-of ignores it)
         ts = best_times({"ours": lambda: run("ours", model), "tv": lambda: run("tv", tv)}, reps, args.device,
                         warmup=1 if cuda else 0)
@@ -678,7 +679,7 @@ def main(argv=None):
             raise ValueError("--device cuda but CUDA is not available; use --device cpu")
         if args.threads:
             torch.set_num_threads(args.threads)
-        train.keep_freed_memory()  # as train.py and evaluate.py do
+        runtime.keep_freed_memory()  # as train.py and evaluate.py do
         if torch.device(args.device).type == "cuda":  # train.py's default (--no-tf32 turns it off)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         source = data.TextureDSprites()

@@ -11,13 +11,11 @@ Table IV (how well each Texture-dSprites factor can be classified from each back
 --out/explicitness/<quick|full>/.
 """
 import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import os
-import threading
 import time
 import warnings
 
@@ -28,12 +26,18 @@ import data
 import drl
 import folders
 import metrics
+import runtime
 import se2
 import train
-from train import say
+from runtime import say
 
 STATES = ("before", "after")  # source weights as transferred; after β-VAE finetuning on the target
 EVAL_VERSION = 2  # part of every evaluation cache key: bump it whenever what is computed changes
+
+
+def cached(cfg, parts, compute):
+    """compute() once per key under out/eval-cache/ (runtime.cached), the key made of `parts` and EVAL_VERSION."""
+    return runtime.cached(cfg.out, dict(parts, version=EVAL_VERSION), compute)
 
 
 def encode(model, x, device, batch=1024):
@@ -77,11 +81,11 @@ def target_scores(model, dis, inputs, cfg, device, label):
     r["downstream"] = r["clustering"] = r["open_set"] = None
     if pruned:
         kept, zk_train, zk_test = pruned
-        with stage(f"{label}: downstream GBT + MLP"):
+        with runtime.stage(f"{label}: downstream GBT + MLP"):
             r["downstream"] = down = metrics.downstream_accuracy(
                 zk_train, y_train[known["train"]], zk_test[known["test"]], y_test[known["test"]], seed=0)
         r["gini_importance"][kept] = down.pop("gbt_importance")
-        with stage(f"{label}: clustering" + (", open set" if cfg.holdout_class else "")):
+        with runtime.stage(f"{label}: clustering" + (", open set" if cfg.holdout_class else "")):
             r["clustering"] = _attempt(label, "clustering", lambda: metrics.clustering_scores(
                 zk_test[known["test"]], y_test[known["test"]], seed=0))
             if cfg.holdout_class:
@@ -98,38 +102,6 @@ def target_scores(model, dis, inputs, cfg, device, label):
                 r["correlation"][f"{f}:{h}"] = dict(c, abs_r=abs(c["r"]), dim=r["dim_names"].index(f))
     r["_z_test"] = z_test  # for figures only; dropped before writing results.json
     return r
-
-
-@contextlib.contextmanager
-def stage(what, every_s=5.0):
-    """Say what is being computed now and every few seconds until it is done."""
-    say(f"evaluate: {what}")
-    t0, stop = time.time(), threading.Event()
-
-    def beat():
-        while not stop.wait(every_s):
-            say(f"evaluate: {what} ... {time.time() - t0:.0f} s")
-    beater = threading.Thread(target=beat, daemon=True)
-    beater.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beater.join()
-
-
-def cached(cfg, parts, compute):
-    """compute() once per key: the JSON of its result is kept under out/eval-cache/, keyed by `parts`
-    (everything that changes it). The result is always the JSON round trip, fresh or cached, so a
-    cached run writes the same report as the run that computed it."""
-    key = drl.cache_key(version=EVAL_VERSION, **parts)
-    path = os.path.join(cfg.out, "eval-cache", f"{key}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f), key
-    text = json.dumps(compute(), default=_json_default)
-    drl.write_text(path, text)
-    return json.loads(text), key
 
 
 class Inputs:
@@ -234,7 +206,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     cfg, backbones = config_from_args(args)
     if args.explicitness:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if runtime.ranks()[1] > 1:
             raise ValueError("--explicitness runs in one process (its models are classifiers, not the seed x beta "
                              "VAEs that torchrun splits); run it without torchrun")
         return explicitness_main(cfg, backbones)
@@ -243,10 +215,10 @@ def main(argv=None):
     if not cfg.target:
         raise ValueError("--target is required; one of: " + ", ".join(folders.TARGETS))
     if args.check_data:
-        return train.check_data(cfg)
-    train.check_writable(cfg.out)
+        return runtime.check_data(cfg)
+    runtime.check_writable(cfg.out)
     t0 = time.time()
-    cfg, target = train.load_target(cfg)
+    cfg, target = runtime.load_target(cfg)
     say(folders.describe(target, short=True))
     res = train.resolve(cfg, say)
     if args.no_train:
@@ -254,13 +226,13 @@ def main(argv=None):
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
-    train.setup_process(cfg, res)
+    runtime.setup_process(cfg, res)
     say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
     pairs = train.finetune(cfg, res, target)
     if res.world > 1:  # torchrun: each rank scores its share into the cache, then rank 0 reports on all
         if pairs:
             score_models(cfg, res, target, pairs, Inputs(cfg, res, target, drl.load_checkpoint(pairs[0][0])))
-        train.wait_for_ranks()
+        runtime.wait_for_ranks()
         if res.rank != 0:
             return say("done: rank 0 writes the report")
         res = dataclasses.replace(res, rank=0, world=1)
@@ -269,7 +241,7 @@ def main(argv=None):
                                                          else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
     results = evaluate_all(cfg, res, target, pairs, folder)
     results["seconds"] = round(time.time() - t0, 1)
-    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=_json_default))
+    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=runtime.json_default))
     drl.write_text(os.path.join(folder, "report.md"), report(results))
     say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
 
@@ -281,7 +253,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
     per_model = score_models(cfg, res, target, pairs, inputs)
     baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
                                    weights=drl.weights_digest(res.weights) if res.weights else None),
-                         lambda: _scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
+                         lambda: runtime.scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
     for m in per_model:
         for state in STATES:
             m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
@@ -292,7 +264,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
                source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
 
     def draw():
-        with stage("figures and galleries"):
+        with runtime.stage("figures and galleries"):
             drawn = {**make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES, shown),
                      **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"],
                                       figure_label(per_model, shown))}
@@ -321,10 +293,10 @@ def score_models(cfg, res, target, pairs, inputs):
         for state, path in zip(STATES, (src_path, ft_path)):
             ckpt_config = drl.load_checkpoint(path)["config"]
             label = f"{state} finetuning beta={ckpt_config['beta']:g} seed={ckpt_config['seed']}"
-            model = lazy_model(path, res.device)
+            model = runtime.lazy_model(path, res.device)
             checkpoint = drl.weights_digest(path)
             dis, dis_key = cached(cfg, dict(part="source", checkpoint=checkpoint, source=inputs.source_digest,
-                                            n_train=cfg.n_train, n_test=cfg.n_test), lambda: _scored(
+                                            n_train=cfg.n_train, n_test=cfg.n_test), lambda: runtime.scored(
                 f"{label}: DCI/MIG/OMES on Texture-dSprites ({cfg.n_train} + {cfg.n_test} samples)",
                 lambda: source_scores(model(), inputs.source, cfg, res.device, label)))
             row[state], _ = cached(cfg, dict(part="target", checkpoint=checkpoint, source=dis_key,
@@ -337,27 +309,9 @@ def score_models(cfg, res, target, pairs, inputs):
     return per_model
 
 
-def _scored(what, fn):
-    with stage(what):
-        return fn()
-
-
-def lazy_model(path, device):
-    """A function that loads the checkpoint's model on its first call only."""
-    return functools.lru_cache(maxsize=1)(lambda: drl.load_model(path, device)[0])
-
-
 def expected_checkpoints(cfg, res):
     return [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
             for folder in (train.source_folder, train.finetune_folder)]
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,7 +325,7 @@ QUICK_GBT_MAX_FEATURES = "sqrt"  # quick: each GBT split looks at sqrt(dim Φ) r
 
 def explicitness_main(cfg, backbones):
     """Table IV for `backbones` (None: the paper's, those whose weights are not here are skipped, said so)."""
-    train.check_writable(cfg.out)
+    runtime.check_writable(cfg.out)
     named = bool(backbones)
     backbones = list(backbones or PAPER_BACKBONES)
     if "pixels" in backbones or "auto" in backbones:
@@ -396,12 +350,12 @@ def explicitness_main(cfg, backbones):
     if not resolved:
         raise ValueError("--explicitness: no backbone has its weights here; name them with --backbone and "
                          "give --backbone-weights / --dino-weights")
-    train.setup_process(cfg, resolved[0])
+    runtime.setup_process(cfg, resolved[0])
     results = explicitness(cfg, resolved)
     folder = os.path.join(cfg.out, "explicitness", "quick" if cfg.quick else "full")
     results["figure"] = _fig_explicitness(os.path.join(folder, "figures"), results)
     results["seconds"] = round(time.time() - t0, 1)
-    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=_json_default))
+    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=runtime.json_default))
     drl.write_text(os.path.join(folder, "report.md"), explicitness_report(results))
     say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
 
@@ -426,7 +380,7 @@ def explicitness(cfg, resolved):
         a, b = phi[np.searchsorted(chosen, tr)], phi[np.searchsorted(chosen, te)]
         key = dict(part="explicitness", backbone=res.backbone, weights=drl.weights_digest(res.weights),
                    precision=res.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
-        scores, _ = cached(cfg, key, lambda: _scored(
+        scores, _ = cached(cfg, key, lambda: runtime.scored(
             f"{res.backbone}: GBT + MLP per factor on {len(tr)} + {len(te)} images", lambda: metrics.explicitness(
                 a, f_tr, b, f_te, data.FACTOR_NAMES, seed=0, gbt_max_features=max_features)))
         rows.append({"backbone": res.backbone, "weights": res.weights, "feature_dim": int(phi.shape[1]),
@@ -652,7 +606,7 @@ def cached_figures(fig_dir, key, draw):
         if kept["key"] == key and all(os.path.exists(os.path.join(os.path.dirname(fig_dir), v))
                                       for v in kept["figures"].values() if str(v).endswith(".png")):
             return kept["figures"]
-    figures = json.loads(json.dumps(draw(), default=_json_default))
+    figures = json.loads(json.dumps(draw(), default=runtime.json_default))
     drl.write_text(stamp, json.dumps({"key": key, "figures": figures}))
     return figures
 
@@ -850,4 +804,4 @@ def _save(fig, folder, name):
 
 
 if __name__ == "__main__":
-    train.run_main(main)
+    runtime.run_main(main)

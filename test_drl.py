@@ -26,6 +26,7 @@ import drl
 import evaluate
 import folders
 import metrics
+import runtime
 import se2
 import train
 
@@ -442,21 +443,21 @@ def test_folder_with_native_split_and_masks(tmp_path):
 def test_saved_split_reused(tmp_path):
     _make_folder(tmp_path, "lensless", ["a", "b"], 10)
     cfg = train.Config(target="lensless", data_root=str(tmp_path), out=str(tmp_path / "run"))
-    _, t1 = train.load_target(cfg)                                     # saves the split it made
+    _, t1 = runtime.load_target(cfg)                                     # saves the split it made
     sf = tmp_path / "run" / "splits" / "lensless.json"
     saved = folders.read_split(sf)
     assert saved["test"] == t1.test.names and saved["train"] == t1.train.names
     t2 = folders.load_target("lensless", root=str(tmp_path), seed=123, split=saved)
     assert t2.test.names == t1.test.names                              # the saved split wins
     assert folders.load_target("lensless", root=str(tmp_path), seed=123).test.names != t1.test.names
-    assert train.load_target(cfg)[1].test.names == t1.test.names
+    assert runtime.load_target(cfg)[1].test.names == t1.test.names
     # files changed since the split was saved → clear error naming the file
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "lensless" / "a" / "new.png")
     with pytest.raises(ValueError, match=r"lensless.json does not match.*1 new.*delete it"):
-        train.load_target(cfg)
+        runtime.load_target(cfg)
     sf.write_text("{not json")
     with pytest.raises(ValueError, match="not a valid split"):
-        train.load_target(cfg)
+        runtime.load_target(cfg)
 
 
 def test_synthetic_split_saved_and_reused(tmp_path):
@@ -2826,7 +2827,7 @@ def test_adagvae_identifies_nonlinearly_mixed_factors_and_betavae_does_not(tmp_p
 def run_script(main, argv, capsys):
     """Run a script's main() the way `python script.py ...` does: (exit code, stdout, stderr)."""
     try:
-        train.run_main(lambda: main(argv))
+        runtime.run_main(lambda: main(argv))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -3139,7 +3140,7 @@ def test_downstream_with_a_class_missing_from_the_test_split_warns_nothing():
 def test_recent_rate_forgets_old_speed(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(train.time, "time", lambda: now[0])
-    rate = train._RecentRate(0, window=30.0)
+    rate = runtime.RecentRate(0, window=30.0)
     for s in range(1, 61):          # 10 steps/s for a minute ...
         now[0] = s * 1.0
         rate(10 * s)
@@ -3152,7 +3153,7 @@ def test_recent_rate_forgets_old_speed(monkeypatch):
 def test_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
     def interrupted(argv):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "WRITTEN", {})
+    monkeypatch.setattr(runtime, "WRITTEN", {})
     code, _, err = run_script(interrupted, [], capsys)
     assert code == 130 and "before this run wrote a checkpoint" in err and "kept" not in err
     with pytest.raises(_Interrupt):
@@ -3357,7 +3358,7 @@ def _rank_worker(rank, world, port, script, argv, folder, fail_rank):
                                                                            "w") as err:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                train.run_main(lambda: {"train": train, "evaluate": evaluate}[script].main(argv))
+                runtime.run_main(lambda: {"train": train, "evaluate": evaluate}[script].main(argv))
                 code = 0
             except SystemExit as e:
                 code = e.code
@@ -3447,12 +3448,12 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
     def oom_in_the_second_model(group, *a, **k):
         calls.append(group)
         if len(calls) == 2:
-            with train._compiling(True):
+            with runtime.compiling(True):
                 raise RuntimeError("BackendCompilerFailed: autotuning") from torch.cuda.OutOfMemoryError(
                     "CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(group, *a, **k)
     monkeypatch.setattr(train, "_fit_group", oom_in_the_second_model)
-    monkeypatch.setattr(train, "WRITTEN", {})
+    monkeypatch.setattr(runtime, "WRITTEN", {})
     argv = ["--stage", "source", "--out", str(tmp_path / "r"), "--steps", "3", "--seeds", "0", "1", "--betas", "1",
             "--batch-size", "4", "--latent-dim", "4"]
     code, _, err = run_script(train.main, argv, capsys)
@@ -3463,13 +3464,13 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
 
 def test_compile_passes_our_own_errors_through(tmp_path):
     with pytest.raises(train.TrainingDiverged, match="loss became nan"):
-        with train._compiling(True):
+        with runtime.compiling(True):
             raise train.TrainingDiverged("loss became nan by step 1")
 
 
 def test_a_model_trained_on_bf16_features_says_the_flag_to_evaluate_it_here():
     cfg = train.Config()
-    assert train.explain_difference(cfg, "precision", "bf16", "fp32") == (
+    assert runtime.explain_difference(cfg, "precision", "bf16", "fp32") == (
         "those models were trained on bf16 features, this run makes fp32 ones; add --precision bf16 to use them")
 
 

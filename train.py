@@ -12,17 +12,11 @@ Read top to bottom: the Config (every setting, the paper's values as defaults), 
 loop `fit`, and the pipeline that evaluate.py calls (train_source, finetune).
 """
 import argparse
-import collections
-import contextlib
-import csv
 import dataclasses
 import json
 import math
 import os
-import signal
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +25,8 @@ import torch
 import data
 import drl
 import folders
+import runtime
+from runtime import say
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +144,7 @@ class Resolved:
 def resolve_device(cfg):
     """dict(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K
     takes cuda:$LOCAL_RANK. A CUDA device that is not there is an error, never a silent fallback."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = runtime.ranks()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -237,7 +233,7 @@ def features(cfg, res, name, digest, n, images_fn):
         if done == total or time.time() - last >= 10:
             last = time.time()
             say(f"  features {done}/{total} ({done / max(last - t0, 1e-9):.1f} img/s)")
-    with exact_fp32(res.device):
+    with runtime.exact_fp32(res.device):
         return drl.extract_features(backbone, images_fn, n, path, precision=res.precision, device=res.device,
                                     progress=progress)
 
@@ -284,68 +280,6 @@ class SourceInputs:
                 return np.stack([to_index(f1), to_index(f2)])
             return to_index(data.sample_factors(self.factor_sizes, batch_size, rng))
         return batch_fn
-
-
-def load_target(cfg, save=True):
-    """(cfg with --holdout-class spelled as the class is, the target dataset with every image decoded).
-    Skipped images are listed on stderr and in out/bad-images-<target>.txt. With `save`, a random split is
-    saved under out/splits/ and reused by later runs, and the content digest of every file goes to
-    out/datasets/<digest>.json, so a later run can say what changed."""
-    if not cfg.target:
-        raise ValueError(f"--target is required for this stage; one of: {', '.join(folders.TARGETS)}")
-    split_file = os.path.join(cfg.out, "splits", f"{cfg.target}.json")
-    saved = folders.read_split(split_file) if os.path.exists(split_file) else None
-    try:
-        target = folders.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file,
-                                     max_bad=cfg.max_bad_images, by_slide=cfg.split_by_slide)
-    except folders.BadImages as e:
-        _list_bad_images(cfg, e.bad, save)
-        raise ValueError(f"{e}" + (f"; the list is in {_bad_list_path(cfg)}" if save else "")) from None
-    if cfg.holdout_class:
-        cfg = dataclasses.replace(cfg, holdout_class=target.class_named(cfg.holdout_class))
-    if target.bad:
-        _list_bad_images(cfg, target.bad, save)
-        warnings.warn(f"skipped {len(target.bad)} undecodable image(s) of {target.path}, listed above" +
-                      (f" and in {_bad_list_path(cfg)}" if save else ""))
-    if save and saved is None and target.split is not None:
-        drl.write_text(split_file, folders.split_json(target))
-    if save and target.files:
-        drl.write_text(os.path.join(cfg.out, "datasets", f"{target.digest}.json"),
-                       json.dumps({"folder": target.path, "files": target.files}))
-    return cfg, target
-
-
-def _bad_list_path(cfg):
-    return os.path.join(cfg.out, f"bad-images-{cfg.target}.txt")
-
-
-def _list_bad_images(cfg, bad, save=True):
-    for name, reason in bad:
-        print(f"bad image: {name}: {reason}", file=sys.stderr)
-    if save:
-        drl.write_text(_bad_list_path(cfg), "".join(f"{name}\t{reason}\n" for name, reason in bad))
-
-
-def dataset_difference(cfg, there, now):
-    """In words, how the target of digest `now` differs from the one of digest `there` (from the content
-    manifests under out/datasets/), e.g. '12 images added and 3 changed in data/vacuoles/train'."""
-    manifests = []
-    for digest in (there, now):
-        path = os.path.join(cfg.out, "datasets", f"{digest}.json")
-        if not os.path.exists(path):
-            return "the target images differ"
-        with open(path) as f:
-            manifests.append(json.load(f))
-    old, new = manifests[0]["files"], manifests[1]["files"]
-    counts = collections.Counter()
-    for name in set(old) | set(new):
-        what = "added" if name not in old else "removed" if name not in new else \
-            "changed" if old[name] != new[name] else None
-        if what:
-            counts[(what, os.path.join(manifests[1]["folder"], os.path.dirname(name)))] += 1
-    if not counts:
-        return "the same files with other labels or split"
-    return "; ".join(f"{n} file(s) {what} in {folder}" for (what, folder), n in sorted(counts.items()))
 
 
 def target_inputs(cfg, res, images, stats, name):
@@ -442,24 +376,9 @@ def _resume(run, steps):
     run.config = dict(run.config, model=drl.model_config(run.model), steps=steps)
     if os.path.exists(_ckpt_path(run)):
         ckpt = drl.load_checkpoint(_ckpt_path(run))
-        check_config(_ckpt_path(run), ckpt["config"], run.config)
+        runtime.check_config(_ckpt_path(run), ckpt["config"], run.config)
         run.model.load_state_dict(ckpt["model"])
         run.start, run.optimizer_state = ckpt["step"], ckpt["optimizer"]
-
-
-def check_config(path, saved, wanted, explain=None):
-    """A checkpoint of another configuration is refused; `explain(key, there, now)` may say in words what
-    differs (e.g. which images changed)."""
-    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if diff:
-        k = diff[0]
-        words = (explain or _flag_difference)(k, saved.get(k), wanted.get(k))
-        raise ValueError(f"{path} was made from other data or flags: {words}; use another --out, or delete "
-                         f"{os.path.dirname(path)} to train that model again")
-
-
-def _flag_difference(key, there, now):
-    return f"--{key.replace('_', '-')} is {there!r} there, {now!r} now"
 
 
 def train_step(model, opt, batch, beta, noise, grad_clip):
@@ -487,14 +406,14 @@ def _fit_group(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup
     if start > 0:
         opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]) if stacked
                             else group[0].optimizer_state)
-    logs = [_Log(r.folder, start) for r in group]
-    stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, _RecentRate(start)
+    logs = [runtime.CsvLog(r.folder, start) for r in group]
+    stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, runtime.RecentRate(start)
     betas = torch.tensor([r.beta for r in group], device=device)  # built once; each step scales it on the device
     t0 = last_ckpt = last_progress = time.time()
     for step in range(start, steps):
         batch, noise = _next_batch(group, x, batch_fn, step, group[0].model.config.get("latent_dim"), stacked)
         ramp = drl.beta_warmup(step, 1.0, warmup_steps)  # a Python float: β·ramp needs no host-to-device copy
-        with _compiling(compile and step == start):
+        with runtime.compiling(compile and step == start):
             stats += train_step(model, opt, batch, betas * ramp if stacked else group[0].beta * ramp, noise,
                                 grad_clip).double()  # (M, 4) running sums stay on the device until a log step
         n_stats += 1
@@ -562,33 +481,6 @@ def clip_per_model(model, max_norm):
         for g in grads:
             g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
     return norms
-
-
-@contextlib.contextmanager
-def _compiling(first):
-    """The first compiled step builds the kernels: a compiler that fails (none installed, an unsupported
-    device) becomes one line instead of a long traceback. Errors that are not the compiler's pass unchanged:
-    our own ValueErrors, and an out-of-memory (also when the compiler's autotuning ran out), which run_main
-    turns into its own line."""
-    try:
-        yield
-    except Exception as e:
-        oom = _out_of_memory(e)
-        if oom is not None:
-            raise oom from None
-        if not first or isinstance(e, ValueError):
-            raise
-        raise ValueError(f"--compile: torch.compile failed here ({type(e).__name__}: {drl.one_line(e)}); run "
-                         f"without --compile") from None
-
-
-def _out_of_memory(e):
-    """The torch.cuda.OutOfMemoryError in e's chain of causes (compilers wrap the errors they meet), else None."""
-    while e is not None:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            return e
-        e = e.__cause__ or getattr(e, "inner_exception", None)
-    return None
 
 
 def _check_stackable(models, flag):
@@ -690,9 +582,6 @@ def _model_optimizer_state(state, m):
                       for i, st in state["state"].items()}}
 
 
-WRITTEN = {}  # checkpoint path -> step, for every checkpoint this process wrote (the Ctrl-C message)
-
-
 def _write_checkpoints(group, model, opt, step, steps, means):
     """Each run's checkpoint (atomically): its weights (a Stack's slice copied into its module first) and what
     an optimiser of that model alone holds."""
@@ -704,45 +593,7 @@ def _write_checkpoints(group, model, opt, step, steps, means):
             "config": r.config, "model": r.model.state_dict(),
             "optimizer": _model_optimizer_state(state, m if stacked else None),
             "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
-        WRITTEN[_ckpt_path(r)] = step
-
-
-class _Log:
-    """folder/log.csv: one row per log interval; rows past the checkpoint of an interrupted run are dropped."""
-    HEADER = ["step", "loss", "recon", "kl", "beta", "seconds"]
-
-    def __init__(self, folder, start):
-        path = os.path.join(folder, "log.csv")
-        rows = []
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start]
-        with drl.atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([self.HEADER] + rows)
-        self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
-
-    def write(self, step, losses, beta, seconds):
-        self.writer.writerow([step] + [f"{v:.6g}" for v in losses] + [f"{beta:.4g}", f"{seconds:.1f}"])
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-class _RecentRate:
-    """Steps per second over the last ~30 s: a rate since the start drifts under changing load."""
-
-    def __init__(self, step, window=30.0):
-        self.points, self.window = collections.deque([(time.time(), step)]), window
-
-    def __call__(self, step):
-        now = time.time()
-        self.points.append((now, step))
-        while len(self.points) > 2 and now - self.points[1][0] >= self.window:
-            self.points.popleft()
-        t, s = self.points[0]
-        return (step - s) / max(now - t, 1e-9)
+        runtime.WRITTEN[_ckpt_path(r)] = step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -756,39 +607,16 @@ def is_done(path, config=None, cfg=None):
         return False
     ckpt = drl.load_checkpoint(path)
     if config is not None:
-        check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, config,
-                     None if cfg is None else lambda k, there, now: explain_difference(cfg, k, there, now))
+        runtime.check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, config,
+                     None if cfg is None else lambda k, there, now: runtime.explain_difference(cfg, k, there, now))
     return ckpt.get("done", False)
-
-
-def explain_difference(cfg, key, there, now):
-    if key == "target":
-        return dataset_difference(cfg, there, now)
-    if key == "dataset":
-        return "the Texture-dSprites source differs (--textures or --dsprites is not as in that run)"
-    if key == "backbone_weights":
-        return "the backbone weights differ (--backbone-weights or --dino-weights is not as in that run)"
-    if key == "precision" and there:  # e.g. models trained on a GPU (bf16 Φ), evaluated on a CPU
-        return (f"those models were trained on {there} features, this run makes {now} ones; add --precision "
-                f"{there} to use them")
-    if key == "source":  # the finetuned model's source model: say which of its settings differs
-        sub = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))[0]
-        return explain_difference(cfg, sub, there.get(sub), now.get(sub))
-    return _flag_difference(key, there, now)
-
-
-def _printer(label):
-    def progress(info):
-        say(f"[{label}] step {info['step']}/{info['steps']} loss {info['loss']:.2f} beta {info['beta']:.2f} | "
-            f"{info['steps_per_s']:.1f} steps/s, ETA {info['eta_s'] / 60:.1f} min")
-    return progress
 
 
 def _fit_and_report(runs, x, batch_fn, label, cfg, res, steps, **kw):
     """fit() the runs (stacked with --parallel-models), then one summary line per model."""
     t0 = time.time()
     done = fit(runs, x, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models, compile=cfg.compile,
-               progress=_printer(label), **kw)
+               progress=runtime.printer(label), **kw)
     for r, ckpt in zip(runs, done):
         say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt['loss']:.2f} "
             f"-> {r.folder}")
@@ -869,153 +697,8 @@ def finetune(cfg, res, target):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. The scripts: one line per event, one line per error
+# 6. The script
 # ---------------------------------------------------------------------------------------------------------
-
-def say(msg):
-    sys.stdout.write(_rank_prefix() + msg + "\n")  # one write: the lines of several ranks never interleave
-    sys.stdout.flush()
-
-
-def _rank_prefix():
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    return f"[rank {os.environ.get('RANK', 0)}/{world}] " if world > 1 else ""
-
-
-# Several processes (torchrun): each rank trains and scores its share of the seed × β models (my_models);
-# at the end every rank tells the others through torchrun's key-value store (a TCPStore) whether its share
-# succeeded, and rank 0 writes the report from the checkpoints and caches they all wrote. Nothing else passes
-# between ranks: the models are independent, so a weight never depends on the number of ranks. There is no
-# process group: a gloo group's worker threads outlived destroy_process_group into interpreter shutdown,
-# where one that exits is killed inside C++ code, and the rank aborted ("terminate called without an active
-# exception", SIGABRT) in about one torchrun run in ten.
-
-_RANKS = {}  # the store client of this rank under torchrun, and whether the final exchange happened
-
-
-def join_ranks(res):
-    """Under torchrun (WORLD_SIZE > 1), connect to its store at MASTER_ADDR:MASTER_PORT; torchrun's agent
-    hosts it (TORCHELASTIC_USE_AGENT_STORE), other launchers leave it to rank 0."""
-    if res.world > 1 and "store" not in _RANKS:
-        import datetime
-        host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and res.rank == 0
-        _RANKS.update(rank=res.rank, world=res.world, host=host, synced=False, store=torch.distributed.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), res.world, is_master=host,
-            timeout=datetime.timedelta(days=7)))
-
-
-def wait_for_ranks(error=None):
-    """Every rank says whether its share succeeded (`error`: its one-line message, or None) and hears the
-    others. A failed rank elsewhere is raised here as one line naming it; one process returns at once."""
-    if "store" not in _RANKS or _RANKS["synced"]:
-        return
-    _RANKS["synced"] = True
-    store, world = _RANKS["store"], _RANKS["world"]
-    prefix = f"drl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted run has fresh keys
-    keys = [f"{prefix}status/{r}" for r in range(world)]
-    try:
-        store.set(keys[_RANKS["rank"]], json.dumps(error))
-        store.wait(keys)
-        errors = [json.loads(store.get(k)) for k in keys]
-        store.add(prefix + "read", 1)
-        while _RANKS["host"] and store.add(prefix + "read", 0) < world:  # the host stays until all have read
-            time.sleep(0.01)
-    except RuntimeError as e:  # the rank hosting the store died without a word (killed, out of memory)
-        raise ValueError(f"another rank stopped without reporting ({drl.one_line(e)}); torchrun's summary "
-                         f"names it; the finished checkpoints are kept: run the same command again to "
-                         f"resume") from None
-    failed = [r for r, e in enumerate(errors) if e is not None]
-    if failed and error is None:
-        raise ValueError(f"rank {failed[0]} of {len(errors)} failed ({errors[failed[0]]}); the checkpoints "
-                         f"every rank finished are kept: run the same command again to resume")
-
-
-def keep_freed_memory():
-    """Process-wide: let glibc keep freed memory for reuse instead of returning it to the OS, so each ViT
-    activation of a few MB is not page-faulted back in and zeroed (12,900 faults per image at batch 4, a
-    tenth of the ViT's time on a 2-core CPU). No effect off glibc."""
-    import ctypes
-    import ctypes.util
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def setup_process(cfg, res):
-    """Everything process-wide, in one place (both scripts call it once): glibc keeps freed memory, this rank
-    joins the others under torchrun, and on CUDA the rank's GPU becomes the current device (else every rank
-    opens a context on GPU 0) and fp32 matmuls and convolutions may use TF32 unless --no-tf32 (feature
-    extraction turns TF32 off while it runs: fp32 Φ is fp32 on every device, see `features`)."""
-    keep_freed_memory()
-    join_ranks(res)
-    if res.device.startswith("cuda"):
-        torch.cuda.set_device(res.device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cfg.no_tf32
-
-
-@contextlib.contextmanager
-def exact_fp32(device):
-    """TF32 off on CUDA while the block runs (fp32 features must not depend on --no-tf32), then as before."""
-    if not str(device).startswith("cuda"):
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def check_writable(folder):
-    """--out must be creatable and writable; nothing is created here (a refused run leaves no folder)."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        why = "is a file" if not os.path.isdir(probe) else "is not writable"
-        raise OSError(f"cannot write to --out {folder} ({probe} {why}); choose a writable folder")
-
-
-def interrupted_message():
-    """What Ctrl-C leaves behind, in one line."""
-    if not WRITTEN:
-        return "interrupted before this run wrote a checkpoint; run the same command again to start"
-    path, step = list(WRITTEN.items())[-1]
-    return (f"interrupted: {len(WRITTEN)} checkpoint(s) of this run are kept, the last {path} at step {step}; "
-            f"run the same command again to resume")
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def run_main(main):
-    """Run a script's main(): library errors become one line on stderr and exit code 2, no traceback."""
-    warnings.formatwarning = lambda m, c, *a, **k: f"{_rank_prefix()}warning: {m}\n"
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun stops the other ranks with SIGTERM when one fails
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        why = ("stopped by torchrun, which stops every rank when one fails (its summary names it); "
-               if str(e) == "SIGTERM" else "")
-        print(_rank_prefix() + why + interrupted_message(), file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
-        message = _oom_message(e) if isinstance(e, torch.cuda.OutOfMemoryError) else str(e)
-        print(f"{_rank_prefix()}error: {message}", file=sys.stderr, flush=True)
-        wait_for_ranks(message)  # under torchrun: the other ranks learn that this one failed
-        sys.exit(2)
-
-
-def _oom_message(e):
-    kept = f"the {len(WRITTEN)} checkpoint(s) this run wrote are kept" if WRITTEN else "no checkpoint was written"
-    return (f"out of GPU memory ({drl.one_line(e, 100)}); lower --batch-size, or train fewer models per process "
-            f"(without --parallel-models, or with more torchrun ranks); {kept}, and the same command resumes")
 
 
 def parser():
@@ -1027,32 +710,26 @@ def parser():
     return p
 
 
-def check_data(cfg):
-    """--check-data: the target read and validated as a run reads it, described; nothing written."""
-    _, target = load_target(cfg, save=False)
-    print(folders.describe(target))
-
-
 def main(argv=None):
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.check_data:
-        return check_data(cfg)
+        return runtime.check_data(cfg)
     if not args.stage:
         raise ValueError("--stage source or --stage finetune is required (or --check-data)")
-    check_writable(cfg.out)
+    runtime.check_writable(cfg.out)
     t0 = time.time()
     res = resolve(cfg, say)
-    setup_process(cfg, res)
+    runtime.setup_process(cfg, res)
     if args.stage == "source":
         paths = train_source(cfg, res)
     else:
-        cfg, target = load_target(cfg)
+        cfg, target = runtime.load_target(cfg)
         say(folders.describe(target, short=True))
         paths = [ft for _, ft in finetune(cfg, res, target)]
-    wait_for_ranks()
+    runtime.wait_for_ranks()
     say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    runtime.run_main(main)
