@@ -92,7 +92,7 @@ def target_scores(model, dis, inputs, cfg, device, label):
                 held = target.classes.index(cfg.holdout_class)
                 r["open_set"] = _attempt(label, "open set", lambda: metrics.open_set(
                     zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
-    rows, feats = test_handcrafted(target) if target.test.has_masks else ([], {})
+    rows, feats = inputs.handcrafted if target.test.has_masks else ([], {})
     if len(rows) >= 3:
         r["correlation"] = {"n_images": len(rows)}
         for f, h in CORRELATED:
@@ -107,8 +107,10 @@ def target_scores(model, dis, inputs, cfg, device, label):
 class Inputs:
     """What scoring needs, built on first use (a fully cached evaluation builds none of it)."""
 
-    def __init__(self, cfg, res, target, stats):
-        self.cfg, self.res, self.target, self.stats = cfg, res, target, stats
+    def __init__(self, cfg, res, target, source_checkpoint):
+        self.cfg, self.res, self.target = cfg, res, target
+        # Φ of the target is standardised with the source's statistics (none for pixel models)
+        self.feature_stats = {k: v for k, v in source_checkpoint.items() if k in ("feature_mean", "feature_std")}
         self.known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
         if cfg.holdout_class:
             held = target.classes.index(cfg.holdout_class)
@@ -124,28 +126,24 @@ class Inputs:
 
     @functools.cached_property
     def x_train(self):
-        return train.target_inputs(self.cfg, self.res, self.target.train, self.stats, f"{self.cfg.target}-train")
+        return train.target_inputs(self.cfg, self.res, self.target.train, self.feature_stats,
+                                   f"{self.cfg.target}-train")
 
     @functools.cached_property
     def x_test(self):
-        return train.target_inputs(self.cfg, self.res, self.target.test, self.stats, f"{self.cfg.target}-test")
+        return train.target_inputs(self.cfg, self.res, self.target.test, self.feature_stats,
+                                   f"{self.cfg.target}-test")
+
+    @functools.cached_property
+    def handcrafted(self):
+        """(rows, features): the test images that have a mask and their handcrafted features (mask area,
+        mean R/G/B inside, solidity)."""
+        rows, test = self.target.test.with_masks, self.target.test
+        return rows, data.handcrafted_features(test.images(rows, 224), test.masks(rows, 224))
 
 
 # Latent factor ↔ handcrafted feature pairs of the paper's Fig. 6
 CORRELATED = (("scale", "area"), ("colour", "mean_r"), ("shape", "solidity"))
-
-_FEATURES = {}
-
-
-def test_handcrafted(target):
-    """(rows, features): the test images that have a mask and their handcrafted features (mask area,
-    mean R/G/B inside, solidity)."""
-    if target.digest not in _FEATURES:
-        rows = target.test.with_masks
-        _FEATURES[target.digest] = rows, data.handcrafted_features(target.test.images(rows, 224),
-                                                                   target.test.masks(rows, 224))
-    return _FEATURES[target.digest]
-
 
 def raw_baseline(inputs):
     """Table V: the same classifiers on the raw input, no VAE: Φ (768-d), or pixels average-pooled to
@@ -222,7 +220,7 @@ def main(argv=None):
     say(folders.describe(target, short=True))
     res = train.resolve(cfg, say)
     if args.no_train:
-        missing = [p for p in expected_checkpoints(cfg, res) if not train.is_done(p)]
+        missing = [p for p in train.checkpoint_paths(cfg, res) if not train.is_done(p)]
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
@@ -265,7 +263,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
 
     def draw():
         with runtime.stage("figures and galleries"):
-            drawn = {**make_figures(folder, per_model, target, cfg, data.FACTOR_NAMES, shown),
+            drawn = {**make_figures(folder, per_model, inputs, cfg, data.FACTOR_NAMES, shown),
                      **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"],
                                       figure_label(per_model, shown))}
         say(f"evaluate: figures and galleries drawn in {time.time() - t0:.1f} s")
@@ -307,11 +305,6 @@ def score_models(cfg, res, target, pairs, inputs):
         row["beta"], row["seed"] = ckpt_config["beta"], ckpt_config["seed"]
         per_model.append(row)
     return per_model
-
-
-def expected_checkpoints(cfg, res):
-    return [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
-            for folder in (train.source_folder, train.finetune_folder)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,21 +459,21 @@ def _header(cols):
     return ["| finetuned | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
 
 
-def report(res):
-    s, p, d = res["summary"], res["protocol"], "disentanglement."
-    lines = [f"# {res['target']}: transfer of a disentangled representation", "",
-             f"Backbone **{res['backbone']}** ({res['arch']} VAE, source method {res['method']}); "
-             f"{len(res['models'])} model(s) (seeds {p['seeds']}, β {p['betas']}), {p['steps']} source steps, "
-             f"{p['epochs']} finetuning epochs" + (" — **quick run**" if res["quick"] else "")
-             + f". Target: {res['n_train_images']} train / {res['n_test_images']} test images, classes: "
-             + ", ".join(res["classes"]) + f" ({res['data']['layout']}; split: {res['data']['split']})."
+def report(results):
+    s, p, d = results["summary"], results["protocol"], "disentanglement."
+    lines = [f"# {results['target']}: transfer of a disentangled representation", "",
+             f"Backbone **{results['backbone']}** ({results['arch']} VAE, source method {results['method']}); "
+             f"{len(results['models'])} model(s) (seeds {p['seeds']}, β {p['betas']}), {p['steps']} source steps, "
+             f"{p['epochs']} finetuning epochs" + (" — **quick run**" if results["quick"] else "")
+             + f". Target: {results['n_train_images']} train / {results['n_test_images']} test images, classes: "
+             + ", ".join(results["classes"]) + f" ({results['data']['layout']}; split: {results['data']['split']})."
              + " Values are mean ± SD over models.", "",
              "## Table II — downstream accuracy (%) on the disentangled representation", "",
              *_header(["GBT", "MLP", "GBT balanced", "MLP balanced"]),
              *_rows(s, ["downstream.gbt", "downstream.mlp", "downstream.gbt_balanced", "downstream.mlp_balanced"])]
-    lines += _convergence(res)
-    b = res["raw_input_baseline"]
-    raw = (f"{res['backbone']} features Φ ({res['feature_dim']}-d)" if res["backbone"] != "pixels"
+    lines += _convergence(results)
+    b = results["raw_input_baseline"]
+    raw = (f"{results['backbone']} features Φ ({results['feature_dim']}-d)" if results["backbone"] != "pixels"
            else "pixels average-pooled to 8×8 RGB (192 values)")
     lines += ["", "## Table V — the same classifiers on the raw input (no disentanglement)", "",
               f"Input: {raw}. GBT {100 * b['gbt']:.2f} %, MLP {100 * b['mlp']:.2f} %.", "",
@@ -488,11 +481,11 @@ def report(res):
               *_header(["DCI D", "DCI C", "DCI I (test)", "MIG", "OMES"]),
               *_rows(s, [d + "dci.disentanglement", d + "dci.completeness", d + "dci.informativeness_test",
                          d + "mig", d + "omes.omes"]),
-              "", f"## Clustering (K-Means, k = {_kmeans_k(res)}: the classes present in the test split)", "",
+              "", f"## Clustering (K-Means, k = {_kmeans_k(results)}: the classes present in the test split)", "",
               *_header(["AMI", "silhouette"]),
               *_rows(s, ["clustering.ami", "clustering.silhouette"], num)]
-    return "\n".join(lines + _interpretability(res) + _open_set(res) + _figures(res) + [
-        "", f"Every number above is in `results.json` (per model). Run time {res['seconds']} s.", ""])
+    return "\n".join(lines + _interpretability(results) + _open_set(results) + _figures(results) + [
+        "", f"Every number above is in `results.json` (per model). Run time {results['seconds']} s.", ""])
 
 
 FIGURE_HELP = {
@@ -514,68 +507,69 @@ FIGURE_HELP = {
 }
 
 
-def _figures(res):
-    f = res["figures"]
-    lines = ["", "## Figures", "", f"Fig. 3 is the mean over models; every other figure shows one model, {f['model_shown']}: "
-             f"the median of the {len(res['models'])} model(s) by GBT accuracy after finetuning (so the r in the "
-             "titles of Fig. 6 is that model's, not the mean of the table above).", ""]
+def _figures(results):
+    f = results["figures"]
+    lines = ["", "## Figures", "", "Fig. 3 is the mean over models; every other figure shows one model, "
+             f"{f['model_shown']}: the median of the {len(results['models'])} model(s) by GBT accuracy after "
+             "finetuning (so the r in the titles of Fig. 6 is that model's, not the mean of the table above).", ""]
     lines += [f"- `{f[k]}`: {help}" for k, help in FIGURE_HELP.items() if k in f]
-    if "traversals" not in f and res["backbone"] != "pixels":
+    if "traversals" not in f and results["backbone"] != "pixels":
         lines.append("- traversals: not drawn, since the decoder of a VAE on features Φ returns features, not images.")
     return lines
 
 
-def _kmeans_k(res):
-    ks = {m[s]["clustering"]["k"] for m in res["models"] for s in STATES if m[s].get("clustering")}
+def _kmeans_k(results):
+    ks = {m[s]["clustering"]["k"] for m in results["models"] for s in STATES if m[s].get("clustering")}
     return ", ".join(str(k) for k in sorted(ks)) or "n/a"
 
 
-def _convergence(res):
+def _convergence(results):
     """A warning line under Table II for every state in which some MLP stopped at its iteration limit."""
     lines = []
     for state in STATES:
-        stopped = [f"seed {m['seed']} β {m['beta']:g}" for m in res["models"]
+        stopped = [f"seed {m['seed']} β {m['beta']:g}" for m in results["models"]
                    if m[state].get("downstream") and not m[state]["downstream"]["mlp_converged"]]
         if stopped:
-            lines.append(f"\n**Warning:** {len(stopped)} of {len(res['models'])} MLP(s) {state} finetuning stopped at "
-                         f"the iteration limit without converging ({', '.join(stopped)}); their accuracy may be low.")
+            lines.append(f"\n**Warning:** {len(stopped)} of {len(results['models'])} MLP(s) {state} finetuning "
+                         f"stopped at the iteration limit without converging ({', '.join(stopped)}); their accuracy "
+                         "may be low.")
     return lines
 
 
-def _interpretability(res):
-    s, order = res["summary"], res["figures"]["factor_order"]
+def _interpretability(results):
+    s, order = results["summary"], results["figures"]["factor_order"]
     lines = ["", "## Interpretability", "",
              "Each latent dim is named after the source factor it encodes best (DCI importance on Texture-dSprites;"
              " a second dim of the same factor is `factor#2`). Gini importance of the GBT per factor, summed over"
              " its dims, mean over models:", "", *_header(order)]
     for state, mark in zip(STATES, ("no", "yes")):
-        imp = res["figures"]["importance_by_factor"][state]
+        imp = results["figures"]["importance_by_factor"][state]
         lines.append(f"| {mark} | " + " | ".join(f"{imp[f]:.3f}" for f in order) + " |")
-    keys = sorted({k for m in res["models"] for k in m["after"].get("correlation") or {} if ":" in k})
-    n_masked = max((m["after"].get("correlation") or {}).get("n_images", 0) for m in res["models"])
+    keys = sorted({k for m in results["models"] for k in m["after"].get("correlation") or {} if ":" in k})
+    n_masked = max((m["after"].get("correlation") or {}).get("n_images", 0) for m in results["models"])
     if keys:
         lines += ["", "|Pearson r| between the latent dim named after a factor and a handcrafted feature of the "
-                  f"{n_masked} of {res['n_test_images']} test images that have a mask (the sign of a latent axis is "
-                  "arbitrary), mean ± SD over models:", "",
+                  f"{n_masked} of {results['n_test_images']} test images that have a mask (the sign of a latent "
+                  "axis is arbitrary), mean ± SD over models:", "",
                   "| latent:feature | before | after |", "| --- | --- | --- |"]
         lines += [f"| {k} | {num(s, 'before', 'correlation.' + k + '.abs_r')} | "
                   f"{num(s, 'after', 'correlation.' + k + '.abs_r')} |" for k in keys]
     return lines
 
 
-def _open_set(res):
-    if not res["holdout_class"]:
+def _open_set(results):
+    if not results["holdout_class"]:
         return []
-    s = res["summary"]
-    lines = ["", f"## Open set: held-out class {res['holdout_class']}", "",
+    s = results["summary"]
+    lines = ["", f"## Open set: held-out class {results['holdout_class']}", "",
              *_header(["detection rate", "false alarms", "AUROC"]),
              *_rows(s, ["open_set.detection_rate", "open_set.false_alarm_rate"]  # AUROC is no percentage
                     + ["open_set.auroc"], lambda s, st, k: (num if k.endswith("auroc") else pct)(s, st, k))]
     for state in STATES:
         counts = {}
-        for m in res["models"]:
+        for m in results["models"]:
             for c, n in (m[state]["open_set"] or {"predicted_counts": {}})["predicted_counts"].items():
-                counts[res["classes"][int(c)]] = counts.get(res["classes"][int(c)], 0) + n
+                counts[results["classes"][int(c)]] = counts.get(results["classes"][int(c)], 0) + n
         lines.append(f"\nHeld-out test samples classified by the GBT of the known classes ({state} finetuning, "
                      "summed over models): " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())) + ".")
     return lines
@@ -611,9 +605,10 @@ def cached_figures(fig_dir, key, draw):
     return figures
 
 
-def make_figures(folder, per_model, target, cfg, factor_names, shown):
+def make_figures(folder, per_model, inputs, cfg, factor_names, shown):
     """Paper Figs. 3-7 as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Figs. 4-7
     show model `shown` (median_model; its seed and β are in the titles); Fig. 3 the mean over models."""
+    target = inputs.target
     import matplotlib
     matplotlib.use("Agg")
     fig_dir = os.path.join(folder, "figures")
@@ -626,7 +621,7 @@ def make_figures(folder, per_model, target, cfg, factor_names, shown):
     if target.test.has_masks and len(target.test.with_masks) >= 3:
         pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
         if pairs:
-            out["fig6_correlation"] = _fig_correlation(fig_dir, m, *test_handcrafted(target), pairs, who)
+            out["fig6_correlation"] = _fig_correlation(fig_dir, m, *inputs.handcrafted, pairs, who)
     if cfg.holdout_class and m.get("open_set") and m["open_set"].get("centroid_distance_assigned") is not None:
         out["fig7_open_set"] = _fig_open_set(fig_dir, m, target, cfg.holdout_class, who)
     return out

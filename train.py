@@ -204,6 +204,12 @@ def finetune_folder(cfg, res, beta, seed):
                         f"beta{beta:g}-seed{seed}")
 
 
+def checkpoint_paths(cfg, res):
+    """Every checkpoint of the run: each seed × β model's source and finetuned one."""
+    return [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
+            for folder in (source_folder, finetune_folder)]
+
+
 def new_model(cfg, res):
     if res.backbone != "pixels":
         return drl.FeatureVAE(in_dim=res.feature_dim, latent_dim=cfg.latent_dim)
@@ -371,12 +377,16 @@ def _ckpt_path(run):
     return os.path.join(run.folder, "checkpoint.pt")
 
 
+def _saved_config(run, steps):
+    """The configuration a run's checkpoint records: the run's settings, its architecture and its steps."""
+    return dict(run.config, model=drl.model_config(run.model), steps=steps)
+
+
 def _resume(run, steps):
     """Load the run's checkpoint, if any, into its model; another configuration is refused."""
-    run.config = dict(run.config, model=drl.model_config(run.model), steps=steps)
     if os.path.exists(_ckpt_path(run)):
         ckpt = drl.load_checkpoint(_ckpt_path(run))
-        runtime.check_config(_ckpt_path(run), ckpt["config"], run.config)
+        runtime.check_config(_ckpt_path(run), ckpt["config"], _saved_config(run, steps))
         run.model.load_state_dict(ckpt["model"])
         run.start, run.optimizer_state = ckpt["step"], ckpt["optimizer"]
 
@@ -590,7 +600,7 @@ def _write_checkpoints(group, model, opt, step, steps, means):
         model.unstack([r.model for r in group])
     for m, r in enumerate(group):
         drl.save_checkpoint(_ckpt_path(r), {
-            "config": r.config, "model": r.model.state_dict(),
+            "config": _saved_config(r, steps), "model": r.model.state_dict(),
             "optimizer": _model_optimizer_state(state, m if stacked else None),
             "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
         runtime.WRITTEN[_ckpt_path(r)] = step
@@ -600,16 +610,17 @@ def _write_checkpoints(group, model, opt, step, steps, means):
 # 5. The pipeline evaluate.py calls: train the source models, finetune them on a target
 # ---------------------------------------------------------------------------------------------------------
 
-def is_done(path, config=None, cfg=None):
-    """Is the model at `path` fully trained? With `config`, a finished model of another configuration is an
-    error, never silently reused; with `cfg` too, the error says in words what differs."""
-    if not os.path.exists(path):
-        return False
-    ckpt = drl.load_checkpoint(path)
-    if config is not None:
-        runtime.check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, config,
-                     None if cfg is None else lambda k, there, now: runtime.explain_difference(cfg, k, there, now))
-    return ckpt.get("done", False)
+def is_done(path):
+    """Is the model at `path` fully trained?"""
+    return os.path.exists(path) and drl.load_checkpoint(path).get("done", False)
+
+
+def refuse_other_config(path, config, cfg):
+    """A model at `path` made from other data or flags is an error that says in words what differs: never
+    silently reused, never overwritten."""
+    if os.path.exists(path):
+        saved = {k: v for k, v in drl.load_checkpoint(path)["config"].items() if k not in ("model", "steps")}
+        runtime.check_config(path, saved, config, lambda k, there, now: runtime.explain_difference(cfg, k, there, now))
 
 
 def _fit_and_report(runs, x, batch_fn, label, cfg, res, steps, **kw):
@@ -645,7 +656,8 @@ def train_source(cfg, res):
                   "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
         folder = source_folder(cfg, res, beta, seed)
         paths.append(os.path.join(folder, "checkpoint.pt"))
-        if not is_done(paths[-1], config, cfg):
+        refuse_other_config(paths[-1], config, cfg)
+        if not is_done(paths[-1]):
             torch.manual_seed(seed)
             runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
     if not runs:
@@ -681,7 +693,8 @@ def finetune(cfg, res, target):
         config = {"stage": "finetune", "source": ckpt["config"], "target": target.digest,
                   "holdout": cfg.holdout_class, "seed": seed, "beta": beta, "epochs": cfg.epochs,
                   "batch_size": cfg.batch_size, "lr": cfg.lr}
-        if not is_done(pairs[-1][1], config, cfg):
+        refuse_other_config(pairs[-1][1], config, cfg)
+        if not is_done(pairs[-1][1]):
             stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
             runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
     if not runs:
