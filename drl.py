@@ -4,17 +4,18 @@ Dapueto et al. 2025 (Sec. II): Φ(x) = CLS token of a frozen DINO ViT-B/16 on th
 ImageNet-normalised image; a VAE is trained on Φ (or on 64×64 pixels, the baseline) with the Ada-GVAE
 weak supervision of Locatello et al. 2020 on the source, then finetuned as a β-VAE on the target.
 
-Read top to bottom:
+Read top to bottom; the method first:
   1. ViT-B/16 with the DINO module layout (state_dict loads the official checkpoint with strict=True).
-  2. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading;
-     torchvision's ImageNet classifiers as other backbones (paper Table IV), their weights the same way.
-  3. Feature extraction into an atomically written .npy cache; standardisation with source statistics.
-  4. Gaussian posteriors: KL terms (Kingma & Welling 2014, Eq. 10) and the reparameterisation.
-  5. Ada-GVAE aggregation (Locatello et al. 2020, Eq. 6-7; disentanglement_lib `group_vae_argmax`).
-  6. The VAEs: the feature MLP-VAE on Φ and the disentanglement_lib conv VAE on 64×64 pixels. Both are
+  2. Gaussian posteriors: KL terms (Kingma & Welling 2014, Eq. 10) and the reparameterisation.
+  3. Ada-GVAE aggregation (Locatello et al. 2020, Eq. 6-7; disentanglement_lib `group_vae_argmax`).
+  4. The VAEs: the feature MLP-VAE on Φ and the disentanglement_lib conv VAE on 64×64 pixels. Both are
      called as model(batch, beta) -> dict(loss, recon, kl): β-VAE on images (Higgins et al. 2017, Eq. 4),
-     Ada-GVAE on a pair (x1, x2); `representation(x)` is μ. se2.SE2VAE follows the same protocol.
-  7. Files: one atomic-write helper, cache keys, checkpoint save/load, rebuilding a model; β warm-up.
+     Ada-GVAE on a pair (x1, x2); `representation(x)` is μ. se2.SE2VAE follows the same protocol. β warm-up.
+then the machinery:
+  5. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading;
+     torchvision's ImageNet classifiers as other backbones (paper Table IV), their weights the same way.
+  6. Feature extraction into an atomically written .npy cache; standardisation with source statistics.
+  7. Files: one atomic-write helper, cache keys, checkpoint save/load, rebuilding a model.
 The training loop lives in train.py.
 """
 import argparse
@@ -177,8 +178,172 @@ def vit_base(**kwargs):
     return VisionTransformer(**{**VIT_B16_CONFIG, **kwargs})
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 2. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar)))
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kl_normal(mu, logvar):
+    """Per-dimension KL(N(mu, σ²) ‖ N(0, 1)) = ½(μ² + σ² − ln σ² − 1) (Kingma & Welling 2014, Eq. 10)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
+
+
+def kl_gaussians(mu1, logvar1, mu2, logvar2):
+    """Per-dimension KL(N(mu1, σ1²) ‖ N(mu2, σ2²)) = ½(σ1²/σ2² + (μ2−μ1)²/σ2² − 1 + ln σ2² − ln σ1²)."""
+    var_ratio = (logvar1 - logvar2).exp()
+    return 0.5 * (var_ratio + (mu2 - mu1).pow(2) / logvar2.exp() - 1.0 + logvar2 - logvar1)
+
+
+def reparameterise(mu, logvar, noise=None):
+    """z = μ + σ·ε, ε ~ N(0, I) (Kingma & Welling 2014, Eq. 4); `noise` supplies ε (else drawn here)."""
+    return mu + (0.5 * logvar).exp() * (torch.randn_like(mu) if noise is None else noise)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
+#    latent dims that barely move between them are forced to agree.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ada_gvae_shared(delta):
+    """Which dims are shared, per example: δ_j < τ = ½(max_j δ_j + min_j δ_j) (Locatello et al. 2020, Eq. 7).
+
+    disentanglement_lib puts δ into two equal-width bins over [min δ, max δ]; the lower bin is shared.
+    When all δ_j are equal the bins are undefined (0/0 in TensorFlow); we share every dim.
+    """
+    d_max, d_min = delta.max(dim=1, keepdim=True).values, delta.min(dim=1, keepdim=True).values
+    tau = 0.5 * (d_max + d_min)
+    return (delta < tau) | (d_max == d_min)
+
+
+def ada_gvae_aggregate(mu1, logvar1, mu2, logvar2):
+    """Replace the shared dims of both posteriors by their average (Locatello et al. 2020, Eq. 6, GVAE).
+
+    δ_j = KL(q(z_j|x1) ‖ q(z_j|x2)) (one direction, as disentanglement_lib); the average posterior has
+    μ̄ = ½(μ1 + μ2) and σ̄² = ½(σ1² + σ2²). Returns (mu1, logvar1, mu2, logvar2, shared).
+    """
+    shared = ada_gvae_shared(kl_gaussians(mu1, logvar1, mu2, logvar2))
+    mu_avg = 0.5 * (mu1 + mu2)
+    logvar_avg = torch.log(0.5 * (logvar1.exp() + logvar2.exp()))  # as disentanglement_lib (exp, mean, log)
+    return (torch.where(shared, mu_avg, mu1), torch.where(shared, logvar_avg, logvar1),
+            torch.where(shared, mu_avg, mu2), torch.where(shared, logvar_avg, logvar2), shared)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. VAEs. A subclass builds `encoder` (x -> [mu; logvar]) and `decoder` (z -> x_hat) and defines
+#    reconstruction(x, x_hat) -> per-example negative log-likelihood; the losses are shared.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GaussianVAE(nn.Module):
+    """VAE with a diagonal Gaussian posterior and a N(0, I) prior.
+
+    model(batch, beta) is the training objective: the β-VAE loss of a batch of images, or the Ada-GVAE loss
+    of a pair batch (x1, x2). `noise` supplies ε of the reparameterisation (else it is drawn inside); the
+    training loop passes it when it trains several models at once through torch.vmap.
+    """
+
+    def forward(self, batch, beta, noise=None):
+        if isinstance(batch, (tuple, list)):
+            return self.pair_loss(*batch, beta, noise)
+        return self.loss(batch, beta, noise)
+
+    def encode(self, x):
+        return self.encoder(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def loss(self, x, beta, noise=None):
+        """β-VAE: E[−ln p(x|z)] + β·KL(q(z|x) ‖ p(z)), batch mean (Higgins et al. 2017, Eq. 4)."""
+        mu, logvar = self.encode(x)
+        recon = self.reconstruction(x, self.decode(reparameterise(mu, logvar, noise))).mean()
+        kl = kl_normal(mu, logvar).sum(dim=1).mean()
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+    def pair_loss(self, x1, x2, beta, noise=None):
+        """Ada-GVAE: ½(R1 + R2) + β·½(KL(q̃1 ‖ p) + KL(q̃2 ‖ p)), batch mean (Locatello et al. 2020, Eq. 8).
+
+        Both images go through the encoder and the decoder as one batch of 2n; `noise` is (2n, latent).
+        """
+        n = x1.shape[0]
+        mu, logvar = self.encode(torch.cat([x1, x2]))
+        mu1, logvar1, mu2, logvar2, _ = ada_gvae_aggregate(mu[:n], logvar[:n], mu[n:], logvar[n:])
+        mu, logvar = torch.cat([mu1, mu2]), torch.cat([logvar1, logvar2])
+        recon = self.reconstruction(torch.cat([x1, x2]), self.decode(reparameterise(mu, logvar, noise))).mean()
+        kl = kl_normal(mu, logvar).sum(dim=1).mean()  # the mean over 2n examples is ½(KL1 + KL2)
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+    @torch.no_grad()
+    def representation(self, x):
+        """The code used downstream: the posterior mean μ."""
+        return self.encode(x)[0]
+
+
+class FeatureVAE(GaussianVAE):
+    """MLP-VAE on standardised features Φ (official sizes: 768→h→2h→3h→(μ, ln σ²), mirrored decoder).
+
+    Likelihood: Gaussian with fixed variance, i.e. the sum of squared errors over the standardised dims.
+    (The official code scales features to [0, 1] with fixed min/max and uses 768·MSE; on standardised
+    features the plain sum has the same order of magnitude and no magic constants.)
+    """
+
+    def __init__(self, in_dim=768, hidden=512, latent_dim=10):
+        super().__init__()
+        self.config = {"kind": "feature", "in_dim": in_dim, "hidden": hidden, "latent_dim": latent_dim}
+        h = hidden
+        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
+        self.encoder = nn.Sequential(nn.Linear(in_dim, h), act(), nn.Linear(h, 2 * h), act(),
+                                     nn.Linear(2 * h, 3 * h), act(), nn.Linear(3 * h, 2 * latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, 3 * h), act(), nn.Linear(3 * h, 2 * h), act(),
+                                     nn.Linear(2 * h, h), act(), nn.Linear(h, in_dim))
+
+    def reconstruction(self, x, x_hat):
+        return (x - x_hat).pow(2).sum(dim=1)
+
+
+class ConvVAE(GaussianVAE):
+    """The disentanglement_lib convolutional VAE for 64×64 images (Locatello et al. 2019, Table 1).
+
+    Encoder: 4 × [conv 4×4 stride 2, ReLU] with 32, 32, 64, 64 channels, FC 256, FC 2·latent.
+    Decoder: FC 256, FC 4·4·64, 4 × [transposed conv 4×4 stride 2] with 64, 32, 32, 3 channels.
+    Likelihood: Bernoulli on pixels in [0, 1]; the decoder returns logits.
+    """
+
+    def __init__(self, latent_dim=10, in_ch=3, size=64):
+        super().__init__()
+        if size != 64:
+            raise ValueError(f"ConvVAE expects 64x64 images, got size {size}")
+        self.config = {"kind": "conv", "latent_dim": latent_dim, "in_ch": in_ch, "size": size}
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_ch, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 2 * latent_dim))
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 64 * 4 * 4), nn.ReLU(),
+            nn.Unflatten(1, (64, 4, 4)),
+            nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
+
+    def reconstruction(self, x, x_hat):
+        return F.binary_cross_entropy_with_logits(x_hat, x, reduction="none").flatten(1).sum(dim=1)
+
+
+def beta_warmup(step, beta, warmup_steps):
+    """Linear deterministic warm-up (Bowman et al. 2016): β·min(1, step / warmup_steps); β if no warm-up."""
+    if warmup_steps <= 0:
+        return float(beta)
+    return float(beta) * min(1.0, step / warmup_steps)
+
+
+# =======================================================================================================
+# The machinery: weight files, other backbones, feature extraction, files. Nothing below is in the paper's
+# equations; a reader of the method can stop here.
+# =======================================================================================================
+
+
 # ---------------------------------------------------------------------------------------------------
-# 2. DINO weights: resolution, loading, digest
+# 5. DINO weights: resolution, loading, digest
 # ---------------------------------------------------------------------------------------------------
 
 def dino_hub_cache_path():
@@ -297,7 +462,7 @@ def weights_digest(path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2b. ImageNet backbones of torchvision beside DINO (paper Table IV), built by torchvision's own builders
+# 5b. ImageNet backbones of torchvision beside DINO (paper Table IV), built by torchvision's own builders
 # ---------------------------------------------------------------------------------------------------
 
 def torchvision_names():
@@ -404,7 +569,7 @@ def load_backbone(name, path=None, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Feature extraction with an atomic .npy memmap cache; source standardisation
+# 6. Feature extraction with an atomic .npy memmap cache; source standardisation
 # ---------------------------------------------------------------------------------------------------
 
 # x/255 then (x − mean)/std per channel as x·scale − shift, the constants in float32 as the kernels apply them
@@ -517,164 +682,6 @@ def standardise(features, mean, std):
         std = torch.as_tensor(std, dtype=features.dtype, device=features.device)
         return (features - mean) / std
     return ((np.asarray(features, np.float32) - mean) / std).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar)))
-# ----------------------------------------------------------------------------------------------------------
-
-
-def kl_normal(mu, logvar):
-    """Per-dimension KL(N(mu, σ²) ‖ N(0, 1)) = ½(μ² + σ² − ln σ² − 1) (Kingma & Welling 2014, Eq. 10)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
-
-
-def kl_gaussians(mu1, logvar1, mu2, logvar2):
-    """Per-dimension KL(N(mu1, σ1²) ‖ N(mu2, σ2²)) = ½(σ1²/σ2² + (μ2−μ1)²/σ2² − 1 + ln σ2² − ln σ1²)."""
-    var_ratio = (logvar1 - logvar2).exp()
-    return 0.5 * (var_ratio + (mu2 - mu1).pow(2) / logvar2.exp() - 1.0 + logvar2 - logvar1)
-
-
-def reparameterise(mu, logvar, noise=None):
-    """z = μ + σ·ε, ε ~ N(0, I) (Kingma & Welling 2014, Eq. 4); `noise` supplies ε (else drawn here)."""
-    return mu + (0.5 * logvar).exp() * (torch.randn_like(mu) if noise is None else noise)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
-#    latent dims that barely move between them are forced to agree.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def ada_gvae_shared(delta):
-    """Which dims are shared, per example: δ_j < τ = ½(max_j δ_j + min_j δ_j) (Locatello et al. 2020, Eq. 7).
-
-    disentanglement_lib puts δ into two equal-width bins over [min δ, max δ]; the lower bin is shared.
-    When all δ_j are equal the bins are undefined (0/0 in TensorFlow); we share every dim.
-    """
-    d_max, d_min = delta.max(dim=1, keepdim=True).values, delta.min(dim=1, keepdim=True).values
-    tau = 0.5 * (d_max + d_min)
-    return (delta < tau) | (d_max == d_min)
-
-
-def ada_gvae_aggregate(mu1, logvar1, mu2, logvar2):
-    """Replace the shared dims of both posteriors by their average (Locatello et al. 2020, Eq. 6, GVAE).
-
-    δ_j = KL(q(z_j|x1) ‖ q(z_j|x2)) (one direction, as disentanglement_lib); the average posterior has
-    μ̄ = ½(μ1 + μ2) and σ̄² = ½(σ1² + σ2²). Returns (mu1, logvar1, mu2, logvar2, shared).
-    """
-    shared = ada_gvae_shared(kl_gaussians(mu1, logvar1, mu2, logvar2))
-    mu_avg = 0.5 * (mu1 + mu2)
-    logvar_avg = torch.log(0.5 * (logvar1.exp() + logvar2.exp()))
-    return (torch.where(shared, mu_avg, mu1), torch.where(shared, logvar_avg, logvar1),
-            torch.where(shared, mu_avg, mu2), torch.where(shared, logvar_avg, logvar2), shared)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. VAEs. A subclass builds `encoder` (x -> [mu; logvar]) and `decoder` (z -> x_hat) and defines
-#    reconstruction(x, x_hat) -> per-example negative log-likelihood; the losses are shared.
-# ----------------------------------------------------------------------------------------------------------
-
-
-class GaussianVAE(nn.Module):
-    """VAE with a diagonal Gaussian posterior and a N(0, I) prior.
-
-    model(batch, beta) is the training objective: the β-VAE loss of a batch of images, or the Ada-GVAE loss
-    of a pair batch (x1, x2). `noise` supplies ε of the reparameterisation (else it is drawn inside); the
-    training loop passes it when it trains several models at once through torch.vmap.
-    """
-
-    def forward(self, batch, beta, noise=None):
-        if isinstance(batch, (tuple, list)):
-            return self.pair_loss(*batch, beta, noise)
-        return self.loss(batch, beta, noise)
-
-    def encode(self, x):
-        return self.encoder(x).chunk(2, dim=1)
-
-    def decode(self, z):
-        return self.decoder(z)
-
-    def loss(self, x, beta, noise=None):
-        """β-VAE: E[−ln p(x|z)] + β·KL(q(z|x) ‖ p(z)), batch mean (Higgins et al. 2017, Eq. 4)."""
-        mu, logvar = self.encode(x)
-        recon = self.reconstruction(x, self.decode(reparameterise(mu, logvar, noise))).mean()
-        kl = kl_normal(mu, logvar).sum(dim=1).mean()
-        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
-
-    def pair_loss(self, x1, x2, beta, noise=None):
-        """Ada-GVAE: ½(R1 + R2) + β·½(KL(q̃1 ‖ p) + KL(q̃2 ‖ p)), batch mean (Locatello et al. 2020, Eq. 8).
-
-        Both images go through the encoder and the decoder as one batch of 2n; `noise` is (2n, latent).
-        """
-        n = x1.shape[0]
-        mu, logvar = self.encode(torch.cat([x1, x2]))
-        mu1, logvar1, mu2, logvar2, _ = ada_gvae_aggregate(mu[:n], logvar[:n], mu[n:], logvar[n:])
-        mu, logvar = torch.cat([mu1, mu2]), torch.cat([logvar1, logvar2])
-        recon = self.reconstruction(torch.cat([x1, x2]), self.decode(reparameterise(mu, logvar, noise))).mean()
-        kl = kl_normal(mu, logvar).sum(dim=1).mean()  # the mean over 2n examples is ½(KL1 + KL2)
-        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
-
-    @torch.no_grad()
-    def representation(self, x):
-        """The code used downstream: the posterior mean μ."""
-        return self.encode(x)[0]
-
-
-class FeatureVAE(GaussianVAE):
-    """MLP-VAE on standardised features Φ (official sizes: 768→h→2h→3h→(μ, ln σ²), mirrored decoder).
-
-    Likelihood: Gaussian with fixed variance, i.e. the sum of squared errors over the standardised dims.
-    (The official code scales features to [0, 1] with fixed min/max and uses 768·MSE; on standardised
-    features the plain sum has the same order of magnitude and no magic constants.)
-    """
-
-    def __init__(self, in_dim=768, hidden=512, latent_dim=10):
-        super().__init__()
-        self.config = {"kind": "feature", "in_dim": in_dim, "hidden": hidden, "latent_dim": latent_dim}
-        h = hidden
-        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
-        self.encoder = nn.Sequential(nn.Linear(in_dim, h), act(), nn.Linear(h, 2 * h), act(),
-                                     nn.Linear(2 * h, 3 * h), act(), nn.Linear(3 * h, 2 * latent_dim))
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, 3 * h), act(), nn.Linear(3 * h, 2 * h), act(),
-                                     nn.Linear(2 * h, h), act(), nn.Linear(h, in_dim))
-
-    def reconstruction(self, x, x_hat):
-        return (x - x_hat).pow(2).sum(dim=1)
-
-
-class ConvVAE(GaussianVAE):
-    """The disentanglement_lib convolutional VAE for 64×64 images (Locatello et al. 2019, Table 1).
-
-    Encoder: 4 × [conv 4×4 stride 2, ReLU] with 32, 32, 64, 64 channels, FC 256, FC 2·latent.
-    Decoder: FC 256, FC 4·4·64, 4 × [transposed conv 4×4 stride 2] with 64, 32, 32, 3 channels.
-    Likelihood: Bernoulli on pixels in [0, 1]; the decoder returns logits.
-    """
-
-    def __init__(self, latent_dim=10, in_ch=3, size=64):
-        super().__init__()
-        if size != 64:
-            raise ValueError(f"ConvVAE expects 64x64 images, got size {size}")
-        self.config = {"kind": "conv", "latent_dim": latent_dim, "in_ch": in_ch, "size": size}
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 2 * latent_dim))
-        self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 64 * 4 * 4), nn.ReLU(),
-            nn.Unflatten(1, (64, 4, 4)),
-            nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, in_ch, 4, 2, 1))
-
-    def reconstruction(self, x, x_hat):
-        return F.binary_cross_entropy_with_logits(x_hat, x, reduction="none").flatten(1).sum(dim=1)
-
-
-def beta_warmup(step, beta, warmup_steps):
-    """Linear deterministic warm-up (Bowman et al. 2016): β·min(1, step / warmup_steps); β if no warm-up."""
-    if warmup_steps <= 0:
-        return float(beta)
-    return float(beta) * min(1.0, step / warmup_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------

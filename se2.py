@@ -341,8 +341,8 @@ def ada_gvae_average(mu1, logvar1, logp1, mu2, logvar2, logp2):
     n_iso = mu1.shape[1]
     s_iso, s_ori = shared[:, :n_iso], shared[:, n_iso:, None]
     mu_bar = 0.5 * (mu1 + mu2)
-    logvar_bar = torch.logaddexp(logvar1, logvar2) - math.log(2.0)  # ln ½(σ1² + σ2²)
-    logp_bar = torch.logaddexp(logp1, logp2) - math.log(2.0)  # ln ½(p1 + p2)
+    logvar_bar = torch.log(0.5 * (logvar1.exp() + logvar2.exp()))  # ln ½(σ1² + σ2²), as drl.ada_gvae_aggregate
+    logp_bar = torch.logaddexp(logp1, logp2) - math.log(2.0)  # ln ½(p1 + p2): log-pmfs underflow in exp
     q1 = (torch.where(s_iso, mu_bar, mu1), torch.where(s_iso, logvar_bar, logvar1), torch.where(s_ori, logp_bar, logp1))
     q2 = (torch.where(s_iso, mu_bar, mu2), torch.where(s_iso, logvar_bar, logvar2), torch.where(s_ori, logp_bar, logp2))
     return q1, q2, shared
