@@ -507,25 +507,24 @@ def resize_mask(mask, size):
     return sq > 127
 
 
-# A small in-process LRU of decoded, padded and resized arrays (keyed per file, mtime and size).
-_CACHE = OrderedDict()
-_CACHE_LIMIT = 256 * 2 ** 20
-_cache_bytes = 0
+class ArrayCache:
+    """A small LRU of decoded, padded and resized arrays, up to `limit` bytes; make() on a miss. The images of
+    one dataset share one (folders.Target gives its ImageSets the same), keyed per file, mtime and size."""
 
+    def __init__(self, limit=256 * 2 ** 20):
+        self.arrays, self.limit, self.bytes = OrderedDict(), limit, 0
 
-def cached_array(key, make):
-    global _cache_bytes
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    value = make()
-    value.setflags(write=False)
-    _CACHE[key] = value
-    _cache_bytes += value.nbytes
-    while _cache_bytes > _CACHE_LIMIT and len(_CACHE) > 1:
-        _, old = _CACHE.popitem(last=False)
-        _cache_bytes -= old.nbytes
-    return value
+    def get(self, key, make):
+        if key in self.arrays:
+            self.arrays.move_to_end(key)
+            return self.arrays[key]
+        value = make()
+        value.setflags(write=False)
+        self.arrays[key] = value
+        self.bytes += value.nbytes
+        while self.bytes > self.limit and len(self.arrays) > 1:
+            self.bytes -= self.arrays.popitem(last=False)[1].nbytes
+        return value
 
 
 # =====================================================================================================

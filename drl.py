@@ -445,20 +445,13 @@ def _load_strict(model, sd, path, what, need):
     model.load_state_dict(sd, strict=True)
 
 
-_DIGESTS = {}
-
-
 def weights_digest(path):
-    """sha256 hex digest of a file, memoised by (path, size, mtime)."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
+    """sha256 hex digest of a file, read in 1 MiB chunks (a run hashes its backbone's once: Resolved)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------

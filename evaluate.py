@@ -250,7 +250,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
     inputs = Inputs(cfg, res, target, drl.load_checkpoint(pairs[0][0]))
     per_model = score_models(cfg, res, target, pairs, inputs)
     baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
-                                   weights=drl.weights_digest(res.weights) if res.weights else None),
+                                   weights=res.weights_digest),
                          lambda: runtime.scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
     for m in per_model:
         for state in STATES:
@@ -371,7 +371,7 @@ def explicitness(cfg, resolved):
         phi = np.asarray(train.features(cfg, res, name, digest, n, lambda i: dataset.images(chosen[i])))
         t1 = time.time()
         a, b = phi[np.searchsorted(chosen, tr)], phi[np.searchsorted(chosen, te)]
-        key = dict(part="explicitness", backbone=res.backbone, weights=drl.weights_digest(res.weights),
+        key = dict(part="explicitness", backbone=res.backbone, weights=res.weights_digest,
                    precision=res.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
         scores, _ = cached(cfg, key, lambda: runtime.scored(
             f"{res.backbone}: GBT + MLP per factor on {len(tr)} + {len(te)} images", lambda: metrics.explicitness(

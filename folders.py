@@ -134,7 +134,7 @@ class ImageSet:
     """
 
     def __init__(self, names, labels, classes, paths=None, masks=None, arrays=None,
-                 mask_arrays=None, rows=None, stamp="", content=None):
+                 mask_arrays=None, rows=None, stamp="", content=None, cache=None):
         self.names = list(names)
         self._content = None if content is None else list(content)  # sha256 of each file (image + mask)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -144,6 +144,7 @@ class ImageSet:
         self._rows = np.arange(len(self.names)) if rows is None else np.asarray(rows, np.int64)
         self._stamp = stamp  # identity of the in-memory arrays (their digest)
         self._digest = None
+        self._cache = cache or data.ArrayCache()  # shared with the subsets and the other split of the target
 
     def __len__(self):
         return len(self.names)
@@ -180,17 +181,17 @@ class ImageSet:
     def _image(self, i, size):
         if self._arrays is not None:
             r = int(self._rows[i])
-            return data.cached_array(("arr", self._stamp, r, size), lambda: data.resize_image(self._arrays[r], size))
+            return self._cache.get(("arr", self._stamp, r, size), lambda: data.resize_image(self._arrays[r], size))
         p = self._paths[i]
-        return data.cached_array(("img", p, _mtime(p), size), lambda: data.resize_image(data.load_image(p), size))
+        return self._cache.get(("img", p, _mtime(p), size), lambda: data.resize_image(data.load_image(p), size))
 
     def _mask(self, i, size):
         if self._mask_arrays is not None:
             r = int(self._rows[i])
-            return data.cached_array(("amask", self._stamp, r, size),
+            return self._cache.get(("amask", self._stamp, r, size),
                                      lambda: data.resize_mask(self._mask_arrays[r], size))
         m = self._masks[i]
-        return data.cached_array(("mask", m, _mtime(m.files[0]), size),
+        return self._cache.get(("mask", m, _mtime(m.files[0]), size),
                                  lambda: data.resize_mask(read_mask(m), size))
 
     def subset(self, idx):
@@ -200,7 +201,7 @@ class ImageSet:
         return ImageSet([self.names[int(i)] for i in idx], self.labels[idx], self.classes,
                         paths=pick(self._paths), masks=pick(self._masks),
                         arrays=self._arrays, mask_arrays=self._mask_arrays, rows=self._rows[idx],
-                        stamp=self._stamp, content=pick(self._content))
+                        stamp=self._stamp, content=pick(self._content), cache=self._cache)
 
     @property
     def digest(self):
@@ -325,11 +326,14 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
             raise ValueError(f"class '{found.classes[c]}' in {found.top} has no readable images")
     masks = _find_masks(found, items, sizes, files)
 
+    cache = data.ArrayCache()
+
     def make(part):
         return ImageSet([it.name for it in part], [it.label for it in part], found.classes,
                         paths=[it.path for it in part],
                         masks=None if masks is None else [masks.get(it.name) for it in part],
-                        content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part])
+                        content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part],
+                        cache=cache)
 
     kind, saved_split = found.split, None
     if kind == "native":
@@ -778,10 +782,11 @@ def _synthetic_target(seed, saved, saved_name):
     names = [f"{data.SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
     stamp = hashlib.sha256(b"synthetic-cells-v2" + images.tobytes() + masks.tobytes()).hexdigest()
     train, test = _split(names, labels, "project", seed, saved, saved_name, "synthetic-cells")
+    cache = data.ArrayCache()
 
     def make(idx):
         return ImageSet([names[k] for k in idx], labels[idx], data.SYNTHETIC_CLASSES, arrays=images,
-                        mask_arrays=masks, rows=idx, stamp=stamp)
+                        mask_arrays=masks, rows=idx, stamp=stamp, cache=cache)
 
     return Target("synthetic-cells", data.SYNTHETIC_CLASSES, make(train), make(test),
                   layout="built in (procedural, 4 morphology classes)", split_kind=PROJECT_SPLIT.format(seed=seed),

@@ -51,35 +51,39 @@ def _rank_prefix():
 # where one that exits is killed inside C++ code, and the rank aborted ("terminate called without an active
 # exception", SIGABRT) in about one torchrun run in ten.
 
-_RANKS = {}  # the store client of this rank under torchrun, and whether the final exchange happened
+# The one piece of module state, for the whole process: under torchrun this rank's store client and whether the
+# final exchange happened ("ranks"), and every checkpoint this process wrote, path -> step ("written", for the
+# Ctrl-C and out-of-memory lines).
+PROCESS = {"ranks": {}, "written": {}}
 
 
 def join_ranks(res):
     """Under torchrun (WORLD_SIZE > 1), connect to its store at MASTER_ADDR:MASTER_PORT; torchrun's agent
     hosts it (TORCHELASTIC_USE_AGENT_STORE), other launchers leave it to rank 0."""
-    if res.world > 1 and "store" not in _RANKS:
+    if res.world > 1 and "store" not in PROCESS["ranks"]:
         import datetime
         host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and res.rank == 0
-        _RANKS.update(rank=res.rank, world=res.world, host=host, synced=False, store=torch.distributed.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), res.world, is_master=host,
-            timeout=datetime.timedelta(days=7)))
+        store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), res.world,
+                                           is_master=host, timeout=datetime.timedelta(days=7))
+        PROCESS["ranks"].update(rank=res.rank, world=res.world, host=host, synced=False, store=store)
 
 
 def wait_for_ranks(error=None):
     """Every rank says whether its share succeeded (`error`: its one-line message, or None) and hears the
     others. A failed rank elsewhere is raised here as one line naming it; one process returns at once."""
-    if "store" not in _RANKS or _RANKS["synced"]:
+    me = PROCESS["ranks"]
+    if "store" not in me or me["synced"]:
         return
-    _RANKS["synced"] = True
-    store, world = _RANKS["store"], _RANKS["world"]
+    me["synced"] = True
+    store, world = me["store"], me["world"]
     prefix = f"drl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted run has fresh keys
     keys = [f"{prefix}status/{r}" for r in range(world)]
     try:
-        store.set(keys[_RANKS["rank"]], json.dumps(error))
+        store.set(keys[me["rank"]], json.dumps(error))
         store.wait(keys)
         errors = [json.loads(store.get(k)) for k in keys]
         store.add(prefix + "read", 1)
-        while _RANKS["host"] and store.add(prefix + "read", 0) < world:  # the host stays until all have read
+        while me["host"] and store.add(prefix + "read", 0) < world:  # the host stays until all have read
             time.sleep(0.01)
     except RuntimeError as e:  # the rank hosting the store died without a word (killed, out of memory)
         raise ValueError(f"another rank stopped without reporting ({drl.one_line(e)}); torchrun's summary "
@@ -343,9 +347,6 @@ def printer(label):
     return progress
 
 
-WRITTEN = {}  # checkpoint path -> step, for every checkpoint this process wrote (the Ctrl-C message)
-
-
 @contextlib.contextmanager
 def compiling(first):
     """The first compiled step builds the kernels: a compiler that fails (none installed, an unsupported
@@ -379,10 +380,11 @@ def out_of_memory(e):
 
 def interrupted_message():
     """What Ctrl-C leaves behind, in one line."""
-    if not WRITTEN:
+    written = PROCESS["written"]
+    if not written:
         return "interrupted before this run wrote a checkpoint; run the same command again to start"
-    path, step = list(WRITTEN.items())[-1]
-    return (f"interrupted: {len(WRITTEN)} checkpoint(s) of this run are kept, the last {path} at step {step}; "
+    path, step = list(written.items())[-1]
+    return (f"interrupted: {len(written)} checkpoint(s) of this run are kept, the last {path} at step {step}; "
             f"run the same command again to resume")
 
 
@@ -410,6 +412,7 @@ def run_main(main):
 
 
 def _oom_message(e):
-    kept = f"the {len(WRITTEN)} checkpoint(s) this run wrote are kept" if WRITTEN else "no checkpoint was written"
+    written = PROCESS["written"]
+    kept = f"the {len(written)} checkpoint(s) this run wrote are kept" if written else "no checkpoint was written"
     return (f"out of GPU memory ({drl.one_line(e, 100)}); lower --batch-size, or train fewer models per process "
             f"(without --parallel-models, or with more torchrun ranks); {kept}, and the same command resumes")

@@ -3153,7 +3153,7 @@ def test_recent_rate_forgets_old_speed(monkeypatch):
 def test_ctrl_c_says_what_was_kept(tmp_path, capsys, monkeypatch):
     def interrupted(argv):
         raise KeyboardInterrupt
-    monkeypatch.setattr(runtime, "WRITTEN", {})
+    monkeypatch.setitem(runtime.PROCESS, "written", {})
     code, _, err = run_script(interrupted, [], capsys)
     assert code == 130 and "before this run wrote a checkpoint" in err and "kept" not in err
     with pytest.raises(_Interrupt):
@@ -3453,7 +3453,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
                     "CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(group, *a, **k)
     monkeypatch.setattr(train, "_fit_group", oom_in_the_second_model)
-    monkeypatch.setattr(runtime, "WRITTEN", {})
+    monkeypatch.setitem(runtime.PROCESS, "written", {})
     argv = ["--stage", "source", "--out", str(tmp_path / "r"), "--steps", "3", "--seeds", "0", "1", "--betas", "1",
             "--batch-size", "4", "--latent-dim", "4"]
     code, _, err = run_script(train.main, argv, capsys)

@@ -13,6 +13,7 @@ loop `fit`, and the pipeline that evaluate.py calls (train_source, finetune).
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -140,6 +141,11 @@ class Resolved:
     rank: int = 0          # this process's place under torchrun (RANK of WORLD_SIZE); one process is 0 of 1
     world: int = 1
 
+    @functools.cached_property
+    def weights_digest(self):
+        """sha256 of the weights file (None without one): in cache keys and configs, hashed once per run."""
+        return drl.weights_digest(self.weights) if self.weights else None
+
 
 def resolve_device(cfg):
     """dict(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K
@@ -225,7 +231,7 @@ def new_model(cfg, res):
 
 def features(cfg, res, name, digest, n, images_fn):
     """Φ of n images through the frozen backbone, cached under out/features/ by everything that changes it."""
-    key = drl.cache_key(dataset=digest, backbone=res.backbone, weights=drl.weights_digest(res.weights),
+    key = drl.cache_key(dataset=digest, backbone=res.backbone, weights=res.weights_digest,
                         precision=res.precision, preprocessing=drl.preprocessing(res.backbone))
     path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
     if os.path.exists(path):
@@ -510,6 +516,8 @@ def _vmapped(template):
     return torch.vmap(lambda w, b, beta, noise: torch.func.functional_call(template, w, (b, beta, noise)))
 
 
+# The one cache kept as module state: torch.compile'd objectives, one per architecture and stack size, so that
+# the source and the finetuning stage of a run (and bench.py's warm-up and timing) share the kernels.
 _COMPILED = {}
 
 
@@ -603,7 +611,7 @@ def _write_checkpoints(group, model, opt, step, steps, means):
             "config": _saved_config(r, steps), "model": r.model.state_dict(),
             "optimizer": _model_optimizer_state(state, m if stacked else None),
             "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
-        runtime.WRITTEN[_ckpt_path(r)] = step
+        runtime.PROCESS["written"][_ckpt_path(r)] = step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -650,7 +658,7 @@ def train_source(cfg, res):
     runs, paths = [], []
     for beta, seed in my_models(cfg, res):
         config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
-                  "backbone_weights": drl.weights_digest(res.weights) if res.weights else None,
+                  "backbone_weights": res.weights_digest,
                   "precision": res.precision if res.weights else None,
                   "latent_dim": cfg.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
                   "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
