@@ -416,7 +416,10 @@ def _fit_group(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup
     for r in group:
         r.model.to(device).train()
     stacked = M > 1 or compile  # compiled, even one model is a Stack: ε and β come in as tensors
-    model = Stack([r.model for r in group], compile) if stacked else group[0].model
+    model, models = group[0].model, [r.model for r in group]
+    if stacked:
+        _check_stackable(models, "--compile" if compile else "--parallel-models")
+        model = Stack(models, _compiled(models[0], M) if compile else _vmapped(models[0]))
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=lr,
                          weight_decay=weight_decay)
     if start > 0:
@@ -460,17 +463,16 @@ class Stack(torch.nn.Module):
     """M models of one architecture as one model, for --parallel-models: every trainable weight becomes one
     tensor with a leading model dim (torch.func.stack_module_state), and forward(batch, beta (M,), noise) runs
     the models' own objective through torch.vmap, returning (M,) losses. Adam is elementwise, so one Adam over
-    the stacked tensors is each model's own Adam. The first model lends its structure only (not registered).
-    compile=True: the vmapped objective goes through torch.compile (see _compiled)."""
+    the stacked tensors is each model's own Adam. `objective` is _vmapped(models[0]) or its torch.compile
+    (_compiled): the first model lends its structure only (not registered)."""
 
-    def __init__(self, models, compile=False):
+    def __init__(self, models, objective):
         super().__init__()
-        _check_stackable(models, "--compile" if compile else "--parallel-models")
         trainable = [k for k, p in models[0].named_parameters() if p.requires_grad]
         weights = torch.func.stack_module_state(models)[0]
         self.names = [k for k in weights if k in trainable]
         self.weights = torch.nn.ParameterList([torch.nn.Parameter(weights[k].detach()) for k in self.names])
-        self.objective = _compiled(models[0], len(models)) if compile else _vmapped(models[0])
+        self.objective = objective
 
     def forward(self, batch, beta, noise):
         return self.objective(dict(zip(self.names, self.weights)), batch, beta, noise)
