@@ -324,9 +324,7 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     for c in range(len(found.classes)):
         if not any(it.label == c for it in items):
             raise ValueError(f"class '{found.classes[c]}' in {found.top} has no readable images")
-    masks = _find_masks(found, items, sizes, files)
-
-    cache = data.ArrayCache()
+    masks, cache = _find_masks(found, items, sizes, files), data.ArrayCache()
 
     def make(part):
         return ImageSet([it.name for it in part], [it.label for it in part], found.classes,
@@ -335,17 +333,7 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
                         content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part],
                         cache=cache)
 
-    kind, saved_split = found.split, None
-    if kind == "native":
-        train, test = [it for it in items if it.part == "train"], [it for it in items if it.part == "test"]
-    else:
-        if by_slide:
-            kind = "slide"
-        tr, te = _split([it.name for it in items], np.array([it.label for it in items]), kind, seed, split,
-                        split_name, found.top, DATASETS[name].slide)
-        train, test = [items[k] for k in tr], [items[k] for k in te]
-        if kind == "project":
-            saved_split = _split_record(name, seed, [it.name for it in items], tr, te)
+    train, test, kind, saved_split = _split_items(name, found, items, seed, split, split_name, by_slide)
     text = {"native": NATIVE_SPLIT, "paper": PAPER_SPLIT, "slide": SLIDE_SPLIT}.get(kind) or \
         PROJECT_SPLIT.format(seed=seed)
     target = Target(name, found.classes, make(train), make(test), layout=found.layout, split_kind=text,
@@ -719,6 +707,18 @@ def _contour(path):
 # =====================================================================================================
 # 6. Splits
 # =====================================================================================================
+
+def _split_items(name, found, items, seed, split, split_name, by_slide):
+    """(train items, test items, split kind, the project split's record to save or None)."""
+    if found.split == "native":
+        return [it for it in items if it.part == "train"], [it for it in items if it.part == "test"], "native", None
+    kind = "slide" if by_slide else found.split
+    names = [it.name for it in items]
+    tr, te = _split(names, np.array([it.label for it in items]), kind, seed, split, split_name, found.top,
+                    DATASETS[name].slide)
+    record = _split_record(name, seed, names, tr, te) if kind == "project" else None
+    return [items[k] for k in tr], [items[k] for k in te], kind, record
+
 
 def _split(names, labels, kind, seed, saved, saved_name, where, slide=None):
     """(train, test) sorted index arrays. "paper": scikit-learn's train_test_split(test_size=0.2,
