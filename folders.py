@@ -501,8 +501,10 @@ def _plain(name, spec, start):
         if _hint(spec, start):
             raise ValueError(_hint(spec, start))
         if len(parts[main]) < 2:
-            raise ValueError(f"{start} has a single class folder '{next(iter(parts[main]))}'; need at least two "
-                             f"classes")
+            only = next(iter(parts[main].values()))
+            inner = f"; if its sub-folders are the classes, point --data-root at {only}" if _subdirs(only) else ""
+            raise ValueError(f"{start} has a single class folder '{os.path.basename(only)}'; need at least two "
+                             f"classes{inner}")
         classes = sorted(parts[main])
     else:                                                      # the paper's classes: checked, split as it does
         classes, parts[main], left_out = _paper_classes(name, spec, parts[main], start)

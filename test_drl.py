@@ -515,8 +515,11 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(ValueError, match="no class folders"):
         folders.load_target("lensless", root=str(tmp_path))
     _make_folder(tmp_path, "whoi15", ["only"], 3)
-    with pytest.raises(ValueError, match="single class folder 'only'"):
+    with pytest.raises(ValueError, match="single class folder 'only'; need at least two classes$"):
         folders.load_target("whoi15", root=str(tmp_path))
+    _make_folder(tmp_path / "one-down", "sipakmed", ["mydata/a", "mydata/b"], 2)   # the classes a level deeper
+    with pytest.raises(ValueError, match=r"single class folder 'mydata'.*point --data-root at .*sipakmed/mydata$"):
+        folders.load_target("sipakmed", root=str(tmp_path / "one-down"))
     (tmp_path / "whoi15" / "empty").mkdir()
     with pytest.raises(ValueError, match="empty has no images"):
         folders.load_target("whoi15", root=str(tmp_path))
