@@ -608,19 +608,22 @@ def _mask_digest(files, masks, n, top):
     return "".join(files[os.path.relpath(f, top)] for f in masks[n].files)
 
 
-def _mask_candidates(found, item):
-    """The files that could be `item`'s mask: contour .dat files beside it, or images with its stem."""
-    folder, fname = os.path.split(item.path)
-    stem = os.path.splitext(fname)[0]
-    if "dat" in found.masks:
-        return [os.path.join(folder, f) for f in _entries(folder)
-                if f.lower().endswith(".dat") and re.match(re.escape(stem) + r"_(cyt|nuc)", f)]
-    mdir = found.masks.get(item.part, {}).get(found.classes[item.label])
-    if not mdir or not os.path.isdir(mdir):
+def _mask_candidates(found, item, index):
+    """The files that could be `item`'s mask: contour .dat files beside it (<stem>_cyt*.dat, <stem>_nuc*.dat),
+    or the image with its stem in its mask folder. `index` keeps each folder's listing, {stem: [paths]}."""
+    dat = "dat" in found.masks
+    folder = os.path.dirname(item.path) if dat else found.masks.get(item.part, {}).get(found.classes[item.label])
+    if not folder or not os.path.isdir(folder):
         return []
-    hits = [f for f in _entries(mdir) if os.path.splitext(f)[0] == stem
-            and os.path.splitext(f)[1].lower() in data.image_extensions()]
-    return [os.path.join(mdir, hits[0])] if hits else []
+    if folder not in index:
+        index[folder] = {}
+        for f in _entries(folder):
+            m = re.match(r"(.*)_(?:cyt|nuc)", f) if f.lower().endswith(".dat") else None
+            if dat and m:
+                index[folder].setdefault(m.group(1), []).append(os.path.join(folder, f))
+            elif not dat and os.path.splitext(f)[1].lower() in data.image_extensions():
+                index[folder].setdefault(os.path.splitext(f)[0], [os.path.join(folder, f)])
+    return index[folder].get(os.path.splitext(os.path.basename(item.path))[0], [])
 
 
 def _find_masks(found, items, sizes, files):
@@ -631,9 +634,9 @@ def _find_masks(found, items, sizes, files):
     in the target folder), so an edited mask makes another dataset."""
     if not found.masks:
         return None
-    out, skipped, fitted = {}, [], 0
+    out, skipped, fitted, index = {}, [], 0, {}
     for it in items:
-        paths = _mask_candidates(found, it)
+        paths = _mask_candidates(found, it, index)
         if not paths:
             continue
         m = Mask(tuple(paths), sizes[it.name])
