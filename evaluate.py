@@ -218,7 +218,7 @@ def main(argv=None):
     t0 = time.time()
     cfg, target = runtime.load_target(cfg)
     say(folders.describe(target, short=True))
-    res = train.resolve(cfg, say)
+    res = runtime.resolve(cfg, say)
     if args.no_train:
         missing = [p for p in train.checkpoint_paths(cfg, res) if not train.is_done(p)]
         if missing:
@@ -335,7 +335,7 @@ def explicitness_main(cfg, backbones):
         sub = dataclasses.replace(cfg, backbone=name, backbone_weights=None if name == "dino" and others
                                   else cfg.backbone_weights)
         try:
-            resolved.append(train.resolve(sub, say))
+            resolved.append(runtime.resolve(sub, say))
         except FileNotFoundError as e:
             if named:
                 raise

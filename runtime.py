@@ -1,6 +1,7 @@
-"""The machinery around the science, for train.py and evaluate.py: one process or a rank of torchrun, the run
-folder (targets read with their bad-image lists and content manifests, refusals that say in words what differs,
-cached results), the bookkeeping around the training loop, and the one-line errors of the scripts.
+"""The machinery around the science, for train.py and evaluate.py: one process or a rank of torchrun, what is
+resolved at run time (backbone, weights file, device), the run folder (targets read with their bad-image lists
+and content manifests, refusals that say in words what differs, cached results), the bookkeeping around the
+training loop, and the one-line errors of the scripts.
 
 Nothing here changes a number; a reader of the paper can skip this file.
 """
@@ -136,7 +137,71 @@ def exact_fp32(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. The run folder: targets with their lists and manifests, refusals that say what differs, result caches
+# 2. What is resolved at run time: the backbone actually used, its weights, the device
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    backbone: str          # "dino", a torchvision builder name or "pixels" (what "auto" became)
+    weights: str = None    # the backbone's weights file
+    device: str = "cpu"
+    feature_dim: int = None  # size of Φ (None on pixels)
+    precision: str = "fp32"  # of feature extraction (what "auto" became)
+    rank: int = 0          # this process's place under torchrun (RANK of WORLD_SIZE); one process is 0 of 1
+    world: int = 1
+
+    @functools.cached_property
+    def weights_digest(self):
+        """sha256 of the weights file (None without one): in cache keys and configs, hashed once per run."""
+        return drl.weights_digest(self.weights) if self.weights else None
+
+
+def resolve_device(cfg):
+    """dict(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K
+    takes cuda:$LOCAL_RANK. A CUDA device that is not there is an error, never a silent fallback."""
+    rank, world = ranks()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch here "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if device == "cuda" and world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    return dict(device=device, precision=precision, rank=rank, world=world)
+
+
+def resolve(cfg, announce=print):
+    """Decide the backbone (auto = dino when its weights resolve, else pixels), its weights and the
+    device; `announce` gets the one line that says which."""
+    at = resolve_device(cfg)
+    if cfg.backbone not in ("auto", "pixels") and cfg.arch == "se2":
+        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
+    if cfg.backbone == "pixels":
+        return Resolved("pixels", None, **at)
+    if cfg.backbone not in ("auto", "dino"):
+        weights, how = drl.resolve_torchvision_weights(cfg.backbone, cfg.backbone_weights)
+        res = Resolved(cfg.backbone, weights, feature_dim=drl.torchvision_feature_dim(cfg.backbone), **at)
+        announce(f"backbone: torchvision {cfg.backbone} from {weights} ({how})")
+        return res
+    try:
+        weights, how = drl.resolve_dino_weights(cfg.backbone_weights or cfg.dino_weights)
+    except FileNotFoundError as e:
+        if cfg.backbone == "dino" or cfg.dino_weights or cfg.backbone_weights:
+            raise
+        announce(f"backbone: {e}; falling back to --backbone pixels")
+        return Resolved("pixels", None, **at)
+    if cfg.arch == "se2":
+        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
+    announce(f"backbone: DINO ViT-B/16 from {weights} ({how})")
+    return Resolved("dino", weights, feature_dim=drl.VIT_B16_CONFIG["embed_dim"], **at)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The run folder: targets with their lists and manifests, refusals that say what differs, result caches
 # ---------------------------------------------------------------------------------------------------------
 
 def check_writable(folder):
@@ -299,7 +364,7 @@ def json_default(o):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Around the training loop: log.csv, the recent rate, progress lines, what was written, compiler errors
+# 4. Around the training loop: log.csv, the recent rate, progress lines, what was written, compiler errors
 # ---------------------------------------------------------------------------------------------------------
 
 class CsvLog:
@@ -375,7 +440,7 @@ def out_of_memory(e):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The scripts: one line per error, Ctrl-C keeps what was written
+# 5. The scripts: one line per error, Ctrl-C keeps what was written
 # ---------------------------------------------------------------------------------------------------------
 
 def interrupted_message():

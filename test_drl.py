@@ -3256,7 +3256,7 @@ def test_features_are_cached_and_keyed_by_backbone_and_weights(tmp_path, monkeyp
     monkeypatch.setattr(drl, "load_backbone", lambda name, path, **k: loads.append(name) or load(name, path, **k))
 
     def phi(name, weights):
-        res = train.Resolved(name, weights, "cpu", drl.torchvision_feature_dim(name))
+        res = runtime.Resolved(name, weights, "cpu", drl.torchvision_feature_dim(name))
         return np.asarray(train.features(cfg, res, "images", "digest", 5, fn))
     a = phi("resnet18", resnet18_weights)
     assert a.shape == (5, 512) and np.array_equal(phi("resnet18", resnet18_weights), a) and loads == ["resnet18"]
@@ -3638,7 +3638,7 @@ def test_fake_cuda_source_stage_and_finetuning_resumed_from_a_cpu_checkpoint(tmp
     synthetic-cells train split (epoch_batches) for finetuning, each resuming a checkpoint written on the CPU."""
     monkeypatch.setattr(data, "SYNTHETIC_N", 200)
     cfg = train.Config(backbone="pixels", latent_dim=4, out=str(tmp_path))
-    res = train.Resolved("pixels", device="cuda")
+    res = runtime.Resolved("pixels", device="cuda")
     src = train.SourceInputs(cfg, dataclasses.replace(res, device="cpu"))
     batches = src.batches(16, paired=True)
     make = lambda s: train.Run(drl.ConvVAE(latent_dim=4), s, 1.0, str(tmp_path / f"src{s}"), {"s": s})  # noqa: E731

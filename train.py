@@ -7,13 +7,13 @@
 Everything goes under --out (default runs/): feature caches in features/, one folder per model with its
 checkpoint.pt (weights, config, optimiser; written atomically, resumed automatically) and log.csv.
 
-Read top to bottom: the Config (every setting, the paper's values as defaults), what is resolved at run time
-(backbone, weights, device), the inputs (Φ or pixels of Texture-dSprites and of a target), the one training
-loop `fit`, and the pipeline that evaluate.py calls (train_source, finetune).
+Read top to bottom: the Config (every setting, the paper's values as defaults), the names of a run's models,
+the inputs (Φ or pixels of Texture-dSprites and of a target), the one training loop `fit`, and the pipeline that
+evaluate.py calls (train_source, finetune). What is resolved at run time (backbone, weights, device) is
+runtime.resolve's.
 """
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -128,68 +128,9 @@ def config_from_args(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. What is resolved at run time: the backbone actually used, its weights, the device
+# 2. Names of a run's models: `res` is the runtime.Resolved of the run (the backbone "auto" became, its
+#    weights file, the device), decided once by runtime.resolve(cfg) and never written into the Config
 # ---------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Resolved:
-    backbone: str          # "dino", a torchvision builder name or "pixels" (what "auto" became)
-    weights: str = None    # the backbone's weights file
-    device: str = "cpu"
-    feature_dim: int = None  # size of Φ (None on pixels)
-    precision: str = "fp32"  # of feature extraction (what "auto" became)
-    rank: int = 0          # this process's place under torchrun (RANK of WORLD_SIZE); one process is 0 of 1
-    world: int = 1
-
-    @functools.cached_property
-    def weights_digest(self):
-        """sha256 of the weights file (None without one): in cache keys and configs, hashed once per run."""
-        return drl.weights_digest(self.weights) if self.weights else None
-
-
-def resolve_device(cfg):
-    """dict(device, precision, rank, world): auto is cuda when a GPU is visible; under torchrun rank r of K
-    takes cuda:$LOCAL_RANK. A CUDA device that is not there is an error, never a silent fallback."""
-    rank, world = runtime.ranks()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch here "
-                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
-        if device == "cuda" and world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        index = torch.device(device).index or 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    return dict(device=device, precision=precision, rank=rank, world=world)
-
-
-def resolve(cfg, announce=print):
-    """Decide the backbone (auto = dino when its weights resolve, else pixels), its weights and the
-    device; `announce` gets the one line that says which."""
-    at = resolve_device(cfg)
-    if cfg.backbone not in ("auto", "pixels") and cfg.arch == "se2":
-        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
-    if cfg.backbone == "pixels":
-        return Resolved("pixels", None, **at)
-    if cfg.backbone not in ("auto", "dino"):
-        weights, how = drl.resolve_torchvision_weights(cfg.backbone, cfg.backbone_weights)
-        res = Resolved(cfg.backbone, weights, feature_dim=drl.torchvision_feature_dim(cfg.backbone), **at)
-        announce(f"backbone: torchvision {cfg.backbone} from {weights} ({how})")
-        return res
-    try:
-        weights, how = drl.resolve_dino_weights(cfg.backbone_weights or cfg.dino_weights)
-    except FileNotFoundError as e:
-        if cfg.backbone == "dino" or cfg.dino_weights or cfg.backbone_weights:
-            raise
-        announce(f"backbone: {e}; falling back to --backbone pixels")
-        return Resolved("pixels", None, **at)
-    if cfg.arch == "se2":
-        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
-    announce(f"backbone: DINO ViT-B/16 from {weights} ({how})")
-    return Resolved("dino", weights, feature_dim=drl.VIT_B16_CONFIG["embed_dim"], **at)
-
 
 def vae_arch(cfg, res):
     """The VAE that a run trains: an MLP on features Φ, else --arch (conv or se2) on pixels."""
@@ -742,7 +683,7 @@ def main(argv=None):
         raise ValueError("--stage source or --stage finetune is required (or --check-data)")
     runtime.check_writable(cfg.out)
     t0 = time.time()
-    res = resolve(cfg, say)
+    res = runtime.resolve(cfg, say)
     runtime.setup_process(cfg, res)
     if args.stage == "source":
         paths = train_source(cfg, res)
