@@ -356,10 +356,11 @@ class Found:
     top: str
     classes: list
     parts: dict               # {"train" | "test" | "": {class: folder}}
-    masks: dict               # {part: {class: mask folder}}, or {"dat": True}
+    masks: dict               # {part: {class: mask folder}} (empty without mask folders)
     split: str                # "paper" | "native" | "project"
     exts: tuple = ()
     left_out: tuple = ()
+    contours: bool = False    # masks are .dat contours beside each image (Sipakmed)
 
 
 def _key(name):
@@ -429,17 +430,16 @@ def _match(name, spec, layout, top):
             raise ValueError(f"{where} has no test folders ({layout.test.replace('{class}', '<class>')}); the paper "
                              f"uses the download's own test split")
         _, parts["test"], _ = _paper_classes(name, spec, test, where + ", test")
-    if layout.masks == "dat":
-        masks = {"dat": True}
-    else:
-        masks = {part: _known(spec, _class_folders(top, pattern)) for part, pattern in zip(parts, layout.masks)}
+    contours = layout.masks == "dat"
+    masks = {} if contours else {part: _known(spec, _class_folders(top, pattern))
+                                 for part, pattern in zip(parts, layout.masks)}
     return Found(layout.name, top, classes, parts, masks, "native" if layout.test else spec.split, layout.exts,
-                 left_out)
+                 left_out, contours)
 
 
 def _uses(found):
     return [f for part in found.parts.values() for f in part.values()] + \
-           [f for part in found.masks.values() if isinstance(part, dict) for f in part.values() if f]
+           [f for part in found.masks.values() for f in part.values() if f]
 
 
 def _inside(path, folder):
@@ -498,8 +498,9 @@ def _plain(name, spec, start):
                          f"training images")
     layout, split, left_out = "a plain folder: <class>/<image>", "project", ()
     if not _known(spec, parts[main]):                          # a researcher's own classes
-        if _hint(spec, start):
-            raise ValueError(_hint(spec, start))
+        hint = _hint(spec, start)
+        if hint:
+            raise ValueError(hint)
         if len(parts[main]) < 2:
             only = next(iter(parts[main].values()))
             inner = f"; if its sub-folders are the classes, point --data-root at {only}" if _subdirs(only) else ""
@@ -563,7 +564,7 @@ def _collect_images(found):
                 continue
             entries = [f for f in _entries(folder) if os.path.isfile(os.path.join(folder, f))]
             files = [f for f in entries if os.path.splitext(f)[1].lower() in exts]
-            contours = [f for f in entries if "dat" in found.masks and f.lower().endswith(".dat")]
+            contours = [f for f in entries if found.contours and f.lower().endswith(".dat")]
             ignored += len(entries) - len(files) - len(contours)
             if not files and part != "test":
                 raise ValueError(f"class folder {folder} has no images; add images or remove the folder")
@@ -611,7 +612,7 @@ def _mask_digest(files, masks, n, top):
 def _mask_candidates(found, item, index):
     """The files that could be `item`'s mask: contour .dat files beside it (<stem>_cyt*.dat, <stem>_nuc*.dat),
     or the image with its stem in its mask folder. `index` keeps each folder's listing, {stem: [paths]}."""
-    dat = "dat" in found.masks
+    dat = found.contours
     folder = os.path.dirname(item.path) if dat else found.masks.get(item.part, {}).get(found.classes[item.label])
     if not folder or not os.path.isdir(folder):
         return []
@@ -632,7 +633,7 @@ def _find_masks(found, items, sizes, files):
     image from it (one warning says how many) and never blocks classification. A mask within MASK_SLACK px of
     its image's size is padded or cropped to it (one warning). Mask bytes go into `files` (keyed by their path
     in the target folder), so an edited mask makes another dataset."""
-    if not found.masks:
+    if not found.masks and not found.contours:
         return None
     out, skipped, fitted, index = {}, [], 0, {}
     for it in items:
