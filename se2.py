@@ -45,8 +45,6 @@ def rotation_matrix(kernel_size, n_angles, dtype=torch.float32):
     operator never reads or writes a corner. For θ = 90° the block equals torch.rot90 on the disk.
     """
     k = int(kernel_size)
-    if k < 1 or n_angles < 1:
-        raise ValueError(f"kernel_size ({kernel_size}) and n_angles ({n_angles}) must be >= 1")
     c = (k - 1) / 2
     grid = torch.arange(k, dtype=torch.float64) - c
     a, b = (t.reshape(-1) for t in torch.meshgrid(grid, grid, indexing="ij"))  # centred tap coords
@@ -76,14 +74,9 @@ def rotate_kernels(weight, n_angles, matrix=None):
     One matrix product with the fixed operator of rotation_matrix (pass the layer's buffer as
     `matrix`; without it the operator is built on the fly), so gradients reach `weight` linearly.
     """
-    if weight.dim() < 2 or weight.shape[-2] != weight.shape[-1]:
-        raise ValueError(f"rotate_kernels needs square kernels (..., k, k), got shape {tuple(weight.shape)}")
     k = weight.shape[-1]
     if matrix is None:
         matrix = rotation_matrix(k, n_angles, weight.dtype).to(weight.device)
-    if matrix.shape != (n_angles * k * k, k * k):
-        raise ValueError(f"rotation matrix has shape {tuple(matrix.shape)}, need ({n_angles * k * k}, {k * k}) "
-                         f"for {k}x{k} kernels and n_angles={n_angles}")
     return (weight.flatten(-2) @ matrix.t()).unflatten(-1, (n_angles, k, k))
 
 
@@ -138,8 +131,6 @@ class LiftingConv2d(nn.Module):
         return w.transpose(1, 2).reshape(self.out_ch * self.n_angles, self.in_ch, self.kernel_size, self.kernel_size)
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != self.in_ch:
-            raise ValueError(f"LiftingConv2d expects images (B, {self.in_ch}, H, W), got shape {tuple(x.shape)}")
         y = F.conv2d(x, self.kernel(), self.bias.repeat_interleave(self.n_angles), self.stride, self.padding)
         return y.unflatten(1, (self.out_ch, self.n_angles))
 
@@ -177,9 +168,6 @@ class GroupConv2d(nn.Module):
         return w.transpose(1, 2).reshape(self.out_ch * N, self.in_ch * N, k, k)
 
     def forward(self, x):
-        if x.dim() != 5 or x.shape[1] != self.in_ch or x.shape[2] != self.n_angles:
-            raise ValueError(f"GroupConv2d expects SE(2,N) maps (B, {self.in_ch}, {self.n_angles}, H, W), "
-                             f"got shape {tuple(x.shape)}")
         y = F.conv2d(x.flatten(1, 2), self.kernel(), self.bias.repeat_interleave(self.n_angles), 1, self.padding)
         return y.unflatten(1, (self.out_ch, self.n_angles))
 
@@ -191,12 +179,8 @@ class GroupConv2d(nn.Module):
 class GroupBatchNorm(nn.BatchNorm3d):
     """Batch norm for (B, C, N, H, W): one mean, variance and affine pair per channel, pooled over
     B, N, H and W (paper §5.1: "the orientation-axis in the computation of the batch statistics";
-    e2cnn InnerBatchNorm). Statistics per (channel, orientation) would break equivariance."""
-
-    def forward(self, x):
-        if x.dim() != 5 or x.shape[1] != self.num_features:
-            raise ValueError(f"GroupBatchNorm expects (B, {self.num_features}, N, H, W), got shape {tuple(x.shape)}")
-        return super().forward(x)
+    e2cnn InnerBatchNorm). Statistics per (channel, orientation) would break equivariance: BatchNorm3d
+    over (B, C, N, H, W) is exactly this."""
 
 
 def orientation_pool(x, mode="max"):
@@ -205,13 +189,8 @@ def orientation_pool(x, mode="max"):
     (B, C, N, H, W) -> (B, C, H, W), or (B, C, N) -> (B, C). Max as in se2cnn / e2cnn GroupPooling;
     mean is the paper's projection layer for μ_ISO, σ_ISO and gives smoother gradients.
     """
-    if x.dim() < 3:
-        raise ValueError(f"orientation_pool expects (B, C, N, ...), got shape {tuple(x.shape)}")
-    if mode == "max":
-        return x.amax(dim=2)
-    if mode == "mean":
-        return x.mean(dim=2)
-    raise ValueError(f"orientation_pool mode must be 'max' or 'mean', got {mode!r}")
+    assert mode in ("max", "mean"), mode
+    return x.amax(dim=2) if mode == "max" else x.mean(dim=2)
 
 
 def spatial_max_pool(x):
@@ -249,9 +228,6 @@ class ProjectionConv2d(nn.Module):
         _init_weight(self.weight, in_ch * n_angles * _disk_taps(kernel_size) // stride ** 2)
 
     def forward(self, x):
-        if x.dim() != 5 or x.shape[1] != self.in_ch or x.shape[2] != self.n_angles:
-            raise ValueError(f"ProjectionConv2d expects SE(2,N) maps (B, {self.in_ch}, {self.n_angles}, H, W), "
-                             f"got shape {tuple(x.shape)}")
         w = rotate_kernels(self.weight, self.n_angles, self.rotation)  # (C', C, N, k, k)
         k = self.kernel_size
         if self.stride == 1:
@@ -277,9 +253,6 @@ def inverse_transform_sample(p, u):
     C_{i-1} to C_i. Reparameterised: i is held constant, gradients reach p through C_{i-1} and p_i.
     Equivariance holds in distribution (the CDF starts at bin 0).
     """
-    if p.dim() < 1 or u.shape != p.shape[:-1]:
-        raise ValueError(f"inverse_transform_sample needs p (..., N) and u of shape p.shape[:-1], got p {tuple(p.shape)} "
-                         f"and u {tuple(u.shape)}")
     n = p.shape[-1]
     cdf = p.cumsum(-1)
     u_ = u.detach().unsqueeze(-1).to(cdf.dtype)
@@ -416,14 +389,6 @@ class SE2VAE(nn.Module):
                              "use channels-first float images")
         if not x.is_floating_point():
             raise ValueError(f"SE2VAE expects float images in [0, 1], got dtype {x.dtype}; use x.float() / 255")
-
-    @staticmethod
-    def check_range(x):
-        """The Bernoulli likelihood needs pixels in [0, 1]: check a dataset once, before training (it reads two
-        numbers back from the device, so the training step does not do it)."""
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"SE2VAE Bernoulli loss needs pixels in [0, 1], got [{lo:.3g}, {hi:.3g}]; rescale the images")
 
     # encoder ---------------------------------------------------------------------------------
     def encode(self, x):

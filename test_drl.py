@@ -1777,25 +1777,12 @@ def test_bad_shapes_raise_clear_errors():
             model.loss(xb, 1.0)
     with pytest.raises(ValueError, match="float"):
         model.representation((x * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # checked once per dataset, not in every step
-        model.check_range(x * 3)
-    model.check_range(x)
     with pytest.raises(ValueError, match="same shape"):
         model.pair_loss(x, x[:1], 1.0)
-    with pytest.raises(ValueError, match=r"LiftingConv2d expects images \(B, 3, H, W\)"):
-        se2.LiftingConv2d(3, 4)(torch.rand(1, 4, 8, 8))
-    with pytest.raises(ValueError, match="GroupConv2d expects"):
-        se2.GroupConv2d(4, 4)(torch.rand(1, 4, 8, 8))  # rank 4: missing orientation axis
-    with pytest.raises(ValueError, match="GroupConv2d expects"):
-        se2.GroupConv2d(4, 4, 5, 8)(torch.rand(1, 4, 4, 8, 8))  # N does not match
-    with pytest.raises(ValueError, match="GroupBatchNorm"):
-        se2.GroupBatchNorm(4)(torch.rand(2, 4, 8, 8))
     with pytest.raises(ValueError, match="odd kernel"):
         se2.GroupConv2d(4, 4, kernel_size=4)
     with pytest.raises(ValueError, match="multiple of 16"):
         se2.SE2VAE(size=40)
-    with pytest.raises(ValueError, match="u of shape"):
-        se2.inverse_transform_sample(torch.full((3, N), 1 / N), torch.rand(4))
 
 
 def act(f, k=1):
@@ -2046,15 +2033,6 @@ def test_more_bad_shapes_raise_one_line_errors():
     cases = [
         (lambda: model.representation(torch.rand(2, 3, 1, 64, 64)), r"shape \(B, 3, 64, 64\)"),
         (lambda: model.pair_loss(x, torch.rand(2, 1, 64, 64), 1.0), r"x2 of shape \(B, 3, 64, 64\)"),
-        (lambda: se2.LiftingConv2d(3, 4)(torch.rand(1, 3, 8, 8, 8)), r"LiftingConv2d expects images"),
-        (lambda: se2.GroupConv2d(4, 4)(torch.rand(1, 3, N, 8, 8)), r"GroupConv2d expects SE\(2,N\) maps \(B, 4, 8"),
-        (lambda: se2.GroupBatchNorm(4)(torch.rand(2, 3, N, 8, 8)), r"GroupBatchNorm expects \(B, 4, N, H, W\)"),
-        (lambda: se2.ProjectionConv2d(4, 3)(torch.rand(1, 4, 4, 8, 8)), r"ProjectionConv2d expects"),
-        (lambda: se2.orientation_pool(torch.rand(2, 3, N), "median"), r"'max' or 'mean'"),
-        (lambda: se2.orientation_pool(torch.rand(2, 3), "max"), r"\(B, C, N, \.\.\.\)"),
-        (lambda: se2.rotate_kernels(torch.rand(2, 5, 4), N), r"square kernels"),
-        (lambda: se2.rotate_kernels(torch.rand(2, 5, 5), N, se2.rotation_matrix(5, 4)), r"rotation matrix"),
-        (lambda: se2.inverse_transform_sample(torch.full((3, N), 1 / N), torch.rand(3, 1)), r"u of shape"),
         (lambda: se2.LiftingConv2d(3, 4, 5, N, stride=2), r"even kernel with stride 2"),
         (lambda: se2.SE2VAE(width=(2, 2)), r"width must be 3"),
         (lambda: se2.SE2VAE(kernel_size=4), r"must be odd"),
