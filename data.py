@@ -101,15 +101,13 @@ def procedural_textures(size=64):
 
 def _image_files(folder):
     """Sorted non-hidden files in `folder` whose extension PIL knows."""
-    exts = image_extensions()
+    exts = IMAGE_EXTENSIONS
     return sorted(f for f in os.listdir(folder)
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
                   and os.path.isfile(os.path.join(folder, f)))
 
 
-@functools.lru_cache(maxsize=1)
-def image_extensions():
-    return frozenset(e.lower() for e in Image.registered_extensions())
+IMAGE_EXTENSIONS = frozenset(e.lower() for e in Image.registered_extensions())  # every format PIL reads
 
 
 def load_textures(folder, size=64):
@@ -155,7 +153,7 @@ def _shape_inside(shape, xs, ys, half):
     return (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 <= 0
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)  # a pure function of `size` (1 s), its read-only result reused by every instance
 def procedural_masks(size=64):
     """(3, 6, 40, size, size) float32 anti-aliased masks (4×4 supersampling), centred.
 
@@ -636,7 +634,7 @@ def _cell_interior(rng, label, size, xx, yy, cx, cy, r_in):
     return np.clip(inten, 0, None)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)  # a pure function of its arguments (4 s), read-only arrays
 def make_synthetic_cells(n=SYNTHETIC_N, size=80, seed=0):
     """The synthetic-cells images: (images uint8 (n, S, S, 3), masks bool (n, S, S), labels (n,)).
 

@@ -677,6 +677,11 @@ def standardise(features, mean, std):
     return ((np.asarray(features, np.float32) - mean) / std).astype(np.float32)
 
 
+def to_model(x):
+    """Stored inputs -> model inputs: uint8 pixels become floats in [0, 1]; features pass through."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 7. Files: every file the project writes goes through atomic_write; checkpoints rebuild their model
 # ----------------------------------------------------------------------------------------------------------

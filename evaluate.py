@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # figures without pyplot's global state or a backend to choose
 
 import data
 import drl
@@ -45,7 +46,7 @@ def encode(model, x, device, batch=1024):
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(model.representation(train.to_model(x[i:i + batch].to(device))).cpu())
+            out.append(model.representation(drl.to_model(x[i:i + batch].to(device))).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -124,15 +125,12 @@ class Inputs:
     def source(self):
         return train.SourceInputs(self.cfg, self.res)
 
-    @functools.cached_property
-    def x_train(self):
-        return train.target_inputs(self.cfg, self.res, self.target.train, self.feature_stats,
-                                   f"{self.cfg.target}-train")
+    x_train = functools.cached_property(lambda self: self._inputs("train"))
+    x_test = functools.cached_property(lambda self: self._inputs("test"))
 
-    @functools.cached_property
-    def x_test(self):
-        return train.target_inputs(self.cfg, self.res, self.target.test, self.feature_stats,
-                                   f"{self.cfg.target}-test")
+    def _inputs(self, part):
+        return train.target_inputs(self.cfg, self.res, getattr(self.target, part), self.feature_stats,
+                                   f"{self.cfg.target}-{part}")
 
     @functools.cached_property
     def handcrafted(self):
@@ -149,7 +147,7 @@ def raw_baseline(inputs):
     """Table V: the same classifiers on the raw input, no VAE: Φ (768-d), or pixels average-pooled to
     8×8×3 = 192 values (the GBT's time grows with the width: 64×64×3 would take hours on a CPU)."""
     def flat(x):
-        x = train.to_model(x)
+        x = drl.to_model(x)
         if x.dim() == 4:
             x = torch.nn.functional.avg_pool2d(x, 8)
         return x.flatten(1).numpy().astype(np.float64)
@@ -220,7 +218,7 @@ def main(argv=None):
     say(folders.describe(target, short=True))
     res = runtime.resolve(cfg, say)
     if args.no_train:
-        missing = [p for p in train.checkpoint_paths(cfg, res) if not train.is_done(p)]
+        missing = train.missing_models(cfg, res)
         if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
@@ -265,10 +263,12 @@ def evaluate_all(cfg, res, target, pairs, folder):
         with runtime.stage("figures and galleries"):
             drawn = {**make_figures(folder, per_model, inputs, cfg, data.FACTOR_NAMES, shown),
                      **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"],
-                                      figure_label(per_model, shown))}
+                                      _label(per_model[shown]))}
         say(f"evaluate: figures and galleries drawn in {time.time() - t0:.1f} s")
         return drawn
-    figures = cached_figures(os.path.join(folder, "figures"), key, draw)
+    figures, _ = cached(cfg, dict(key, folder=folder), draw)  # the figures' paths and the Fig. 3 numbers
+    if not all(os.path.exists(os.path.join(folder, v)) for v in figures.values() if str(v).endswith(".png")):
+        figures = json.loads(json.dumps(draw(), default=runtime.json_default))  # a figure was deleted: redraw
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
@@ -414,12 +414,10 @@ def explicitness_report(r):
 
 def _fig_explicitness(fig_dir, r):
     """Grouped bars: one group per factor (and All), one bar per backbone; chance as a black tick."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     cols, rows = r["factors"] + ["all"], r["backbones"]
     width = 0.8 / len(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    fig = Figure(figsize=(11, 3.6))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, clf in zip(axes, ("gbt", "mlp")):
         for k, row in enumerate(rows):
             ax.bar(np.arange(len(cols)) + (k - (len(rows) - 1) / 2) * width,
@@ -586,36 +584,15 @@ def median_model(per_model):
     return sorted(range(len(score)), key=lambda i: (score[i], i))[(len(score) - 1) // 2]
 
 
-def figure_label(per_model, k):
-    return f"seed {per_model[k]['seed']}, β {per_model[k]['beta']:g}, after finetuning"
-
-
-def cached_figures(fig_dir, key, draw):
-    """draw() -> {name: path or value} once per key: the key and the result are kept beside the figures, so a
-    rerun whose models, data and scores did not change redraws nothing."""
-    stamp, key = os.path.join(fig_dir, "figures.json"), drl.cache_key(version=EVAL_VERSION, **key)
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            kept = json.load(f)
-        if kept["key"] == key and all(os.path.exists(os.path.join(os.path.dirname(fig_dir), v))
-                                      for v in kept["figures"].values() if str(v).endswith(".png")):
-            return kept["figures"]
-    figures = json.loads(json.dumps(draw(), default=runtime.json_default))
-    drl.write_text(stamp, json.dumps({"key": key, "figures": figures}))
-    return figures
-
-
 def make_figures(folder, per_model, inputs, cfg, factor_names, shown):
     """Paper Figs. 3-7 as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Figs. 4-7
     show model `shown` (median_model; its seed and β are in the titles); Fig. 3 the mean over models."""
     target = inputs.target
-    import matplotlib
-    matplotlib.use("Agg")
     fig_dir = os.path.join(folder, "figures")
     out = {"factor_order": list(factor_names),
            "importance_by_factor": {s: importance_by_factor(per_model, s, factor_names) for s in STATES}}
     out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
-    m, who = per_model[shown]["after"], figure_label(per_model, shown)
+    m, who = per_model[shown]["after"], _label(per_model[shown])
     out["model_shown"] = who
     out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
     if target.test.has_masks and len(target.test.with_masks) >= 3:
@@ -627,22 +604,20 @@ def make_figures(folder, per_model, inputs, cfg, factor_names, shown):
     return out
 
 
+def _label(model):
+    return f"seed {model['seed']}, β {model['beta']:g}, after finetuning"
+
+
 def importance_by_factor(per_model, state, factor_names):
     """Fig. 3: the GBT's Gini importance summed over the dims named after each factor, mean over models."""
-    acc = {f: [] for f in factor_names}
-    for m in per_model:
-        per_f = {f: 0.0 for f in factor_names}
-        for name, imp in zip(m[state]["dim_names"], m[state]["gini_importance"]):
-            if name.split("#")[0] in per_f:
-                per_f[name.split("#")[0]] += imp
-        for f in factor_names:
-            acc[f].append(per_f[f])
-    return {f: float(np.mean(v)) for f, v in acc.items()}
+    sums = [[sum((imp for name, imp in zip(m[state]["dim_names"], m[state]["gini_importance"])
+                  if name.split("#")[0] == f), 0.0) for f in factor_names] for m in per_model]
+    return {f: float(np.mean([row[k] for row in sums])) for k, f in enumerate(factor_names)}
 
 
 def _fig_importance(fig_dir, importance):
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, state in zip(axes, STATES):
         vals = importance[state]
         ax.bar(list(vals), list(vals.values()), color="tab:blue" if state == "before" else "tab:orange")
@@ -654,9 +629,9 @@ def _fig_importance(fig_dir, importance):
 
 def _fig_top2(fig_dir, m, target, who):
     """Figs. 4-5: the two dims the GBT relies on most, the test split coloured by class."""
-    import matplotlib.pyplot as plt
     order, z = np.argsort(m["gini_importance"])[::-1][:2], m["_z_test"]
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     for c, name in enumerate(target.classes):
         sel = target.test.labels == c
         ax.scatter(z[sel, order[0]], z[sel, order[1]], s=8, label=name, alpha=0.7)
@@ -669,8 +644,8 @@ def _fig_top2(fig_dir, m, target, who):
 
 def _fig_correlation(fig_dir, m, rows, feats, pairs, who):
     """Fig. 6: the latent scale / colour / shape dims against mask area / mean red / solidity."""
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5), squeeze=False)
+    fig = Figure(figsize=(4 * len(pairs), 3.5))
+    axes = fig.subplots(1, len(pairs), squeeze=False)
     for ax, (f, h) in zip(axes[0], pairs):
         d = m["dim_names"].index(f)
         ax.scatter(feats[h], m["_z_test"][rows, d], s=6, alpha=0.6)
@@ -684,9 +659,9 @@ def _fig_correlation(fig_dir, m, rows, feats, pairs, who):
 
 def _fig_open_set(fig_dir, m, target, holdout, who):
     """Fig. 7: per-dim mean |z − centroid| of the held-out class to the known class it is assigned to."""
-    import matplotlib.pyplot as plt
     dist = m["open_set"]["centroid_distance_assigned"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
     ax.bar(range(len(dist)), dist)
     ax.set_xticks(range(len(dist)), [m["dim_names"][d] for d in m["active_dims"]], rotation=30)
     ax.set_ylabel("mean |z - centroid|")
@@ -753,14 +728,14 @@ def decode_codes(model, codes):
 
 def _fig_gallery(fig_dir, name, images, values, row_names, title):
     """A grid of images (rows·cols, H, W, 3) with one row per dim, the value under each image."""
-    import matplotlib.pyplot as plt
     rows, cols = values.shape
     h, w, gap = images.shape[1], images.shape[2], 12  # room under each image for its value
     canvas = np.full((rows * (h + gap), cols * (w + 2), 3), 255, np.uint8)
     for k, img in enumerate(images):
         i, j = divmod(k, cols)
         canvas[i * (h + gap):i * (h + gap) + h, j * (w + 2):j * (w + 2) + w] = img
-    fig, ax = plt.subplots(figsize=(canvas.shape[1] / 110 + 1.4, canvas.shape[0] / 110 + 0.4))
+    fig = Figure(figsize=(canvas.shape[1] / 110 + 1.4, canvas.shape[0] / 110 + 0.4))
+    ax = fig.subplots()
     ax.imshow(canvas, interpolation="nearest")
     for i in range(rows):
         ax.text(-4, i * (h + gap) + h / 2, row_names[i], ha="right", va="center", fontsize=7)
@@ -774,10 +749,10 @@ def _fig_gallery(fig_dir, name, images, values, row_names, title):
 
 def _fig_class_means(fig_dir, m, target, who):
     """Each class's mean ± SD on the two dims the GBT relies on most (the test split)."""
-    import matplotlib.pyplot as plt
     z, y = m["_z_test"], target.test.labels
     present = [c for c in range(len(target.classes)) if np.any(y == c)]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    axes = fig.subplots(1, 2)
     for ax, d in zip(axes, np.argsort(m["gini_importance"])[::-1][:2]):
         ax.errorbar(range(len(present)), [z[y == c, d].mean() for c in present],
                     yerr=[z[y == c, d].std() for c in present], fmt="o", capsize=3)
@@ -789,12 +764,10 @@ def _fig_class_means(fig_dir, m, target, who):
 
 
 def _save(fig, folder, name):
-    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = os.path.join(folder, name)
     with drl.atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     return os.path.relpath(path, os.path.dirname(folder))
 
 

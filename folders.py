@@ -555,7 +555,7 @@ class Item:
 def _collect_images(found):
     """([Item] in ImageFolder order: by part, class (found.classes order), then sorted file name), number of
     other files ignored in the image folders."""
-    exts = found.exts or data.image_extensions()
+    exts = found.exts or data.IMAGE_EXTENSIONS
     items, ignored = [], 0
     for part, folders in found.parts.items():
         for label, c in enumerate(found.classes):
@@ -622,7 +622,7 @@ def _mask_candidates(found, item, index):
             m = re.match(r"(.*)_(?:cyt|nuc)", f) if f.lower().endswith(".dat") else None
             if dat and m:
                 index[folder].setdefault(m.group(1), []).append(os.path.join(folder, f))
-            elif not dat and os.path.splitext(f)[1].lower() in data.image_extensions():
+            elif not dat and os.path.splitext(f)[1].lower() in data.IMAGE_EXTENSIONS:
                 index[folder].setdefault(os.path.splitext(f)[0], [os.path.join(folder, f)])
     return index[folder].get(os.path.splitext(os.path.basename(item.path))[0], [])
 

@@ -151,10 +151,11 @@ def finetune_folder(cfg, res, beta, seed):
                         f"beta{beta:g}-seed{seed}")
 
 
-def checkpoint_paths(cfg, res):
-    """Every checkpoint of the run: each seed × β model's source and finetuned one."""
-    return [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
-            for folder in (source_folder, finetune_folder)]
+def missing_models(cfg, res):
+    """The checkpoints of the run (each seed × β model's source and finetuned one) not fully trained yet."""
+    paths = [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
+             for folder in (source_folder, finetune_folder)]
+    return [p for p in paths if not is_done(p)]
 
 
 def new_model(cfg, res):
@@ -191,11 +192,6 @@ def features(cfg, res, name, digest, n, images_fn):
                                     progress=progress)
 
 
-def to_model(x):
-    """Stored inputs -> model inputs: uint8 pixels become floats in [0, 1]; features pass through."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
-
-
 class SourceInputs:
     """The model input of every Texture-dSprites image as one tensor on the device, addressed by factors.
 
@@ -219,7 +215,7 @@ class SourceInputs:
 
     def render(self, factors):
         idx = torch.as_tensor(self.dataset.factors_to_index(np.asarray(factors)), device=self.x.device)
-        return to_model(self.x[idx])
+        return drl.to_model(self.x[idx])
 
     def batches(self, batch_size, paired):
         """batch_fn(seed, step) for fit: the indices into self.x of pairs that differ in one factor (Ada-GVAE),
@@ -492,7 +488,7 @@ def _next_batch(group, x, batch_fn, step, latent_dim, stacked):
                 noise[r.seed] = torch.randn(rows, latent_dim, device=x.device)
     seeds = [r.seed for r in group] if stacked else [group[0].seed]
     idx = to_device(torch.from_numpy(np.stack([drawn[s] for s in seeds])), x.device)  # (M, [2,] B)
-    batch = to_model(x[idx])
+    batch = drl.to_model(x[idx])
     if not stacked:
         batch = batch[0]
     if idx.dim() == 3:  # pairs: (M, 2, B, ...) -> x1, x2
