@@ -15,14 +15,12 @@ then the machinery:
   5. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading;
      torchvision's ImageNet classifiers as other backbones (paper Table IV), their weights the same way.
   6. Feature extraction into an atomically written .npy cache; standardisation with source statistics.
-  7. Files: one atomic-write helper, cache keys, checkpoint save/load, rebuilding a model.
+  7. Files: one atomic-write helper, checkpoint save/load, rebuilding a model.
 The training loop lives in train.py.
 """
 import argparse
 import contextlib
 import copy
-import hashlib
-import json
 import math
 import os
 import re
@@ -55,8 +53,6 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
         self.num_patches = (img_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -124,8 +120,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio)
-        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
-        self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
+        self.patch_size, self.embed_dim = patch_size, embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
@@ -151,9 +146,7 @@ class VisionTransformer(nn.Module):
         h0, w0 = H // self.patch_size + 0.1, W // self.patch_size + 0.1
         grid = self.pos_embed[:, 1:].reshape(1, g, g, dim).permute(0, 3, 1, 2)
         grid = F.interpolate(grid, scale_factor=(h0 / g, w0 / g), mode="bicubic")
-        if grid.shape[-2:] != (int(h0), int(w0)):
-            raise ValueError(f"pos-embed interpolation gave grid {tuple(grid.shape[-2:])} for a {H}x{W} "
-                             f"image, expected {(int(h0), int(w0))}")
+        assert grid.shape[-2:] == (int(h0), int(w0)), (grid.shape, H, W)
         grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
         return torch.cat((self.pos_embed[:, :1], grid), dim=1)
 
@@ -343,13 +336,8 @@ def beta_warmup(step, beta, warmup_steps):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. DINO weights: resolution, loading, digest
+# 5. DINO weights: resolution and loading
 # ---------------------------------------------------------------------------------------------------
-
-def dino_hub_cache_path():
-    """Where torch.hub keeps the official checkpoint: <torch.hub.get_dir()>/checkpoints/<file>."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", DINO_FILE)
-
 
 def resolve_dino_weights(path=None, download=True):
     """Find DINO ViT-B/16 weights → (path, how): explicit path, env DRL_DINO_WEIGHTS, the torch hub
@@ -443,15 +431,6 @@ def _load_strict(model, sd, path, what, need):
         raise ValueError(f"weights {path}: {len(bad)} tensors have the wrong shape for {what}, e.g. {k} "
                          f"{tuple(sd[k].shape)} instead of {tuple(expected[k].shape)}")
     model.load_state_dict(sd, strict=True)
-
-
-def weights_digest(path):
-    """sha256 hex digest of a file, read in 1 MiB chunks (a run hashes its backbone's once: Resolved)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -597,11 +576,7 @@ def cpu_bf16_supported():
 
 
 def _autocast(precision, device):
-    if precision == "fp32":
-        return torch.autocast(torch.device(device).type, enabled=False)
-    if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    raise ValueError(f"precision {precision!r} is not supported, use fp32 or bf16 (--precision)")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def extract_features(model, images_fn, n, cache_path, batch_size=None, precision="fp32", device="cpu",
@@ -614,9 +589,8 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
     D = model.embed_dim
     preprocess = getattr(model, "preprocess", preprocess_images)  # a TorchvisionBackbone brings its own
     batch_size = batch_size or (8 if torch.device(device).type == "cpu" else 64)
-    if n < 1:
-        raise ValueError(f"cannot extract features of {n} images, need at least one")
-    _autocast(precision, device)  # validates precision before any work
+    if n < 1 or precision not in ("fp32", "bf16"):
+        raise ValueError(f"cannot extract features of {n} images in precision {precision!r} (fp32 or bf16)")
     if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_supported():
         warnings.warn("bf16 autocast on a CPU without native bf16 support is slower than fp32 here; "
                       "consider --precision fp32")
@@ -634,7 +608,11 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
+                images, b = images_fn(np.arange(start, stop)), stop - start
+                if getattr(images, "dtype", None) != np.uint8 or images.shape != (b, *images.shape[1:3], 3):
+                    raise ValueError(f"images_fn returned {getattr(images, 'dtype', type(images))} "
+                                     f"{getattr(images, 'shape', '')}, need uint8 ({b}, H, W, 3)")
+                x = preprocess(images, device)
                 with _autocast(precision, device):
                     out[start:stop] = model(x).float().cpu().numpy()
                 if progress is not None:
@@ -642,14 +620,6 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         out.flush()
         del out  # close the memmap before the rename
     return np.load(cache_path, mmap_mode="r")
-
-
-def _checked_images(images, n):
-    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
-            or images.shape[0] != n or images.shape[-1] != 3):
-        raise ValueError(f"images_fn returned {getattr(images, 'dtype', type(images))} "
-                         f"{getattr(images, 'shape', '')}, need uint8 ({n}, H, W, 3)")
-    return images
 
 
 def feature_stats(features, chunk=4096):
@@ -669,11 +639,7 @@ def feature_stats(features, chunk=4096):
 
 def standardise(features, mean, std):
     """(features - mean) / std with the *source* statistics (stored in checkpoints, applied unchanged
-    to targets). numpy in → float32 numpy out; torch in → torch out."""
-    if torch.is_tensor(features):
-        mean = torch.as_tensor(mean, dtype=features.dtype, device=features.device)
-        std = torch.as_tensor(std, dtype=features.dtype, device=features.device)
-        return (features - mean) / std
+    to targets), float32."""
     return ((np.asarray(features, np.float32) - mean) / std).astype(np.float32)
 
 
@@ -700,17 +666,6 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def cache_key(**parts):
-    """Short sha256 over a canonical JSON of everything that changes a cached result (for features:
-    dataset digest, weights digest, preprocessing, precision, ...). The caller builds the file name."""
-    def plain(o):
-        if isinstance(o, (np.generic, np.ndarray)):
-            return o.tolist()
-        raise ValueError(f"cache key part of type {type(o).__name__} is not JSON-able")
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=plain)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_text(path, text):
@@ -759,16 +714,13 @@ def model_config(model):
 
 def build_model(config):
     """Rebuild a model from its `config` dict (as stored in every checkpoint)."""
+    import se2
     config = dict(config)
     kind = config.pop("kind")
-    if kind == "feature":
-        return FeatureVAE(**config)
-    if kind == "conv":
-        return ConvVAE(**config)
-    if kind == "se2":
-        import se2
-        return se2.SE2VAE(**config)
-    raise ValueError(f"unknown model kind {kind!r} in checkpoint config")
+    kinds = {"feature": FeatureVAE, "conv": ConvVAE, "se2": se2.SE2VAE}
+    if kind not in kinds:
+        raise ValueError(f"unknown model kind {kind!r} in checkpoint config")
+    return kinds[kind](**config)
 
 
 def load_model(path, device="cpu"):

@@ -255,7 +255,7 @@ def evaluate_all(cfg, res, target, pairs, folder):
             m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
     shown, t0 = median_model(per_model), time.time()
     key = dict(part="figures", models=[{s: {k: v for k, v in m[s].items() if k != "_z_test"} for s in STATES}
-                                       for m in per_model], shown=drl.weights_digest(pairs[shown][1]),
+                                       for m in per_model], shown=runtime.file_digest(pairs[shown][1]),
                z=hashlib.sha256(per_model[shown]["after"]["_z_test"].tobytes()).hexdigest(), target=target.digest,
                source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
 
@@ -292,7 +292,7 @@ def score_models(cfg, res, target, pairs, inputs):
             ckpt_config = drl.load_checkpoint(path)["config"]
             label = f"{state} finetuning beta={ckpt_config['beta']:g} seed={ckpt_config['seed']}"
             model = runtime.lazy_model(path, res.device)
-            checkpoint = drl.weights_digest(path)
+            checkpoint = runtime.file_digest(path)
             dis, dis_key = cached(cfg, dict(part="source", checkpoint=checkpoint, source=inputs.source_digest,
                                             n_train=cfg.n_train, n_test=cfg.n_test), lambda: runtime.scored(
                 f"{label}: DCI/MIG/OMES on Texture-dSprites ({cfg.n_train} + {cfg.n_test} samples)",
@@ -362,7 +362,7 @@ def explicitness(cfg, resolved):
     chosen = np.sort(np.concatenate([tr, te]))
     # the whole dataset shares its feature cache with the source stage
     name, digest = (("texture-dsprites", dataset.digest) if n == len(dataset) else
-                    (f"texture-dsprites-{n}", drl.cache_key(dataset=dataset.digest, images=chosen)))
+                    (f"texture-dsprites-{n}", runtime.cache_key(dataset=dataset.digest, images=chosen)))
     max_features = QUICK_GBT_MAX_FEATURES if cfg.quick else None
     rows = []
     f_tr, f_te = dataset.index_to_factors(tr), dataset.index_to_factors(te)

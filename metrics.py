@@ -88,15 +88,9 @@ def _encode(*columns):
 
 
 def inactive_dims(z, threshold=INACTIVE_STD):
-    """Indices of code dims whose standard deviation (ddof=1, over all rows of z) is below `threshold`.
-
-    Official OMES draws 10,000 rows with replacement before taking the std; we use every row (deterministic).
-    Returns a sorted int64 array (empty when every dim is active).
-    """
-    return _inactive(_codes(z, "z", 1, allow_constant=True), threshold)
-
-
-def _inactive(z, threshold):  # z: checked codes
+    """Indices of the dims of float codes z (n, d) whose standard deviation (ddof=1, over all rows) is below
+    `threshold`, as a sorted int64 array. Official OMES draws 10,000 rows with replacement before taking the
+    std; we use every row (deterministic)."""
     return np.flatnonzero(z.std(axis=0, ddof=1) < threshold).astype(np.int64)
 
 
@@ -117,16 +111,9 @@ def dci_from_importance(importance):
     """Disentanglement and completeness of an importance matrix R (codes × factors), exactly as
     disentanglement_lib: 1e-11 added before scipy's entropy normalises each row/column, entropy base
     K = #factors (disentanglement) and D = #codes (completeness), weights = importance share, an all-zero R
-    gets uniform weights. Returns (D, C, D per code, C per factor)."""
+    gets uniform weights. R: a non-negative (codes, factors) float array, as `dci` builds it.
+    Returns (D, C, D per code, C per factor)."""
     R = np.asarray(importance, dtype=np.float64)
-    if R.ndim != 2 or R.shape[0] < 2 or R.shape[1] < 2:
-        raise ValueError(f"importance must be (codes >= 2, factors >= 2), got shape {R.shape}")
-    if np.any(R < 0) or not np.all(np.isfinite(R)):
-        raise ValueError("importance must be finite and non-negative")
-    return _dci_from_importance(R)
-
-
-def _dci_from_importance(R):  # R: a checked importance matrix
     n_codes, n_factors = R.shape
     d_per_code = 1.0 - scipy.stats.entropy(R.T + DCI_EPS, base=n_factors)        # D_i = 1 - H_K(P_i.)
     c_per_factor = 1.0 - scipy.stats.entropy(R + DCI_EPS, base=n_codes)         # C_j = 1 - H_D(P~_.j)
@@ -181,7 +168,7 @@ def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1):
     for i, (imp, a_tr, a_te) in zip(order, fits):
         R[:, i] = imp
         acc_train[used[i]], acc_test[used[i]] = a_tr, a_te
-    d, c, d_per_code, c_used = _dci_from_importance(R)
+    d, c, d_per_code, c_used = dci_from_importance(R)
     importance = np.zeros((n_codes, n_factors))
     importance[:, used] = R
     c_per_factor = np.zeros(n_factors)
@@ -252,12 +239,9 @@ def relation_matrix(z_a, z_b, factor):
 
     M[d, f] = 1 − |Pearson(z_a[:, d], z_b[:, d])| over the pairs whose changed factor is f, rounded to 4
     decimals as in the official code (which also subsamples at most 100,000 pairs; we use all pairs).
-    M ≈ 1: dim d changes when factor f changes (it encodes f); M ≈ 0: dim d ignores f.
+    M ≈ 1: dim d changes when factor f changes (it encodes f); M ≈ 0: dim d ignores f. z_a, z_b: float
+    codes (n, d) of the same shape (checked by `omes`, the public entry).
     """
-    return _relation(_codes(z_a, "z_a", 1), _codes(z_b, "z_b", 1), factor)
-
-
-def _relation(z_a, z_b, factor):  # z_a, z_b: checked codes
     if z_a.shape != z_b.shape:
         raise ValueError(f"z_a {z_a.shape} and z_b {z_b.shape} must have the same shape (one row per pair)")
     factor = _labels(factor, len(z_a), "factor")
@@ -305,7 +289,7 @@ def omes_from_relation(M, alpha=0.5, pooling="avg"):
 
 def _omes_result(M, labels, z_ref, alpha, pooling, threshold):
     """Drop inactive dims (std on z_ref below threshold), score M, pack the dict returned by omes()."""
-    active = np.setdiff1d(np.arange(M.shape[0]), _inactive(z_ref, threshold))
+    active = np.setdiff1d(np.arange(M.shape[0]), inactive_dims(z_ref, threshold))
     if len(active) == 0:
         raise ValueError(f"omes: all {M.shape[0]} code dims are inactive (std < {threshold}); "
                          f"the representation is collapsed")
@@ -327,7 +311,7 @@ def omes(z_a, z_b, factor, alpha=0.5, pooling="avg", *, z=None, threshold=INACTI
     factors (labels of the columns of M)).
     """
     z_a, z_b = _codes(z_a, "z_a"), _codes(z_b, "z_b")
-    M, labels = _relation(z_a, z_b, factor)
+    M, labels = relation_matrix(z_a, z_b, factor)
     z_ref = np.vstack([z_a, z_b]) if z is None else _codes(z, "z")
     if z_ref.shape[1] != z_a.shape[1]:
         raise ValueError(f"z has {z_ref.shape[1]} code dims but the pairs have {z_a.shape[1]}")
@@ -538,7 +522,7 @@ def prune_inactive(z_train, *others, threshold=INACTIVE_STD):
     """Drop the code dims whose train-split std (ddof=1) is below `threshold` (0.05) from z_train and from
     every other array (same columns). Returns (kept_dims, z_train_pruned, *others_pruned)."""
     z_train = _codes(z_train, "z_train", 1, allow_constant=True)
-    kept = np.setdiff1d(np.arange(z_train.shape[1]), _inactive(z_train, threshold))
+    kept = np.setdiff1d(np.arange(z_train.shape[1]), inactive_dims(z_train, threshold))
     if len(kept) == 0:
         raise ValueError(f"prune_inactive: all {z_train.shape[1]} dims have std < {threshold} on the train split "
                          f"(collapsed model)")

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -153,7 +154,7 @@ class Resolved:
     @functools.cached_property
     def weights_digest(self):
         """sha256 of the weights file (None without one): in cache keys and configs, hashed once per run."""
-        return drl.weights_digest(self.weights) if self.weights else None
+        return file_digest(self.weights) if self.weights else None
 
 
 def resolve_device(cfg):
@@ -331,11 +332,31 @@ def stage(what, every_s=5.0):
         beater.join()
 
 
+def file_digest(path):
+    """sha256 hex digest of a file (weights, checkpoints), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(**parts):
+    """Short sha256 over a canonical JSON of everything that changes a cached result (for features:
+    dataset digest, weights digest, preprocessing, precision, ...). The caller builds the file name."""
+    def plain(o):
+        if isinstance(o, (np.generic, np.ndarray)):
+            return o.tolist()
+        raise ValueError(f"cache key part of type {type(o).__name__} is not JSON-able")
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cached(out, parts, compute):
     """compute() once per key: the JSON of its result is kept under out/eval-cache/, keyed by `parts`
     (everything that changes it). The result is always the JSON round trip, fresh or cached, so a
     cached run writes the same report as the run that computed it."""
-    key = drl.cache_key(**parts)
+    key = cache_key(**parts)
     path = os.path.join(out, "eval-cache", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:

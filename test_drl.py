@@ -1023,7 +1023,7 @@ def test_load_routes_explicit_env_hub_cache(no_weights, monkeypatch):
     p, how = drl.resolve_dino_weights(download=False)
     routes.append((p, how, drl.load_dino(download=False, config=SMALL_VIT)))
     monkeypatch.delenv("DRL_DINO_WEIGHTS")
-    cache = drl.dino_hub_cache_path()
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", drl.DINO_FILE)
     assert cache == str(no_weights / "torch_home" / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth")
     os.makedirs(os.path.dirname(cache))
     os.replace(no_weights / "w.pth", cache)
@@ -1097,7 +1097,7 @@ def test_no_weights_anywhere(no_weights, monkeypatch):
         drl.resolve_dino_weights(download=False)
     msg = str(e.value)
     assert "\n" not in msg and "--dino-weights PATH" in msg and "DRL_DINO_WEIGHTS" in msg
-    assert drl.dino_hub_cache_path() in msg
+    assert os.path.join(torch.hub.get_dir(), "checkpoints", drl.DINO_FILE) in msg
     monkeypatch.setenv("DRL_DINO_WEIGHTS", str(no_weights / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth .env DRL_DINO_WEIGHTS. does not exist"):
         drl.load_dino(download=False)
@@ -1113,8 +1113,8 @@ def test_offline_download_failure_becomes_filenotfound(no_weights, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(FileNotFoundError, match="download failed .*Temporary failure.*--dino-weights"):
         drl.load_dino()
-    assert calls == [(drl.DINO_URL, drl.dino_hub_cache_path())]
-    assert not os.path.exists(drl.dino_hub_cache_path())
+    assert calls == [(drl.DINO_URL, os.path.join(torch.hub.get_dir(), "checkpoints", drl.DINO_FILE))]
+    assert not os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", drl.DINO_FILE))
 
 
 def test_download_lands_in_hub_cache(no_weights, monkeypatch):
@@ -1126,7 +1126,7 @@ def test_download_lands_in_hub_cache(no_weights, monkeypatch):
             out.write(src.read())
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    assert drl.resolve_dino_weights() == (drl.dino_hub_cache_path(), "downloaded")
+    assert drl.resolve_dino_weights() == (os.path.join(torch.hub.get_dir(), "checkpoints", drl.DINO_FILE), "downloaded")
     monkeypatch.setattr(torch.hub, "download_url_to_file", None)     # second time: from the cache
     m = drl.load_dino(config=SMALL_VIT)
     with torch.inference_mode():
@@ -1136,9 +1136,9 @@ def test_download_lands_in_hub_cache(no_weights, monkeypatch):
 def test_weights_digest(tmp_path):
     p = tmp_path / "w.bin"
     p.write_bytes(b"abc" * 1000)
-    assert drl.weights_digest(str(p)) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert runtime.file_digest(str(p)) == hashlib.sha256(b"abc" * 1000).hexdigest()
     p.write_bytes(b"abcd" * 1000)                          # size changes → recomputed
-    assert drl.weights_digest(str(p)) == hashlib.sha256(b"abcd" * 1000).hexdigest()
+    assert runtime.file_digest(str(p)) == hashlib.sha256(b"abcd" * 1000).hexdigest()
 
 
 # --- torchvision backbones beside DINO (paper Table IV) --------------------------------------------
@@ -1299,11 +1299,11 @@ def test_extract_features_cache_and_reuse(tmp_path):
 
 def test_cache_key():
     base = dict(dataset="d1", weights="w1", preprocessing=drl.PREPROCESSING, precision="fp32", size=224)
-    k = drl.cache_key(**base)
-    assert len(k) == 16 and k == drl.cache_key(**dict(reversed(list(base.items()))))
-    assert drl.cache_key(**{**base, "precision": "bf16"}) != k
-    assert drl.cache_key(**{**base, "weights": "w2"}) != k
-    assert drl.cache_key(**{**base, "size": np.int64(224)}) == k
+    k = runtime.cache_key(**base)
+    assert len(k) == 16 and k == runtime.cache_key(**dict(reversed(list(base.items()))))
+    assert runtime.cache_key(**{**base, "precision": "bf16"}) != k
+    assert runtime.cache_key(**{**base, "weights": "w2"}) != k
+    assert runtime.cache_key(**{**base, "size": np.int64(224)}) == k
 
 
 def test_interrupted_extraction_leaves_no_cache(tmp_path):
@@ -1348,8 +1348,6 @@ def test_feature_stats_and_standardise():
     assert z.dtype == np.float32
     np.testing.assert_allclose(z[:, :3].mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(z[:, :3].std(0), 1, atol=1e-4)
-    zt = drl.standardise(torch.from_numpy(f), mean, std)
-    np.testing.assert_allclose(zt.numpy(), z, atol=1e-6)
 
 
 # ---- KL terms and Ada-GVAE aggregation --------------------------------------------------------------------
@@ -3277,7 +3275,7 @@ def test_transfer_protocol_runs_on_a_torchvision_backbone(tmp_path, offline_hub,
     path = out / "source/resnet18-mlp-adagvae-z10-20steps/beta1-seed0/checkpoint.pt"
     model, ckpt = drl.load_model(str(path))
     assert isinstance(model, drl.FeatureVAE) and ckpt["config"]["backbone"] == "resnet18"
-    assert ckpt["config"]["backbone_weights"] == drl.weights_digest(resnet18_weights)
+    assert ckpt["config"]["backbone_weights"] == runtime.file_digest(resnet18_weights)
     with torch.no_grad():
         assert model.representation(torch.randn(3, 512)).shape == (3, 10)
     assert (out / "finetune/synthetic-cells/resnet18-mlp-adagvae-z10-20steps-1ep/beta1-seed0/checkpoint.pt").exists()

@@ -173,7 +173,7 @@ def new_model(cfg, res):
 
 def features(cfg, res, name, digest, n, images_fn):
     """Φ of n images through the frozen backbone, cached under out/features/ by everything that changes it."""
-    key = drl.cache_key(dataset=digest, backbone=res.backbone, weights=res.weights_digest,
+    key = runtime.cache_key(dataset=digest, backbone=res.backbone, weights=res.weights_digest,
                         precision=res.precision, preprocessing=drl.preprocessing(res.backbone))
     path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
     if os.path.exists(path):
