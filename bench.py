@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -301,17 +302,8 @@ def bench_render(args, source):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 4. VAE training steps (the step of train.fit: loss, backward, clip 1.0, Adam)
+# 4. VAE training steps: train.train_step (loss, backward, clip 1.0, Adam) on one batch of pairs
 # ---------------------------------------------------------------------------------------------------
-
-def train_step(model, opt, x1, x2, beta):
-    out = model((x1, x2), beta)
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return out["loss"].item()
-
 
 def step_flops(model, x1, x2, beta):
     """FLOPs of one forward + backward (torch.utils.flop_counter: 2 per multiply-accumulate)."""
@@ -333,10 +325,12 @@ def bench_vae_steps(args):
     p1, p2 = (torch.rand(pairs, 3, 64, 64, generator=g).to(args.device) for _ in range(2))
     opts = {m: train.make_optimizer(m.parameters(), lr=1e-4) for m in (feat, conv)}
     conv_steps = 2 if args.quick else 20
-    t_feat = best_times({"f": lambda: [train_step(feat, opts[feat], f1, f2, 1.0) for _ in range(steps)]},
-                        2 if args.quick else 5, args.device)["f"]
-    t_conv = best_times({"c": lambda: [train_step(conv, opts[conv], p1, p2, 1.0) for _ in range(conv_steps)]},
-                        2 if args.quick else 3, args.device, warmup=0 if args.quick else 1)["c"]
+    def run(model, x1, x2, n):
+        for _ in range(n):
+            train.train_step(model, opts[model], (x1, x2), 1.0, None, 1.0)
+    t_feat = best_times({"f": lambda: run(feat, f1, f2, steps)}, 2 if args.quick else 5, args.device)["f"]
+    t_conv = best_times({"c": lambda: run(conv, p1, p2, conv_steps)}, 2 if args.quick else 3, args.device,
+                        warmup=0 if args.quick else 1)["c"]
     flops = step_flops(feat, f1, f2, 1.0)
     feat_rate = steps / min(t_feat)
     common = dict(pairs=pairs, dtype="float32", step="Ada-GVAE pair_loss + backward + clip 1.0 + Adam")
@@ -362,29 +356,19 @@ def fit_rate(args, make, bank, n_models, steps, stack, compile=False):
     from the training loop's own progress report, so model construction and the final checkpoints (one-off
     costs of a 400k-step run) are excluded. Compiled: a 2-step fit of the same stack size builds the kernels
     first (train._compiled keeps one static graph per architecture and stack size)."""
-    if compile:
-        _fit_rate(args, make, bank, n_models, 2, stack, compile)
-    return _fit_rate(args, make, bank, n_models, steps, stack, compile)
-
-
-def pair_indices(n, pairs=64):
-    """batch_fn of train.fit: `pairs` random pairs of rows of a bank of n."""
-    return lambda seed, step: np.random.default_rng((seed, step)).integers(0, n, (2, pairs))
-
-
-def _fit_rate(args, make, bank, n_models, steps, stack, compile):
-    reports = []
-    kw = dict(steps=steps, device=args.device, log_every=steps, checkpoint_every_s=1e9, progress=reports.append,
-              stack=stack, compile=compile)
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = []
-        for i in range(n_models):
-            torch.manual_seed(i // 2)
-            runs.append(train.Run(make().to(args.device), i // 2, 1.0 + i % 2, os.path.join(tmp, str(i)), {"i": i}))
-        seconds = 0.0
-        for group in ([runs] if stack else [[r] for r in runs]):
-            train.fit(group, bank, pair_indices(len(bank)), **kw)
-            seconds += steps / reports[-1]["steps_per_s"]
+    pairs = lambda seed, step: np.random.default_rng((seed, step)).integers(0, len(bank), (2, 64))  # noqa: E731
+    for n in ([2] if compile else []) + [steps]:  # compiled: 2 steps first, so the timed fit finds its kernels
+        reports = []
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = []
+            for i in range(n_models):
+                torch.manual_seed(i // 2)
+                runs.append(train.Run(make().to(args.device), i // 2, 1.0 + i % 2, os.path.join(tmp, str(i)), {}))
+            seconds = 0.0
+            for group in ([runs] if stack else [[r] for r in runs]):
+                train.fit(group, bank, pairs, steps=n, device=args.device, log_every=n, checkpoint_every_s=1e9,
+                          progress=reports.append, stack=stack, compile=compile)
+                seconds += n / reports[-1]["steps_per_s"]
     return n_models * steps / seconds
 
 
@@ -533,9 +517,7 @@ def bench_convs(args):
     xg = torch.randn(batch, fields, N, 64, 64, device=args.device, requires_grad=True)
     xp = torch.randn(batch, fields * N, 64, 64, device=args.device, requires_grad=True)
     fns = {"se2": lambda: gconv(xg).sum().backward(), "plain": lambda: plain(xp).sum().backward()}
-    e2 = None
     try:
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from e2cnn import gspaces, nn as enn
@@ -547,7 +529,6 @@ def bench_convs(args):
         fns["e2cnn"] = lambda: e2(xe).tensor.sum().backward()
     except ImportError:
         pass
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ts = best_times(fns, reps, args.device)
