@@ -215,7 +215,7 @@ def main(argv=None):
     runtime.check_writable(cfg.out)
     t0 = time.time()
     cfg, target = runtime.load_target(cfg)
-    say(folders.describe(target, short=True))
+    say(runtime.describe(target, short=True))
     res = runtime.resolve(cfg, say)
     if args.no_train:
         missing = train.missing_models(cfg, res)

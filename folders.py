@@ -6,8 +6,7 @@ paper dataset, written from the dataset pages and from the paper's official code
 (Malga-Vision/disentangled_representation_microscopy, code/dataset/). `load_target` finds one of those layouts
 under --data-root (its top, or any level that identifies it), checks the paper's classes, decodes every image
 once, and splits: the official code's split where it defines one, the download's own train/test where it has
-one. A plain `<class>/<image>` or `train|test/<class>/<image>` folder works for any other data. `describe`
-is what `--check-data` prints.
+one. A plain `<class>/<image>` or `train|test/<class>/<image>` folder works for any other data.
 
 Contents: 1. the layouts as data; 2. ImageSet and Target; 3. load_target; 4. finding a layout; 5. images and
 masks of a layout; 6. splits; 7. synthetic-cells.
@@ -251,35 +250,6 @@ class Target:
                              f"a class of {self.name}; classes: {', '.join(self.classes)}")
         return hits[0]
 
-    def __repr__(self):
-        return (f"Target({self.name!r}, classes={self.classes}, train={len(self.train)}, "
-                f"test={len(self.test)}, masks={self.train.has_masks})")
-
-
-def describe(target, short=False):
-    """What --check-data prints (short: the one line every run starts with)."""
-    n_masks = len(target.train.with_masks) + len(target.test.with_masks)
-    n = len(target.train) + len(target.test)
-    where = f" at {target.path}" if target.path else ""
-    if short:
-        return (f"target {target.name}: {target.layout}{where}; {len(target.classes)} classes, {len(target.train)} "
-                f"train / {len(target.test)} test images, {n_masks} with a mask; split: {target.split_kind}")
-    width = max(len(c) for c in target.classes + ["class"])
-    lines = [f"{target.name}: {target.layout}{where}", f"split: {target.split_kind}", "",
-             f"{'class':<{width}}  {'train':>6}  {'test':>6}"]
-    for k, c in enumerate(target.classes):
-        n_train, n_test = int(np.sum(target.train.labels == k)), int(np.sum(target.test.labels == k))
-        lines.append(f"{c:<{width}}  {n_train:>6}  {n_test:>6}")
-    lines += [f"{'total':<{width}}  {len(target.train):>6}  {len(target.test):>6}", "",
-              f"masks: {n_masks} of {n} images have a usable one" if n_masks else "masks: none"]
-    skipped = [f"{len(target.bad)} undecodable image(s)"] if target.bad else []
-    if target.left_out:
-        skipped.append(f"{len(target.left_out)} class folder(s) the paper does not use ({', '.join(target.left_out)})")
-    if target.ignored:
-        skipped.append(f"{target.ignored} other file(s) in the image folders")
-    lines.append("skipped: " + ("; ".join(skipped) if skipped else "nothing"))
-    return "\n".join(lines)
-
 
 # =====================================================================================================
 # 3. Loading a target
@@ -304,7 +274,7 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     The paper's classes are checked; class folders it does not use are an error, or left out and named where
     the download holds more (WHOI). The split is the paper's where its code defines one, else the native one;
     a plain folder of other classes is split 80/20 per class with `seed`, or as `split` says (a dict with
-    "train" / "test" name lists, as `read_split` returns it; `split_name` names it in errors), and the split
+    "train" / "test" name lists, as runtime.read_split returns it; `split_name` names it in errors), and the split
     made is in `target.split` for the caller to save. `by_slide`: Sipakmed's split grouped by slide.
     Every image is decoded here, before any training: undecodable ones are skipped (`target.bad`) up to
     `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all. Images
@@ -758,21 +728,6 @@ def _slide(name, pattern):
         raise ValueError(f"--split-by-slide: cannot tell the slide of {name} (its file name does not match "
                          f"{pattern!r})")
     return m.group(1)
-
-
-def read_split(path):
-    """A split saved by an earlier run: dict with "train" and "test" lists of image names."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        return {"train": list(saved["train"]), "test": list(saved["test"])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
-
-
-def split_json(target):
-    """The text of target.split, for the caller to save (and pass back to load_target next time)."""
-    return json.dumps(target.split, indent=1)
 
 
 def _split_record(name, seed, names, train, test):

@@ -223,7 +223,7 @@ def load_target(cfg, save=True):
     if not cfg.target:
         raise ValueError(f"--target is required for this stage; one of: {', '.join(folders.TARGETS)}")
     split_file = os.path.join(cfg.out, "splits", f"{cfg.target}.json")
-    saved = folders.read_split(split_file) if os.path.exists(split_file) else None
+    saved = read_split(split_file) if os.path.exists(split_file) else None
     try:
         target = folders.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=split_file,
                                      max_bad=cfg.max_bad_images, by_slide=cfg.split_by_slide)
@@ -237,7 +237,7 @@ def load_target(cfg, save=True):
         warnings.warn(f"skipped {len(target.bad)} undecodable image(s) of {target.path}, listed above" +
                       (f" and in {_bad_list_path(cfg)}" if save else ""))
     if save and saved is None and target.split is not None:
-        drl.write_text(split_file, folders.split_json(target))
+        drl.write_text(split_file, json.dumps(target.split, indent=1))
     if save and target.files:
         drl.write_text(os.path.join(cfg.out, "datasets", f"{target.digest}.json"),
                        json.dumps({"folder": target.path, "files": target.files}))
@@ -247,7 +247,42 @@ def load_target(cfg, save=True):
 def check_data(cfg):
     """--check-data: the target read and validated as a run reads it, described; nothing written."""
     _, target = load_target(cfg, save=False)
-    print(folders.describe(target))
+    print(describe(target))
+
+
+def describe(target, short=False):
+    """What --check-data prints (short: the one line every run starts with)."""
+    n_masks = len(target.train.with_masks) + len(target.test.with_masks)
+    n = len(target.train) + len(target.test)
+    where = f" at {target.path}" if target.path else ""
+    if short:
+        return (f"target {target.name}: {target.layout}{where}; {len(target.classes)} classes, {len(target.train)} "
+                f"train / {len(target.test)} test images, {n_masks} with a mask; split: {target.split_kind}")
+    width = max(len(c) for c in target.classes + ["class"])
+    lines = [f"{target.name}: {target.layout}{where}", f"split: {target.split_kind}", "",
+             f"{'class':<{width}}  {'train':>6}  {'test':>6}"]
+    for k, c in enumerate(target.classes):
+        n_train, n_test = int(np.sum(target.train.labels == k)), int(np.sum(target.test.labels == k))
+        lines.append(f"{c:<{width}}  {n_train:>6}  {n_test:>6}")
+    lines += [f"{'total':<{width}}  {len(target.train):>6}  {len(target.test):>6}", "",
+              f"masks: {n_masks} of {n} images have a usable one" if n_masks else "masks: none"]
+    skipped = [f"{len(target.bad)} undecodable image(s)"] if target.bad else []
+    if target.left_out:
+        skipped.append(f"{len(target.left_out)} class folder(s) the paper does not use ({', '.join(target.left_out)})")
+    if target.ignored:
+        skipped.append(f"{target.ignored} other file(s) in the image folders")
+    lines.append("skipped: " + ("; ".join(skipped) if skipped else "nothing"))
+    return "\n".join(lines)
+
+
+def read_split(path):
+    """A split saved by an earlier run: dict with "train" and "test" lists of image names."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return {"train": list(saved["train"]), "test": list(saved["test"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
 
 
 def _bad_list_path(cfg):

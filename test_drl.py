@@ -445,7 +445,7 @@ def test_saved_split_reused(tmp_path):
     cfg = train.Config(target="lensless", data_root=str(tmp_path), out=str(tmp_path / "run"))
     _, t1 = runtime.load_target(cfg)                                     # saves the split it made
     sf = tmp_path / "run" / "splits" / "lensless.json"
-    saved = folders.read_split(sf)
+    saved = runtime.read_split(sf)
     assert saved["test"] == t1.test.names and saved["train"] == t1.train.names
     t2 = folders.load_target("lensless", root=str(tmp_path), seed=123, split=saved)
     assert t2.test.names == t1.test.names                              # the saved split wins
@@ -462,8 +462,8 @@ def test_saved_split_reused(tmp_path):
 
 def test_synthetic_split_saved_and_reused(tmp_path):
     t1 = folders.load_target("synthetic-cells")
-    assert folders.read_split(_write(tmp_path / "s.json", folders.split_json(t1)))["test"] == t1.test.names
-    t2 = folders.load_target("synthetic-cells", split=folders.read_split(tmp_path / "s.json"))
+    assert runtime.read_split(_write(tmp_path / "s.json", json.dumps(t1.split, indent=1)))["test"] == t1.test.names
+    t2 = folders.load_target("synthetic-cells", split=runtime.read_split(tmp_path / "s.json"))
     assert t2.test.names == t1.test.names
 
 
@@ -616,7 +616,7 @@ def test_whoi15_year_archive_takes_the_papers_15_classes_and_names_the_others(tm
         assert t.classes == sorted(WHOI15) and t.left_out == ["Guinardia", "ciliate_mix"]
         assert len(t.train) == 60 and len(t.test) == 15 and t.split_kind == folders.PAPER_SPLIT
     assert "2007 archive" in t.layout and "left out" not in t.layout
-    assert "2 class folder(s) the paper does not use (Guinardia, ciliate_mix)" in folders.describe(t)
+    assert "2 class folder(s) the paper does not use (Guinardia, ciliate_mix)" in runtime.describe(t)
     os.rename(year / "Ditylum", year / "ditylum_x")
     with pytest.raises(ValueError, match=r"14 of the 15 whoi15 classes.*missing: Ditylum.*ditylum_x"):
         folders.load_target("whoi15", root=str(tmp_path))
@@ -2969,7 +2969,7 @@ def test_finetuned_model_beats_chance_on_synthetic_cells(tmp_path, offline_hub, 
     assert code == 0, err
     model, _ = drl.load_model(str(out / "finetune/synthetic-cells/pixels-conv-adagvae-z10-100steps-3ep/"
                                         "beta1-seed0/checkpoint.pt"))
-    target = folders.load_target("synthetic-cells", split=folders.read_split(out / "splits/synthetic-cells.json"))
+    target = folders.load_target("synthetic-cells", split=runtime.read_split(out / "splits/synthetic-cells.json"))
     z = [evaluate.encode(model, torch.from_numpy(part.images(np.arange(len(part)), 64)).permute(0, 3, 1, 2),
                          "cpu") for part in (target.train, target.test)]
     d = metrics.downstream_accuracy(z[0], target.train.labels, z[1], target.test.labels)
@@ -2997,7 +2997,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     assert res["backbone"] == "pixels" and "**pixels**" in report
     assert len(res["models"]) == 2
     # finetuning changed the weights and lowered the target loss
-    target = folders.load_target("synthetic-cells", split=folders.read_split(out / "splits/synthetic-cells.json"))
+    target = folders.load_target("synthetic-cells", split=runtime.read_split(out / "splits/synthetic-cells.json"))
     train_images = target.train.subset(np.flatnonzero(target.train.labels != target.classes.index("negative")))
     x_target = torch.from_numpy(train_images.images(np.arange(len(train_images)), 64)).permute(0, 3, 1, 2) / 255
     for m in res["models"]:
