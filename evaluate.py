@@ -25,7 +25,6 @@ from matplotlib.figure import Figure  # figures without pyplot's global state or
 
 import data
 import drl
-import folders
 import metrics
 import runtime
 import se2
@@ -208,14 +207,11 @@ def main(argv=None):
         return explicitness_main(cfg, backbones)
     if backbones and len(backbones) > 1:
         raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with --explicitness)")
-    if not cfg.target:
-        raise ValueError("--target is required; one of: " + ", ".join(folders.TARGETS))
     if args.check_data:
         return runtime.check_data(cfg)
     runtime.check_writable(cfg.out)
     t0 = time.time()
     cfg, target = runtime.load_target(cfg)
-    say(runtime.describe(target, short=True))
     res = runtime.resolve(cfg, say)
     if args.no_train:
         missing = train.missing_models(cfg, res)
@@ -236,6 +232,11 @@ def main(argv=None):
     folder = os.path.join(cfg.out, "eval", cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class
                                                          else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
     results = evaluate_all(cfg, res, target, pairs, folder)
+    write_results(folder, results, report, t0)
+
+
+def write_results(folder, results, report, t0):
+    """folder/results.json (every number) and folder/report.md, made from the same dict."""
     results["seconds"] = round(time.time() - t0, 1)
     drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=runtime.json_default))
     drl.write_text(os.path.join(folder, "report.md"), report(results))
@@ -347,10 +348,7 @@ def explicitness_main(cfg, backbones):
     results = explicitness(cfg, resolved)
     folder = os.path.join(cfg.out, "explicitness", "quick" if cfg.quick else "full")
     results["figure"] = _fig_explicitness(os.path.join(folder, "figures"), results)
-    results["seconds"] = round(time.time() - t0, 1)
-    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=runtime.json_default))
-    drl.write_text(os.path.join(folder, "report.md"), explicitness_report(results))
-    say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
+    write_results(folder, results, explicitness_report, t0)
 
 
 def explicitness(cfg, resolved):

@@ -241,6 +241,8 @@ def load_target(cfg, save=True):
     if save and target.files:
         drl.write_text(os.path.join(cfg.out, "datasets", f"{target.digest}.json"),
                        json.dumps({"folder": target.path, "files": target.files}))
+    if save:
+        say(describe(target, short=True))  # the first line of every run that reads a target
     return cfg, target
 
 

@@ -685,7 +685,6 @@ def main(argv=None):
         paths = train_source(cfg, res)
     else:
         cfg, target = runtime.load_target(cfg)
-        say(runtime.describe(target, short=True))
         paths = [ft for _, ft in finetune(cfg, res, target)]
     runtime.wait_for_ranks()
     say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
