@@ -3422,7 +3422,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
     """A CUDA out-of-memory in the second model's training (raised by a stand-in, wrapped by a compiler as
     torch.compile's autotuning does) is one line naming --batch-size and the models per process; the first
     model's checkpoint is kept."""
-    real, calls = train._fit_group, []
+    real, calls = train._model_and_optimizer, []
 
     def oom_in_the_second_model(group, *a, **k):
         calls.append(group)
@@ -3431,7 +3431,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, offline_hub, c
                 raise RuntimeError("BackendCompilerFailed: autotuning") from torch.cuda.OutOfMemoryError(
                     "CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(group, *a, **k)
-    monkeypatch.setattr(train, "_fit_group", oom_in_the_second_model)
+    monkeypatch.setattr(train, "_model_and_optimizer", oom_in_the_second_model)
     monkeypatch.setitem(runtime.PROCESS, "written", {})
     argv = ["--stage", "source", "--out", str(tmp_path / "r"), "--steps", "3", "--seeds", "0", "1", "--betas", "1",
             "--batch-size", "4", "--latent-dim", "4"]

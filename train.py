@@ -291,31 +291,6 @@ def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
         params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def fit(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
-        device="cpu", stack=False, compile=False, log_every=50, checkpoint_every_s=120.0, progress=None):
-    """Train every run to `steps` optimiser steps, resuming each from `folder/checkpoint.pt`.
-
-    x holds every input of the dataset on `device` (uint8 pixels, scaled to [0, 1] per batch, or float
-    features). batch_fn(seed, step) returns int64 indices into x, drawn on the host as a pure function of its
-    arguments: (B,) single images (β-VAE) or (2, B) pairs (Ada-GVAE). The indices of all models of a step
-    reach the device in one non-blocking copy, and nothing is read back from the device between log steps.
-    stack=False trains the runs one after another; stack=True all at once (runs at different steps are
-    grouped by step). compile=True runs the objective (forward and backward) through torch.compile. Writes
-    folder/checkpoint.pt (CPU tensors) and folder/log.csv per run; progress(dict) is called about every 5 s.
-    A non-finite loss raises TrainingDiverged. Returns the final checkpoints, in order.
-    """
-    for r in runs:
-        _resume(r, steps)
-    todo = [r for r in runs if r.start < steps]
-    groups = ([[r for r in todo if r.start == s] for s in sorted({r.start for r in todo})] if stack
-              else [[r] for r in todo])
-    for group in groups:
-        _fit_group(group, x, batch_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                   warmup_steps=warmup_steps, grad_clip=grad_clip, device=device, compile=compile,
-                   log_every=log_every, checkpoint_every_s=checkpoint_every_s, progress=progress)
-    return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
-
-
 def _ckpt_path(run):
     return os.path.join(run.folder, "checkpoint.pt")
 
@@ -346,54 +321,78 @@ def train_step(model, opt, batch, beta, noise, grad_clip):
     return torch.stack([out["loss"], out["recon"], out["kl"], norms], dim=-1).reshape(-1, 4).detach()
 
 
-def _fit_group(group, x, batch_fn, *, steps, lr, optimizer, weight_decay, warmup_steps, grad_clip, device, compile,
-               log_every, checkpoint_every_s, progress):
-    """Train the runs of `group`, all at the same step, to `steps`: one model, or a Stack of M."""
-    M, start = len(group), group[0].start
+def fit(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+        device="cpu", stack=False, compile=False, log_every=50, checkpoint_every_s=120.0, progress=None):
+    """Train every run to `steps` optimiser steps, resuming each from `folder/checkpoint.pt`.
+
+    x holds every input of the dataset on `device` (uint8 pixels, scaled to [0, 1] per batch, or float
+    features). batch_fn(seed, step) returns int64 indices into x, drawn on the host as a pure function of its
+    arguments: (B,) single images (β-VAE) or (2, B) pairs (Ada-GVAE). The indices of all models of a step
+    reach the device in one non-blocking copy, and nothing is read back from the device between log steps.
+    stack=False trains the runs one after another; stack=True all at once (runs at different steps are
+    grouped by step). compile=True runs the objective (forward and backward) through torch.compile. Writes
+    folder/checkpoint.pt (CPU tensors) and folder/log.csv per run; progress(dict) is called about every 5 s.
+    A non-finite loss raises TrainingDiverged. Returns the final checkpoints, in order.
+    """
+    for r in runs:
+        _resume(r, steps)
+    todo = [r for r in runs if r.start < steps]
+    groups = ([[r for r in todo if r.start == s] for s in sorted({r.start for r in todo})] if stack
+              else [[r] for r in todo])
+    for group in groups:  # runs at the same step: one model, or a Stack of M
+        M, start = len(group), group[0].start
+        model, opt, stacked = _model_and_optimizer(group, device, compile, optimizer, lr, weight_decay)
+        logs = [runtime.CsvLog(r.folder, start) for r in group]
+        stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, runtime.RecentRate(start)
+        betas = torch.tensor([r.beta for r in group], device=device)  # built once; each step scales it on the device
+        t0 = last_ckpt = last_progress = time.time()
+        for step in range(start, steps):
+            batch, noise = _next_batch(group, x, batch_fn, step, group[0].model.config.get("latent_dim"), stacked)
+            ramp = drl.beta_warmup(step, 1.0, warmup_steps)  # a Python float: β·ramp needs no host-to-device copy
+            with runtime.compiling(compile and step == start):
+                stats += train_step(model, opt, batch, betas * ramp if stacked else group[0].beta * ramp, noise,
+                                    grad_clip).double()  # (M, 4) running sums stay on the device until a log step
+            n_stats += 1
+            done = step + 1
+            if done % log_every and done != steps:
+                continue
+            means = (stats / n_stats).cpu()
+            _check_finite(means, done, group)
+            beta = [r.beta * ramp for r in group]
+            for log, row, b in zip(logs, means.tolist(), beta):
+                log.write(done, row[:3], b, time.time() - t0)
+            stats.zero_()
+            n_stats = 0
+            now = time.time()
+            if progress and (now - last_progress >= 5.0 or done == steps):
+                r_now = rate(done)
+                progress({"step": done, "steps": steps, "loss": float(means[:, 0].mean()), "beta": sum(beta) / M,
+                          "models": M, "steps_per_s": r_now, "eta_s": (steps - done) / max(r_now, 1e-9)})
+                last_progress = now
+            if now - last_ckpt >= checkpoint_every_s or done == steps:
+                _write_checkpoints(group, model, opt, done, steps, means)
+                last_ckpt = now
+        for log in logs:
+            log.close()
+    return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
+
+
+def _model_and_optimizer(group, device, compile, optimizer, lr, weight_decay):
+    """(model, optimiser, stacked) for the runs of a group, the optimiser's state resumed: the run's own model, or
+    a Stack of the M models (compiled, even one model is a Stack: ε and β come in as tensors)."""
     for r in group:
         r.model.to(device).train()
-    stacked = M > 1 or compile  # compiled, even one model is a Stack: ε and β come in as tensors
+    stacked = len(group) > 1 or compile
     model, models = group[0].model, [r.model for r in group]
     if stacked:
         _check_stackable(models, "--compile" if compile else "--parallel-models")
-        model = Stack(models, _compiled(models[0], M) if compile else _vmapped(models[0]))
+        model = Stack(models, _compiled(models[0], len(group)) if compile else _vmapped(models[0]))
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=lr,
                          weight_decay=weight_decay)
-    if start > 0:
+    if group[0].start > 0:
         opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]) if stacked
                             else group[0].optimizer_state)
-    logs = [runtime.CsvLog(r.folder, start) for r in group]
-    stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, runtime.RecentRate(start)
-    betas = torch.tensor([r.beta for r in group], device=device)  # built once; each step scales it on the device
-    t0 = last_ckpt = last_progress = time.time()
-    for step in range(start, steps):
-        batch, noise = _next_batch(group, x, batch_fn, step, group[0].model.config.get("latent_dim"), stacked)
-        ramp = drl.beta_warmup(step, 1.0, warmup_steps)  # a Python float: β·ramp needs no host-to-device copy
-        with runtime.compiling(compile and step == start):
-            stats += train_step(model, opt, batch, betas * ramp if stacked else group[0].beta * ramp, noise,
-                                grad_clip).double()  # (M, 4) running sums stay on the device until a log step
-        n_stats += 1
-        done = step + 1
-        if done % log_every and done != steps:
-            continue
-        means = (stats / n_stats).cpu()
-        _check_finite(means, done, group)
-        beta = [r.beta * ramp for r in group]
-        for log, row, b in zip(logs, means.tolist(), beta):
-            log.write(done, row[:3], b, time.time() - t0)
-        stats.zero_()
-        n_stats = 0
-        now = time.time()
-        if progress and (now - last_progress >= 5.0 or done == steps):
-            r_now = rate(done)
-            progress({"step": done, "steps": steps, "loss": float(means[:, 0].mean()), "beta": sum(beta) / M,
-                      "models": M, "steps_per_s": r_now, "eta_s": (steps - done) / max(r_now, 1e-9)})
-            last_progress = now
-        if now - last_ckpt >= checkpoint_every_s or done == steps:
-            _write_checkpoints(group, model, opt, done, steps, means)
-            last_ckpt = now
-    for log in logs:
-        log.close()
+    return model, opt, stacked
 
 
 class Stack(torch.nn.Module):
