@@ -182,8 +182,6 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_config_args(p, several=("backbone",))
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
-    p.add_argument("--check-data", action="store_true", help="read and check --target as a run would, print what "
-                   "was found (layout, classes, images per split, masks, what was skipped) and exit")
     p.add_argument("--explicitness", action="store_true", help="Table IV: classify each Texture-dSprites factor "
                    "from the frozen features of every --backbone (default: the paper's " +
                    ", ".join(PAPER_BACKBONES) + f"); --quick: {QUICK_EXPLICITNESS_IMAGES} images")

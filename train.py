@@ -106,7 +106,8 @@ QUICK = dict(seeds=(0, 1), betas=(1.0,), steps=500, epochs=5, n_train=2000, n_te
 
 def add_config_args(parser, several=()):
     """One --flag per Config field, its help from the field; defaults stay None so that the preset
-    (paper or --quick) can fill what the command line leaves out. Fields in `several` take a list."""
+    (paper or --quick) can fill what the command line leaves out. Fields in `several` take a list. Plus
+    --check-data, which both scripts take."""
     for f in dataclasses.fields(Config):
         meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
         if f.name in several:
@@ -119,6 +120,8 @@ def add_config_args(parser, several=()):
         else:
             kind = type(f.default) if f.default is not None else str
             parser.add_argument(flag, type=kind, help=meta.pop("help") + preset, **meta)
+    parser.add_argument("--check-data", action="store_true", help="read and check --target as a run would, print "
+                        "what was found (layout, classes, images per split, masks, what was skipped) and exit")
 
 
 def config_from_args(args):
@@ -663,8 +666,6 @@ def finetune(cfg, res, target):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["source", "finetune"])
-    p.add_argument("--check-data", action="store_true", help="read and check --target as a run would, print what "
-                   "was found (layout, classes, images per split, masks, what was skipped) and exit")
     add_config_args(p)
     return p
 
