@@ -124,12 +124,15 @@ class Inputs:
     def source(self):
         return train.SourceInputs(self.cfg, self.res)
 
-    x_train = functools.cached_property(lambda self: self._inputs("train"))
-    x_test = functools.cached_property(lambda self: self._inputs("test"))
+    @functools.cached_property
+    def x_train(self):
+        return train.target_inputs(self.cfg, self.res, self.target.train, self.feature_stats,
+                                   f"{self.cfg.target}-train")
 
-    def _inputs(self, part):
-        return train.target_inputs(self.cfg, self.res, getattr(self.target, part), self.feature_stats,
-                                   f"{self.cfg.target}-{part}")
+    @functools.cached_property
+    def x_test(self):
+        return train.target_inputs(self.cfg, self.res, self.target.test, self.feature_stats,
+                                   f"{self.cfg.target}-test")
 
     @functools.cached_property
     def handcrafted(self):
@@ -606,8 +609,10 @@ def _label(model):
 
 def importance_by_factor(per_model, state, factor_names):
     """Fig. 3: the GBT's Gini importance summed over the dims named after each factor, mean over models."""
-    sums = [[sum((imp for name, imp in zip(m[state]["dim_names"], m[state]["gini_importance"])
-                  if name.split("#")[0] == f), 0.0) for f in factor_names] for m in per_model]
+    def per_factor(m):  # a dim is named "factor", or "factor#2" for the second dim of the same factor
+        names = [name.split("#")[0] for name in m[state]["dim_names"]]
+        return [sum(imp for n, imp in zip(names, m[state]["gini_importance"]) if n == f) for f in factor_names]
+    sums = [per_factor(m) for m in per_model]
     return {f: float(np.mean([row[k] for row in sums])) for k, f in enumerate(factor_names)}
 
 
