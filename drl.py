@@ -608,11 +608,7 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                images, b = images_fn(np.arange(start, stop)), stop - start
-                if getattr(images, "dtype", None) != np.uint8 or images.shape != (b, *images.shape[1:3], 3):
-                    raise ValueError(f"images_fn returned {getattr(images, 'dtype', type(images))} "
-                                     f"{getattr(images, 'shape', '')}, need uint8 ({b}, H, W, 3)")
-                x = preprocess(images, device)
+                x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
                 with _autocast(precision, device):
                     out[start:stop] = model(x).float().cpu().numpy()
                 if progress is not None:
@@ -620,6 +616,14 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         out.flush()
         del out  # close the memmap before the rename
     return np.load(cache_path, mmap_mode="r")
+
+
+def _checked_images(images, n):
+    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
+            or images.shape[0] != n or images.shape[-1] != 3):
+        raise ValueError(f"images_fn returned {getattr(images, 'dtype', type(images))} "
+                         f"{getattr(images, 'shape', '')}, need uint8 ({n}, H, W, 3)")
+    return images
 
 
 def feature_stats(features, chunk=4096):
