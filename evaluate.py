@@ -236,11 +236,11 @@ def main(argv=None):
     write_results(folder, results, report, t0)
 
 
-def write_results(folder, results, report, t0):
-    """folder/results.json (every number) and folder/report.md, made from the same dict."""
+def write_results(folder, results, render, t0):
+    """folder/results.json (every number) and folder/report.md, render(results), made from the same dict."""
     results["seconds"] = round(time.time() - t0, 1)
     drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=runtime.json_default))
-    drl.write_text(os.path.join(folder, "report.md"), report(results))
+    drl.write_text(os.path.join(folder, "report.md"), render(results))
     say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
 
 

@@ -564,12 +564,16 @@ def is_done(path):
     return os.path.exists(path) and drl.load_checkpoint(path).get("done", False)
 
 
-def refuse_other_config(path, config, cfg):
-    """A model at `path` made from other data or flags is an error that says in words what differs: never
-    silently reused, never overwritten."""
-    if os.path.exists(path):
-        saved = {k: v for k, v in drl.load_checkpoint(path)["config"].items() if k not in ("model", "steps")}
-        runtime.check_config(path, saved, config, lambda k, there, now: runtime.explain_difference(cfg, k, there, now))
+def trained_already(path, settings, cfg):
+    """Is the model at `path` fully trained (False when there is none)? One made from other data or flags than
+    `settings` (what the run records) is an error that says in words what differs: never silently reused, never
+    overwritten. The checkpoint is read once."""
+    if not os.path.exists(path):
+        return False
+    ckpt = drl.load_checkpoint(path)
+    saved = {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}
+    runtime.check_config(path, saved, settings, lambda k, there, now: runtime.explain_difference(cfg, k, there, now))
+    return ckpt.get("done", False)
 
 
 def _fit_and_report(runs, x, batch_fn, label, cfg, res, steps, **kw):
@@ -605,8 +609,7 @@ def train_source(cfg, res):
                   "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
         folder = source_folder(cfg, res, beta, seed)
         paths.append(os.path.join(folder, "checkpoint.pt"))
-        refuse_other_config(paths[-1], config, cfg)
-        if not is_done(paths[-1]):
+        if not trained_already(paths[-1], config, cfg):
             torch.manual_seed(seed)
             runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
     if not runs:
@@ -642,8 +645,7 @@ def finetune(cfg, res, target):
         config = {"stage": "finetune", "source": ckpt["config"], "target": target.digest,
                   "holdout": cfg.holdout_class, "seed": seed, "beta": beta, "epochs": cfg.epochs,
                   "batch_size": cfg.batch_size, "lr": cfg.lr}
-        refuse_other_config(pairs[-1][1], config, cfg)
-        if not is_done(pairs[-1][1]):
+        if not trained_already(pairs[-1][1], config, cfg):
             stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
             runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
     if not runs:
