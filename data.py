@@ -656,6 +656,9 @@ def make_synthetic_cells(n=SYNTHETIC_N, size=80, seed=0):
 # 5. Handcrafted features from masks (paper Fig. 6; the official extract_simple_features.py)
 # =====================================================================================================
 
+HANDCRAFTED_SIZE = 224  # px: images and masks are read at this size for the handcrafted features
+
+
 def handcrafted_features(images, masks):
     """dict(area, mean_r, mean_g, mean_b, solidity), each (n,) float64.
 

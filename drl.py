@@ -482,7 +482,7 @@ class TorchvisionBackbone(nn.Module):
 
     def preprocess(self, images, device="cpu"):
         """uint8 (b,H,W,3) RGB → the float (b,3,crop,crop) input torchvision's ImageNet transform makes."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+        x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device).permute(0, 3, 1, 2)
         return self.transform(x)
 
 
@@ -557,7 +557,7 @@ def preprocess_images(images, device="cpu", size=IMAGE_SIZE):
     one affine map per channel, and bilinear weights sum to 1, so it commutes with the resize and is
     applied to the small image. Antialiasing only changes a downscale (for an upscale the antialiased
     kernel IS the bilinear one, equal to 3e-15 in float64), so the plain, faster kernel upscales."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).contiguous().float()
+    x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device).permute(0, 3, 1, 2).contiguous().float()
     for c in range(3):  # per channel, with Python numbers: no constant has to be copied to the device
         x[:, c].mul_(_SCALE[c]).sub_(_SHIFT[c])
     if x.shape[-2:] != (size, size):
@@ -603,19 +603,52 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         except (ValueError, OSError) as e:
             reason = one_line(e)
         warnings.warn(f"feature cache {cache_path} ({reason}) does not match ({n}, {D}) float32; recomputing")
+    starts = range(0, n, batch_size)
+
+    def phi():  # Φ of each batch, left on the device
+        for start in starts:
+            stop = min(start + batch_size, n)
+            x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
+            with _autocast(precision, device):
+                yield model(x).float()
     with atomic_write(cache_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
-                with _autocast(precision, device):
-                    out[start:stop] = model(x).float().cpu().numpy()
+            for start, batch in zip(starts, to_host(phi())):
+                out[start:start + len(batch)] = batch
                 if progress is not None:
-                    progress(stop, n)
+                    progress(start + len(batch), n)
         out.flush()
         del out  # close the memmap before the rename
     return np.load(cache_path, mmap_mode="r")
+
+
+def to_device(t, device):
+    """A host tensor on `device` without making the host wait: on CUDA a pinned copy goes over asynchronously
+    (a pageable one blocks the host until it is done); elsewhere the tensor itself."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def to_host(tensors):
+    """Each tensor of an iterable as a NumPy array on the host. From CUDA, each comes back in a non-blocking copy
+    into pinned memory and is read one item later, once the next item's work is queued: the GPU never waits for
+    the host, and the host waits only for a copy already done or under way."""
+    pending = None
+    for t in tensors:
+        if t.device.type != "cuda":
+            yield t.numpy()
+            continue
+        host, copied = t.to("cpu", non_blocking=True), torch.cuda.Event()  # a non-blocking copy back is pinned
+        copied.record()
+        if pending:
+            pending[1].synchronize()
+            yield pending[0].numpy()
+        pending = host, copied
+    if pending:
+        pending[1].synchronize()
+        yield pending[0].numpy()
 
 
 def _checked_images(images, n):
@@ -712,19 +745,20 @@ def load_checkpoint(path):
 
 def model_config(model):
     """model.config plus the `kind` that build_model needs (se2.SE2VAE, a standalone module, has none)."""
-    import se2
-    return dict(model.config, kind="se2") if isinstance(model, se2.SE2VAE) else dict(model.config)
+    return dict(model.config, kind="se2") if type(model).__name__ == "SE2VAE" else dict(model.config)
 
 
 def build_model(config):
-    """Rebuild a model from its `config` dict (as stored in every checkpoint)."""
-    import se2
+    """Rebuild a model from its `config` dict (as stored in every checkpoint); se2.py is imported for an SE(2,N)
+    model only, so this file can be copied without it."""
     config = dict(config)
     kind = config.pop("kind")
-    kinds = {"feature": FeatureVAE, "conv": ConvVAE, "se2": se2.SE2VAE}
-    if kind not in kinds:
+    if kind == "se2":
+        import se2
+        return se2.SE2VAE(**config)
+    if kind not in ("feature", "conv"):
         raise ValueError(f"unknown model kind {kind!r} in checkpoint config")
-    return kinds[kind](**config)
+    return (FeatureVAE if kind == "feature" else ConvVAE)(**config)
 
 
 def load_model(path, device="cpu"):

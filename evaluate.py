@@ -19,6 +19,8 @@ import os
 import time
 import warnings
 
+from sklearn.utils.parallel import Parallel, delayed
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # figures without pyplot's global state or a backend to choose
@@ -26,27 +28,77 @@ from matplotlib.figure import Figure  # figures without pyplot's global state or
 import data
 import drl
 import metrics
-import runtime
 import se2
 import train
-from runtime import say
+from train import say
 
 STATES = ("before", "after")  # source weights as transferred; after β-VAE finetuning on the target
 EVAL_VERSION = 2  # part of every evaluation cache key: bump it whenever what is computed changes
 
 
-def cached(cfg, parts, compute):
-    """compute() once per key under out/eval-cache/ (runtime.cached), the key made of `parts` and EVAL_VERSION."""
-    return runtime.cached(cfg.out, dict(parts, version=EVAL_VERSION), compute)
+def cache_path(cfg, parts):
+    """(key, path) of a cached result: out/eval-cache/<key>.json, the key made of `parts` (everything that
+    changes the result) and EVAL_VERSION."""
+    key = train.cache_key(**dict(parts, version=EVAL_VERSION))
+    return key, os.path.join(cfg.out, "eval-cache", f"{key}.json")
+
+
+def cached(cfg, parts, compute=None):
+    """(compute() once per key, the key): the JSON of the result is kept under out/eval-cache/ and the result is
+    always its JSON round trip, so a cached run writes the same report as the run that computed it. Without
+    `compute`: the cached result or None."""
+    key, path = cache_path(cfg, parts)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), key
+    if compute is None:
+        return None, key
+    text = json.dumps(compute(), default=json_default)
+    drl.write_text(path, text)
+    return json.loads(text), key
+
+
+def json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def timed(what, fn):
+    """fn(), then one line saying what it was and how long it took."""
+    t0 = time.time()
+    out = fn()
+    say(f"evaluate: {what}: {time.time() - t0:.1f} s")
+    return out
 
 
 def encode(model, x, device, batch=1024):
-    """Deterministic codes (μ, or μ_ISO + angles for SE2VAE) of a stored input tensor, in chunks."""
-    out = []
+    """Deterministic codes (μ, or μ_ISO + angles for SE2VAE) of a stored input tensor, in chunks: each chunk
+    goes to the device in a non-blocking copy and its codes come back the same way (drl.to_host)."""
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out.append(model.representation(drl.to_model(x[i:i + batch].to(device))).cpu())
-    return torch.cat(out).numpy().astype(np.float64)
+        codes = (model.representation(drl.to_model(drl.to_device(x[i:i + batch], device)))
+                 for i in range(0, len(x), batch))
+        return np.concatenate(list(drl.to_host(codes))).astype(np.float64)
+
+
+def encode_grid(model, source, device, batch=1000):
+    """The codes of every Texture-dSprites image, rendered and encoded `batch` at a time in grid order, as
+    metrics.disentanglement_scores encodes a small grid (the same batches, so the same numbers)."""
+    grid = np.stack(np.unravel_index(np.arange(len(source.dataset)), source.factor_sizes), 1)
+    return np.concatenate([encode(model, source.render(grid[i:i + batch]), device) for i in range(0, len(grid), batch)])
+
+
+class GridIndex:
+    """A source for metrics.disentanglement_scores whose 'images' are flat grid indices: with encode =
+    codes.__getitem__ it scores codes computed beforehand, without a model (in a worker process)."""
+
+    def __init__(self, factor_sizes):
+        self.factor_sizes = tuple(factor_sizes)
+
+    def render(self, factors):
+        return np.ravel_multi_index(np.asarray(factors).T, self.factor_sizes)
 
 
 def _attempt(label, name, fn):
@@ -59,18 +111,26 @@ def _attempt(label, name, fn):
         return None
 
 
-def source_scores(model, src, cfg, device, label):
-    """DCI, MIG and OMES of one model on Texture-dSprites (paper Table III)."""
-    return _attempt(label, "DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
-        lambda x: encode(model, x, device), src, n_train=cfg.n_train, n_test=cfg.n_test, seed=0))
+def score(label, z_grid, dis, z_train, z_test, ctx):
+    """Every number of one model in one state, from its codes (this runs in a worker process): DCI, MIG and
+    OMES on Texture-dSprites (Table III; `dis` when cached), then the target's (target_scores). Returns
+    (dis, target scores, seconds, the warnings raised)."""
+    t0 = time.time()
+    with warnings.catch_warnings(record=True) as caught:  # said again by the main process
+        warnings.simplefilter("always")
+        if dis is None:
+            dis = _attempt(label, "DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
+                z_grid.__getitem__, GridIndex(ctx["factor_sizes"]), n_train=ctx["n_train"], n_test=ctx["n_test"],
+                seed=0, n_jobs=1))
+        scores = target_scores(dis, z_train, z_test, ctx, label)
+    return dis, scores, time.time() - t0, [str(w.message) for w in caught]
 
 
-def target_scores(model, dis, inputs, cfg, device, label):
+def target_scores(dis, z_train, z_test, ctx, label):
     """Every target number of one model: downstream accuracy, Gini importance per dim (dims named after
-    the source factor they encode best), clustering, open set, correlations with handcrafted features."""
-    target, known = inputs.target, inputs.known
-    z_train, z_test = encode(model, inputs.x_train, device), encode(model, inputs.x_test, device)
-    y_train, y_test = target.train.labels, target.test.labels
+    the source factor they encode best), clustering, open set, correlations with handcrafted features.
+    ctx: the labels, the known (not held-out) images, the held-out class and the handcrafted features."""
+    known, (y_train, y_test), held = ctx["known"], ctx["labels"], ctx["held"]
     r = {"dim_names": (metrics.name_dims(dis["dci"]["importance"], data.FACTOR_NAMES) if dis
                        else [f"dim{d}" for d in range(z_train.shape[1])])}
     # Inactive dims (std < 0.05 on the train split) are removed before the classifiers (README, "Where we differ").
@@ -81,18 +141,15 @@ def target_scores(model, dis, inputs, cfg, device, label):
     r["downstream"] = r["clustering"] = r["open_set"] = None
     if pruned:
         kept, zk_train, zk_test = pruned
-        with runtime.stage(f"{label}: downstream GBT + MLP"):
-            r["downstream"] = down = metrics.downstream_accuracy(
-                zk_train, y_train[known["train"]], zk_test[known["test"]], y_test[known["test"]], seed=0)
+        r["downstream"] = down = metrics.downstream_accuracy(
+            zk_train, y_train[known["train"]], zk_test[known["test"]], y_test[known["test"]], seed=0)
         r["gini_importance"][kept] = down.pop("gbt_importance")
-        with runtime.stage(f"{label}: clustering" + (", open set" if cfg.holdout_class else "")):
-            r["clustering"] = _attempt(label, "clustering", lambda: metrics.clustering_scores(
-                zk_test[known["test"]], y_test[known["test"]], seed=0))
-            if cfg.holdout_class:
-                held = target.classes.index(cfg.holdout_class)
-                r["open_set"] = _attempt(label, "open set", lambda: metrics.open_set(
-                    zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
-    rows, feats = inputs.handcrafted if target.test.has_masks else ([], {})
+        r["clustering"] = _attempt(label, "clustering", lambda: metrics.clustering_scores(
+            zk_test[known["test"]], y_test[known["test"]], seed=0))
+        if held is not None:
+            r["open_set"] = _attempt(label, "open set", lambda: metrics.open_set(
+                zk_train, y_train[known["train"]], zk_test, y_test, held, k=5, quantile=0.95, seed=0))
+    rows, feats = ctx["handcrafted"]
     if len(rows) >= 3:
         r["correlation"] = {"n_images": len(rows)}
         for f, h in CORRELATED:
@@ -139,7 +196,16 @@ class Inputs:
         """(rows, features): the test images that have a mask and their handcrafted features (mask area,
         mean R/G/B inside, solidity)."""
         rows, test = self.target.test.with_masks, self.target.test
-        return rows, data.handcrafted_features(test.images(rows, 224), test.masks(rows, 224))
+        return rows, data.handcrafted_features(test.images(rows, data.HANDCRAFTED_SIZE),
+                                                test.masks(rows, data.HANDCRAFTED_SIZE))
+
+    @functools.cached_property
+    def ctx(self):
+        """What scoring needs besides a model's codes (small: it goes to the worker processes)."""
+        held = self.target.classes.index(self.cfg.holdout_class) if self.cfg.holdout_class else None
+        return {"known": self.known, "labels": (self.target.train.labels, self.target.test.labels), "held": held,
+                "handcrafted": self.handcrafted if self.target.test.has_masks else ([], {}),
+                "factor_sizes": data.FACTOR_SIZES, "n_train": self.cfg.n_train, "n_test": self.cfg.n_test}
 
 
 # Latent factor ↔ handcrafted feature pairs of the paper's Fig. 6
@@ -200,46 +266,40 @@ def config_from_args(args):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    cfg, backbones = config_from_args(args)
-    if args.explicitness:
-        if runtime.ranks()[1] > 1:
-            raise ValueError("--explicitness runs in one process (its models are classifiers, not the seed x beta "
-                             "VAEs that torchrun splits); run it without torchrun")
-        return explicitness_main(cfg, backbones)
-    if backbones and len(backbones) > 1:
-        raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with --explicitness)")
-    if args.check_data:
-        return runtime.check_data(cfg)
-    runtime.check_writable(cfg.out)
-    t0 = time.time()
-    cfg, target = runtime.load_target(cfg)
-    res = runtime.resolve(cfg, say)
-    if args.no_train:
-        missing = train.missing_models(cfg, res)
-        if missing:
+    with train.one_line_errors():
+        cfg, backbones = config_from_args(args)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise ValueError("evaluate.py runs as one process; run it without torchrun (train.py under torchrun "
+                             "trains the models, then evaluate.py scores them all)")
+        if args.explicitness:
+            return explicitness_main(cfg, backbones)
+        if backbones and len(backbones) > 1:
+            raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with "
+                             f"--explicitness)")
+        if args.check_data:
+            return train.check_data(cfg)
+        train.check_writable(cfg.out)
+        t0 = time.time()
+        cfg, target, split_file = train.load_target(cfg)
+        res = train.resolve(cfg)
+        if args.no_train and train.missing_models(cfg, res):
+            missing = train.missing_models(cfg, res)
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
-    runtime.setup_process(cfg, res)
-    say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
-    pairs = train.finetune(cfg, res, target)
-    if res.world > 1:  # torchrun: each rank scores its share into the cache, then rank 0 reports on all
-        if pairs:
-            score_models(cfg, res, target, pairs, Inputs(cfg, res, target, drl.load_checkpoint(pairs[0][0])))
-        runtime.wait_for_ranks()
-        if res.rank != 0:
-            return say("done: rank 0 writes the report")
-        res = dataclasses.replace(res, rank=0, world=1)
-        pairs = train.finetune(cfg, res, target)  # every model is finished: this trains nothing
-    folder = os.path.join(cfg.out, "eval", cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class
-                                                         else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
-    results = evaluate_all(cfg, res, target, pairs, folder)
-    write_results(folder, results, report, t0)
+        train.use_device(res)
+        say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
+        pairs = train.finetune(cfg, res, target)
+        folder = os.path.join(cfg.out, "eval", cfg.target + (f"-without-{cfg.holdout_class}" if cfg.holdout_class
+                                                             else ""), train.model_tag(cfg, res) + f"-{cfg.epochs}ep")
+        results = evaluate_all(cfg, res, target, pairs, folder)
+        results["data"]["split_file"] = split_file
+        write_results(folder, results, report, t0)
 
 
 def write_results(folder, results, render, t0):
     """folder/results.json (every number) and folder/report.md, render(results), made from the same dict."""
     results["seconds"] = round(time.time() - t0, 1)
-    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=runtime.json_default))
+    drl.write_text(os.path.join(folder, "results.json"), json.dumps(results, indent=1, default=json_default))
     drl.write_text(os.path.join(folder, "report.md"), render(results))
     say(f"done in {time.time() - t0:.0f} s: {os.path.join(folder, 'report.md')}")
 
@@ -251,26 +311,23 @@ def evaluate_all(cfg, res, target, pairs, folder):
     per_model = score_models(cfg, res, target, pairs, inputs)
     baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
                                    weights=res.weights_digest),
-                         lambda: runtime.scored("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
+                         lambda: timed("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
     for m in per_model:
         for state in STATES:
             m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
-    shown, t0 = median_model(per_model), time.time()
+    shown = median_model(per_model)
     key = dict(part="figures", models=[{s: {k: v for k, v in m[s].items() if k != "_z_test"} for s in STATES}
-                                       for m in per_model], shown=runtime.file_digest(pairs[shown][1]),
+                                       for m in per_model], shown=train.file_digest(pairs[shown][1]),
                z=hashlib.sha256(per_model[shown]["after"]["_z_test"].tobytes()).hexdigest(), target=target.digest,
                source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
 
     def draw():
-        with runtime.stage("figures and galleries"):
-            drawn = {**make_figures(folder, per_model, inputs, cfg, data.FACTOR_NAMES, shown),
-                     **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"],
-                                      _label(per_model[shown]))}
-        say(f"evaluate: figures and galleries drawn in {time.time() - t0:.1f} s")
-        return drawn
+        return timed("figures and galleries", lambda: {
+            **make_figures(folder, per_model, inputs, cfg, data.FACTOR_NAMES, shown),
+            **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"], _label(per_model[shown]))})
     figures, _ = cached(cfg, dict(key, folder=folder), draw)  # the figures' paths and the Fig. 3 numbers
     if not all(os.path.exists(os.path.join(folder, v)) for v in figures.values() if str(v).endswith(".png")):
-        figures = json.loads(json.dumps(draw(), default=runtime.json_default))  # a figure was deleted: redraw
+        figures = json.loads(json.dumps(draw(), default=json_default))  # a figure was deleted: redraw
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
@@ -286,26 +343,41 @@ def evaluate_all(cfg, res, target, pairs, folder):
 
 
 def score_models(cfg, res, target, pairs, inputs):
-    """Each (source, finetuned) pair scored before and after finetuning, every part cached."""
-    per_model = []
+    """Each (source, finetuned) pair scored before and after finetuning; what is cached is read back. For the
+    rest, each model encodes its inputs on the device here, then the scikit-learn fits of every model and state
+    run spread over the CPU's cores (one joblib level; each job's own fits run one at a time): they are the cost."""
+    per_model, jobs = [], []
     for src_path, ft_path in pairs:
         row = {}
         for state, path in zip(STATES, (src_path, ft_path)):
-            ckpt_config = drl.load_checkpoint(path)["config"]
-            label = f"{state} finetuning beta={ckpt_config['beta']:g} seed={ckpt_config['seed']}"
-            model = runtime.lazy_model(path, res.device)
-            checkpoint = runtime.file_digest(path)
-            dis, dis_key = cached(cfg, dict(part="source", checkpoint=checkpoint, source=inputs.source_digest,
-                                            n_train=cfg.n_train, n_test=cfg.n_test), lambda: runtime.scored(
-                f"{label}: DCI/MIG/OMES on Texture-dSprites ({cfg.n_train} + {cfg.n_test} samples)",
-                lambda: source_scores(model(), inputs.source, cfg, res.device, label)))
-            row[state], _ = cached(cfg, dict(part="target", checkpoint=checkpoint, source=dis_key,
-                                             target=target.digest, holdout=cfg.holdout_class),
-                                   lambda: target_scores(model(), dis, inputs, cfg, res.device, label))
-            row[state]["disentanglement"] = dis
-            say(f"evaluate: {label}: done")
-        row["beta"], row["seed"] = ckpt_config["beta"], ckpt_config["seed"]
+            conf = drl.load_checkpoint(path)["config"]
+            label = f"{state} finetuning beta={conf['beta']:g} seed={conf['seed']}"
+            checkpoint = train.file_digest(path)
+            dis_parts = dict(part="source", checkpoint=checkpoint, source=inputs.source_digest, n_train=cfg.n_train,
+                             n_test=cfg.n_test)
+            dis, dis_key = cached(cfg, dis_parts)
+            tgt_parts = dict(part="target", checkpoint=checkpoint, source=dis_key, target=target.digest,
+                             holdout=cfg.holdout_class)
+            row[state], _ = cached(cfg, tgt_parts)
+            if row[state] is None:
+                model = drl.load_model(path, res.device)[0]
+                z_grid = encode_grid(model, inputs.source, res.device) if dis is None else None
+                codes = [encode(model, x, res.device) for x in (inputs.x_train, inputs.x_test)]
+                jobs.append((row, state, dis_parts, tgt_parts, delayed(score)(label, z_grid, dis, *codes, inputs.ctx)))
+            else:
+                row[state]["disentanglement"] = dis
+        row["beta"], row["seed"] = conf["beta"], conf["seed"]
         per_model.append(row)
+    if jobs:
+        say(f"evaluate: scoring {len(jobs)} model state(s) on {min(len(jobs), os.cpu_count())} core(s)")
+        for (row, state, dis_parts, tgt_parts, _), (dis, tgt, seconds, said) in zip(
+                jobs, Parallel(n_jobs=min(len(jobs), os.cpu_count()))(job for *_, job in jobs)):
+            for message in said:
+                warnings.warn(message)
+            dis, _ = cached(cfg, dis_parts, lambda: dis)
+            row[state], _ = cached(cfg, tgt_parts, lambda: tgt)
+            row[state]["disentanglement"] = dis
+            say(f"evaluate: {state} finetuning beta={row['beta']:g} seed={row['seed']}: scored in {seconds:.0f} s")
     return per_model
 
 
@@ -320,7 +392,7 @@ QUICK_GBT_MAX_FEATURES = "sqrt"  # quick: each GBT split looks at sqrt(dim Φ) r
 
 def explicitness_main(cfg, backbones):
     """Table IV for `backbones` (None: the paper's, those whose weights are not here are skipped, said so)."""
-    runtime.check_writable(cfg.out)
+    train.check_writable(cfg.out)
     named = bool(backbones)
     backbones = list(backbones or PAPER_BACKBONES)
     if "pixels" in backbones or "auto" in backbones:
@@ -337,7 +409,7 @@ def explicitness_main(cfg, backbones):
         sub = dataclasses.replace(cfg, backbone=name, backbone_weights=None if name == "dino" and others
                                   else cfg.backbone_weights)
         try:
-            resolved.append(runtime.resolve(sub, say))
+            resolved.append(train.resolve(sub))
         except FileNotFoundError as e:
             if named:
                 raise
@@ -345,7 +417,7 @@ def explicitness_main(cfg, backbones):
     if not resolved:
         raise ValueError("--explicitness: no backbone has its weights here; name them with --backbone and "
                          "give --backbone-weights / --dino-weights")
-    runtime.setup_process(cfg, resolved[0])
+    train.use_device(resolved[0])
     results = explicitness(cfg, resolved)
     folder = os.path.join(cfg.out, "explicitness", "quick" if cfg.quick else "full")
     results["figure"] = _fig_explicitness(os.path.join(folder, "figures"), results)
@@ -361,7 +433,7 @@ def explicitness(cfg, resolved):
     chosen = np.sort(np.concatenate([tr, te]))
     # the whole dataset shares its feature cache with the source stage
     name, digest = (("texture-dsprites", dataset.digest) if n == len(dataset) else
-                    (f"texture-dsprites-{n}", runtime.cache_key(dataset=dataset.digest, images=chosen)))
+                    (f"texture-dsprites-{n}", train.cache_key(dataset=dataset.digest, images=chosen)))
     max_features = QUICK_GBT_MAX_FEATURES if cfg.quick else None
     rows = []
     f_tr, f_te = dataset.index_to_factors(tr), dataset.index_to_factors(te)
@@ -372,7 +444,7 @@ def explicitness(cfg, resolved):
         a, b = phi[np.searchsorted(chosen, tr)], phi[np.searchsorted(chosen, te)]
         key = dict(part="explicitness", backbone=res.backbone, weights=res.weights_digest,
                    precision=res.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
-        scores, _ = cached(cfg, key, lambda: runtime.scored(
+        scores, _ = cached(cfg, key, lambda: timed(
             f"{res.backbone}: GBT + MLP per factor on {len(tr)} + {len(te)} images", lambda: metrics.explicitness(
                 a, f_tr, b, f_te, data.FACTOR_NAMES, seed=0, gbt_max_features=max_features)))
         rows.append({"backbone": res.backbone, "weights": res.weights, "feature_dim": int(phi.shape[1]),
@@ -773,4 +845,4 @@ def _save(fig, folder, name):
 
 
 if __name__ == "__main__":
-    runtime.run_main(main)
+    main()

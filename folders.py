@@ -52,6 +52,8 @@ class Dataset:
     extra: str = "error"      # class folders the paper does not use: "error", or "leave out" (named once)
     slide: str = None         # regex whose group 1 is an image's slide in its file name (--split-by-slide)
     hint: tuple = ()          # (pattern, message): a known wrong folder, named when no layout matches
+    others: tuple = ()        # (regex on a folder's path, what it is): parts of the download that are not the
+                              # paper's data (a test part, another year, a derived folder); read as plain folders
 
 
 DATASETS = {
@@ -63,6 +65,7 @@ DATASETS = {
                  "DILEPTUS", "EUPLOTES EURYSTOMUS", "PARAMECIUM BURSARIA", "SPIROSTOMUM AMBIGUUM",
                  "STENTOR COERULEUS", "VOLVOX"),
         split="native",
+        others=((r"IMAGEBIN(/|$)", "a mask folder of the lensless download (TRAIN_IMAGEBIN or TEST_IMAGEBIN)"),),
         layouts=(Layout("the lensless download: TRAIN_IMAGE/TRAIN_IMAGE/<class>/*.jpg, masks in "
                         "TRAIN_IMAGE/TRAIN_IMAGEBIN, the same under TEST_IMAGE",
                         train="TRAIN_IMAGE/TRAIN_IMAGE/{class}", test="TEST_IMAGE/TEST_IMAGE/{class}",
@@ -74,6 +77,8 @@ DATASETS = {
                  "Licmophora", "Phaeocystis", "Pleurosigma", "Pseudonitzschia", "Rhizosolenia", "Skeletonema",
                  "Thalassiosira", "detritus", "pennate"),
         split="paper", extra="leave out",
+        others=((r"/20(0[89]|1[0-9])(/|$)", "another year of WHOI-Plankton (the paper uses 2007)"),
+                (r"/test$", "the test part of WHOI15 (the paper's code reads 2007/train/ only)")),
         layouts=(Layout("WHOI15 as the paper's code reads it: WHOI15_2007-2010/2007/train/<class>/*.png",
                         train="2007/train/{class}"),
                  Layout("the WHOI-Plankton 2007 archive: 2007/<class>/*.png (every WHOI class)",
@@ -83,6 +88,8 @@ DATASETS = {
                "Vacuoles-dataset-unsupervised-learning; 'positive' is the paper's 'single vacuole'",
         classes=("condensed", "multiple", "negative", "positive"),
         split="native", aliases=(("single", "positive"),),
+        others=((r"/train_clustershcf(/|$)", "the download's cluster folder (classes found by clustering)"),
+                (r"/hand_crafted_features(/|$)", "the download's handcrafted-feature tables")),
         layouts=(Layout("the vacuoles download: Dataset/images/{train_annotated,test}/<class>",
                         train="images/train_annotated/{class}", test="images/test/{class}"),)),
     "sipakmed": Dataset(
@@ -103,6 +110,7 @@ PAPER_SPLIT = "the paper's: stratified 80/20, seed 42 (the official code's train
 NATIVE_SPLIT = "the download's own train and test folders"
 SLIDE_SPLIT = "stratified 80/20 grouped by slide, seed 42 (--split-by-slide: no slide in both parts)"
 PROJECT_SPLIT = "stratified 80/20 per class, seed {seed} (saved and reused)"
+SPLITS = {"paper": PAPER_SPLIT, "native": NATIVE_SPLIT, "slide": SLIDE_SPLIT, "project": PROJECT_SPLIT}
 
 TEST_FRACTION = 0.2
 BAD_IMAGE_TOLERANCE = 0.01  # undecodable images skipped up to this fraction (or count, when >= 1); else an error
@@ -225,20 +233,28 @@ def _mtime(path):
 
 class Target:
     """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.path` (its folder,
-    None when built in), `.layout` and `.split_kind` (in words), `.split` (the project split's image names, to
-    save and reuse; None otherwise), `.bad` (skipped images and why), `.left_out` (class folders not used),
-    `.ignored` (other files in the image folders), `.files` (content digest of every file)."""
+    None when built in), `.layout` (in words), `.kind` of split (paper, native, slide or project) and
+    `.split_kind` (in words), `.bad` (skipped images and why), `.left_out` (class folders not used), `.ignored`
+    (other files in the image folders), `.files` ({name: sha256} of every file), `.empty_masks` (masks that fill
+    no pixel, treated as missing)."""
 
-    def __init__(self, name, classes, train, test, *, layout, split_kind, path=None, split=None, bad=(),
-                 left_out=(), ignored=0, files=None):
+    def __init__(self, name, classes, train, test, *, layout, kind, seed=0, path=None, bad=(), left_out=(),
+                 ignored=0, files=None, empty_masks=()):
         self.name, self.classes, self.train, self.test = name, list(classes), train, test
-        self.layout, self.split_kind, self.path, self.split = layout, split_kind, path, split
+        self.layout, self.kind, self.path = layout, kind, path
+        self.split_kind = SPLITS[kind].format(seed=seed)
         self.bad, self.left_out, self.ignored = list(bad), list(left_out), ignored
-        self.files = files or {}       # {name: sha256 of its bytes}: what a rerun compares against
+        self.files, self.empty_masks = files or {}, list(empty_masks)
 
     @property
     def digest(self):
         return hashlib.sha256(f"{self.name}|{self.train.digest}|{self.test.digest}".encode()).hexdigest()
+
+    def split_record(self):
+        """The split as a file records it: its kind, and the train and test images (paths relative to the
+        dataset folder) with the sha256 of each, so a reader can audit which images were tested, byte for byte."""
+        return {"target": self.name, "kind": self.kind, "split": self.split_kind, "folder": self.path,
+                **{part: {n: self.files[n] for n in s.names} for part, s in (("train", self.train), ("test", self.test))}}
 
     def class_named(self, name):
         """The class `name` is: the exact name, or an unambiguous case-insensitive prefix of one."""
@@ -249,6 +265,42 @@ class Target:
             raise ValueError(f"--holdout-class {name!r} {'matches ' + ' and '.join(hits) if hits else 'is not'} "
                              f"a class of {self.name}; classes: {', '.join(self.classes)}")
         return hits[0]
+
+
+def describe(target, short=False):
+    """What --check-data prints (short: the one line every run starts with)."""
+    n_masks = len(target.train.with_masks) + len(target.test.with_masks)
+    n = len(target.train) + len(target.test)
+    where = f" at {target.path}" if target.path else ""
+    if short:
+        return (f"target {target.name}: {target.layout}{where}; {len(target.classes)} classes, {len(target.train)} "
+                f"train / {len(target.test)} test images, {n_masks} with a mask; split: {target.split_kind}")
+    width = max(len(c) for c in target.classes + ["class"])
+    lines = [f"{target.name}: {target.layout}{where}", f"split: {target.split_kind}", "",
+             f"{'class':<{width}}  {'train':>6}  {'test':>6}"]
+    for k, c in enumerate(target.classes):
+        n_train, n_test = int(np.sum(target.train.labels == k)), int(np.sum(target.test.labels == k))
+        lines.append(f"{c:<{width}}  {n_train:>6}  {n_test:>6}")
+    empty = f"; {len(target.empty_masks)} fill no pixel (treated as missing)" if target.empty_masks else ""
+    lines += [f"{'total':<{width}}  {len(target.train):>6}  {len(target.test):>6}", "",
+              f"masks: {n_masks} of {n} images have a usable one{empty}" if n_masks or empty else "masks: none"]
+    skipped = [f"{len(target.bad)} undecodable image(s)"] if target.bad else []
+    if target.left_out:
+        skipped.append(f"{len(target.left_out)} class folder(s) the paper does not use ({', '.join(target.left_out)})")
+    if target.ignored:
+        skipped.append(f"{target.ignored} other file(s) in the image folders")
+    lines.append("skipped: " + ("; ".join(skipped) if skipped else "nothing"))
+    return "\n".join(lines)
+
+
+def read_split(path):
+    """The image names of a split file written from Target.split_record: {"train": [...], "test": [...]}."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return {"train": list(saved["train"]), "test": list(saved["test"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
 
 
 # =====================================================================================================
@@ -271,14 +323,17 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     in one of its DATASETS layouts, searched at `root`, below it and above it, or as a plain folder:
       <class>/<image> (split here) or train/<class>/<image> + test/<class>/<image> (native split),
     with optional masks mirroring the image tree under masks/ (same relative path and stem, any extension).
-    The paper's classes are checked; class folders it does not use are an error, or left out and named where
-    the download holds more (WHOI). The split is the paper's where its code defines one, else the native one;
-    a plain folder of other classes is split 80/20 per class with `seed`, or as `split` says (a dict with
-    "train" / "test" name lists, as runtime.read_split returns it; `split_name` names it in errors), and the split
-    made is in `target.split` for the caller to save. `by_slide`: Sipakmed's split grouped by slide.
+    The paper's classes are checked and ordered as the official code orders the download's own spelling of
+    them (whatever case or spacing the folders have); class folders it does not use are an error, or left out
+    and named where the download holds more (WHOI). The split is the paper's where its code defines one, else
+    the native one; a plain folder of other classes, or a folder that DATASETS' `others` recognise as another
+    part of a download, is split 80/20 per class with `seed`, or as `split` says (a dict with "train" / "test"
+    name lists, as read_split returns it; `split_name` names it in errors). `by_slide`: Sipakmed's split grouped
+    by slide. `target.split_record()` is the split to save.
     Every image is decoded here, before any training: undecodable ones are skipped (`target.bad`) up to
-    `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all. Images
-    whose shorter side is below MIN_IMAGE_SIZE are used, with a warning naming them.
+    `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all; they leave
+    after the split, so the remaining test images are the paper's. Images whose shorter side is below
+    MIN_IMAGE_SIZE are used, with a warning naming them.
     `synthetic-cells` is built in (no folder needed).
     """
     if name not in TARGETS:
@@ -289,12 +344,14 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
         return _synthetic_target(seed, split, split_name)
     found = find_layout(name, root)
     items, ignored = _collect_images(found)
+    train, test, kind = _split_items(name, found, items, seed, split, split_name, by_slide)
     sizes, files, bad = _decode_all(found.top, [it.name for it in items], max_bad)
-    items = [it for it in items if it.name in sizes]
+    items = [it for it in items if it.name in sizes]   # undecodable images leave after the split: it stays the paper's
+    train, test = ([it for it in part if it.name in sizes] for part in (train, test))
     for c in range(len(found.classes)):
         if not any(it.label == c for it in items):
             raise ValueError(f"class '{found.classes[c]}' in {found.top} has no readable images")
-    masks, cache = _find_masks(found, items, sizes, files), data.ArrayCache()
+    (masks, empty), cache = _find_masks(found, items, sizes, files), data.ArrayCache()
 
     def make(part):
         return ImageSet([it.name for it in part], [it.label for it in part], found.classes,
@@ -303,11 +360,8 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
                         content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part],
                         cache=cache)
 
-    train, test, kind, saved_split = _split_items(name, found, items, seed, split, split_name, by_slide)
-    text = {"native": NATIVE_SPLIT, "paper": PAPER_SPLIT, "slide": SLIDE_SPLIT}.get(kind) or \
-        PROJECT_SPLIT.format(seed=seed)
-    target = Target(name, found.classes, make(train), make(test), layout=found.layout, split_kind=text,
-                    path=found.top, split=saved_split, bad=bad, left_out=found.left_out, ignored=ignored, files=files)
+    target = Target(name, found.classes, make(train), make(test), layout=found.layout, kind=kind, seed=seed,
+                    path=found.top, bad=bad, left_out=found.left_out, ignored=ignored, files=files, empty_masks=empty)
     empty = [c for i, c in enumerate(found.classes) if not np.any(target.test.labels == i)]
     if empty:
         warnings.warn(f"class(es) {', '.join(empty)} of {found.top} have no test images; their accuracy is not "
@@ -349,18 +403,26 @@ def _subdirs(folder):
     return [d for d in _entries(folder) if os.path.isdir(os.path.join(folder, d))]
 
 
+def _child(folder, *names):
+    """folder/names..., each part matched in any case (CROPPED, Cropped); None when a part is not there."""
+    for name in names:
+        hits = [d for d in _subdirs(folder) if d.casefold() == name.casefold()] if folder else []
+        folder = os.path.join(folder, name if name in hits else hits[0]) if hits else None
+    return folder
+
+
 def _class_folders(top, pattern):
     """{folder name at the {class} level: its image folder} for `pattern` under `top`."""
     parts = pattern.split("/")
     k = next(i for i, p in enumerate(parts) if "{class}" in p)
-    base = os.path.join(top, *parts[:k])
-    pre, post = parts[k].split("{class}")
+    base = _child(top, *parts[:k])
+    pre, post = (p.casefold() for p in parts[k].split("{class}"))
     out = {}
-    for d in _subdirs(base):
-        if d.startswith(pre) and d.endswith(post) and len(d) > len(pre) + len(post):
+    for d in _subdirs(base) if base else ():
+        if d.casefold().startswith(pre) and d.casefold().endswith(post) and len(d) > len(pre) + len(post):
             name = d[len(pre):len(d) - len(post)]
-            folder = os.path.join(base, d, *[p.replace("{class}", name) for p in parts[k + 1:]])
-            if os.path.isdir(folder):
+            folder = _child(os.path.join(base, d), *[p.replace("{class}", name) for p in parts[k + 1:]])
+            if folder:
                 out[name] = folder
     return out
 
@@ -382,7 +444,7 @@ def _paper_classes(name, spec, folders, where):
     if extra and spec.extra == "error":
         raise ValueError(f"{where} has class folder(s) the paper's {name} does not have: {', '.join(extra)}; "
                          f"expected exactly {', '.join(spec.classes)}")
-    order = sorted(named, key=lambda c: named[c])  # the folders' sorted order, as torchvision's ImageFolder
+    order = sorted(named)  # ImageFolder's order of the download's own spelling, whatever the folders on disk say
     return order, {c: folders[named[c]] for c in order}, tuple(extra)
 
 
@@ -392,6 +454,14 @@ def _match(name, spec, layout, top):
     if not _known(spec, train):
         return None
     where = f"{top} ({layout.name})"
+    if len(_known(spec, train)) < len(spec.classes) and _zipped(top):
+        raise ValueError(_zipped(top))
+    for other in spec.layouts:  # some classes unpacked one level deeper or higher than the others
+        elsewhere = set(_known(spec, _class_folders(top, other.train))) - set(_known(spec, train))
+        if other != layout and elsewhere:
+            show = lambda lay: lay.train.replace("{class}", "<class>")  # noqa: E731
+            raise ValueError(f"{top} mixes two nestings: {', '.join(sorted(elsewhere))} as {show(other)}, the other "
+                             f"classes as {show(layout)}; unpack every class the same way")
     classes, folders, left_out = _paper_classes(name, spec, train, where)
     parts = {"train": folders}
     if layout.test:
@@ -421,17 +491,23 @@ def find_layout(name, root=None):
     """The Found for target `name`: a DATASETS layout at, below (3 levels) or above (3 levels, when the folder
     pointed at is part of it) the start folder, else a plain folder there. Errors say what was looked for."""
     root = root or os.environ.get("DRL_DATA") or "./data"
+    if os.path.isfile(root):
+        raise ValueError(f"--data-root {root} is a file, not a folder; point it at the folder that holds the "
+                         f"{name} download")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data root {root} not found; {_where_to_put(name, root)}")
     start = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
     spec = DATASETS[name]
     found, level = [], [start]
-    for _ in range(4):                                         # the start folder and below, level by level
-        for top in level:
-            found += [f for f in (_match(name, spec, lay, top) for lay in spec.layouts) if f]
-        if found:
-            break
-        level = [os.path.join(t, d) for t in level for d in _subdirs(t)]
+    for _ in range(4):                                         # the start folder and 3 levels below it
+        below = []
+        for top in level:                                      # a copy found is not searched inside
+            here = [f for f in (_match(name, spec, lay, top) for lay in spec.layouts) if f]
+            found += here
+            used = [u for f in here for u in _uses(f)]
+            below += [p for p in (os.path.join(top, d) for d in _subdirs(top))
+                      if not any(_inside(u, p) or _inside(p, u) for u in used)]
+        level = below
     up = os.path.abspath(start)
     for _ in range(3):                                         # above: only a layout the start folder is part of
         up = os.path.dirname(up)
@@ -458,7 +534,8 @@ def _plain(name, spec, start):
              for p in (("train", "test") if has_train else ("",))}
     main = "train" if has_train else ""
     if not parts[main]:
-        raise ValueError(_hint(spec, start) or f"no class folders in {start}; {_where_to_put(name, start)}")
+        raise ValueError(_hint(spec, start) or _zipped(start) or
+                         f"no class folders in {start}; {_where_to_put(name, start)}")
     if has_train and not parts["test"]:
         raise ValueError(f"{start}/test is empty; a native split needs test images (or remove train/ and test/ "
                          f"to split here)")
@@ -467,8 +544,13 @@ def _plain(name, spec, start):
         raise ValueError(f"{start}/test has classes not in train/: {', '.join(extra)}; every test class needs "
                          f"training images")
     layout, split, left_out = "a plain folder: <class>/<image>", "project", ()
+    posix = os.path.abspath(start).replace(os.sep, "/")
+    other = next((what for pattern, what in spec.others if re.search(pattern, posix)), None)
+    if other:  # a part of the download that is not the paper's data: never called the paper's
+        warnings.warn(f"{start} looks like {other}, not the paper's {name} data; it is read as a plain folder with "
+                      f"the project's split")
     if not _known(spec, parts[main]):                          # a researcher's own classes
-        hint = _hint(spec, start)
+        hint = _hint(spec, start) or _zipped(start)
         if hint:
             raise ValueError(hint)
         if len(parts[main]) < 2:
@@ -482,7 +564,9 @@ def _plain(name, spec, start):
         if has_train:
             parts["test"] = _known(spec, parts["test"])
         layout, split = f"a plain folder with the paper's {name} classes", spec.split
-        if split == "native" and not has_train:
+        if other:
+            layout, split = f"a plain folder ({other})", "project"
+        elif split == "native" and not has_train:
             split = "project"
             warnings.warn(f"{start} has the {name} classes but not the download's own test split, which the paper "
                           f"uses; they are split 80/20 here")
@@ -491,6 +575,13 @@ def _plain(name, spec, start):
     masks = {p: {c: os.path.join(start, "masks", p, os.path.basename(f)) for c, f in part.items()}
              for p, part in parts.items()} if os.path.isdir(os.path.join(start, "masks")) else {}
     return Found(layout, start, classes, parts, masks, split, (), left_out)
+
+
+def _zipped(folder):
+    """The message for zip files never unpacked in `folder`, or ""."""
+    zips = [f for f in _entries(folder) if f.lower().endswith(".zip")] if os.path.isdir(folder) else []
+    return (f"{folder} holds {len(zips)} zip file(s) never unpacked ({', '.join(zips[:3])}"
+            f"{', ...' if len(zips) > 3 else ''}); unzip each where it lies, then run again") if zips else ""
 
 
 def _hint(spec, start):
@@ -598,29 +689,34 @@ def _mask_candidates(found, item, index):
 
 
 def _find_masks(found, items, sizes, files):
-    """{image name: Mask} for the images that have a usable mask (None when the layout has no masks at all).
-    Masks only serve the handcrafted-feature analysis, so a missing, unreadable or mis-sized mask drops that
-    image from it (one warning says how many) and never blocks classification. A mask within MASK_SLACK px of
-    its image's size is padded or cropped to it (one warning). Mask bytes go into `files` (keyed by their path
-    in the target folder), so an edited mask makes another dataset."""
+    """({image name: Mask} for the images that have a usable mask (None when the layout has no masks at all),
+    [the names whose mask fills no pixel]). Masks only serve the handcrafted-feature analysis, so a missing,
+    unreadable, mis-sized or empty mask (no pixel at the size the handcrafted features read it,
+    data.HANDCRAFTED_SIZE) drops that image from it (one warning says how many) and never blocks classification.
+    A mask within MASK_SLACK px of its image's size is padded or cropped to it (one warning). Mask bytes go into
+    `files` (keyed by their path in the target folder), so an edited mask makes another dataset."""
     if not found.masks and not found.contours:
-        return None
-    out, skipped, fitted, index = {}, [], 0, {}
+        return None, []
+    out, skipped, empty, fitted, index = {}, [], [], 0, {}
     for it in items:
         paths = _mask_candidates(found, it, index)
         if not paths:
             continue
         m = Mask(tuple(paths), sizes[it.name])
         try:
-            h, w = read_mask(m, fit=False).shape
+            a = read_mask(m, fit=False)
         except ValueError as e:
             skipped.append(f"{paths[0]} ({e})")
             continue
-        if (w, h) != m.size:
-            if max(abs(w - m.size[0]), abs(h - m.size[1])) > MASK_SLACK:
-                skipped.append(f"{paths[0]} is {w}x{h} but its image is {m.size[0]}x{m.size[1]}")
+        (h, w), size = a.shape, m.size
+        if (w, h) != size:
+            if max(abs(w - size[0]), abs(h - size[1])) > MASK_SLACK:
+                skipped.append(f"{paths[0]} is {w}x{h} but its image is {size[0]}x{size[1]}")
                 continue
             fitted += 1
+        if not data.resize_mask(_fit(a, size), data.HANDCRAFTED_SIZE).any():
+            empty.append(it.name)
+            continue
         for p in paths:
             with open(p, "rb") as f:
                 files[os.path.relpath(p, found.top)] = hashlib.sha256(f.read()).hexdigest()
@@ -630,8 +726,9 @@ def _find_masks(found, items, sizes, files):
                       f"or cropped to it (at the bottom and right)")
     if len(out) < len(items):
         warnings.warn(f"{len(out)} of {len(items)} images in {found.top} have a usable mask; the handcrafted-feature "
-                      f"analysis uses those" + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
-    return out
+                      f"analysis uses those" + (f" ({len(empty)} fill no pixel, e.g. {empty[0]})" if empty else "")
+                      + (f" (skipped: {'; '.join(skipped[:3])})" if skipped else ""))
+    return out, empty
 
 
 def read_mask(mask, fit=True):
@@ -664,11 +761,17 @@ def read_mask(mask, fit=True):
                 a = np.asarray(img.convert("RGB")).max(axis=2) > 0
     except data.IMAGE_ERRORS as e:
         raise ValueError(f"cannot read mask {path} ({data.error_reason(e)}); remove or replace it") from None
-    if fit and a.shape != (h, w):
-        out = np.zeros((h, w), bool)
-        out[:min(h, a.shape[0]), :min(w, a.shape[1])] = a[:h, :w]
-        a = out
-    return a
+    return _fit(a, mask.size) if fit else a
+
+
+def _fit(a, size):
+    """A mask padded or cropped to the image's (w, h) at the bottom and right."""
+    w, h = size
+    if a.shape == (h, w):
+        return a
+    out = np.zeros((h, w), bool)
+    out[:min(h, a.shape[0]), :min(w, a.shape[1])] = a[:h, :w]
+    return out
 
 
 def _contour(path):
@@ -685,15 +788,17 @@ def _contour(path):
 # =====================================================================================================
 
 def _split_items(name, found, items, seed, split, split_name, by_slide):
-    """(train items, test items, split kind, the project split's record to save or None)."""
+    """(train items, test items, split kind) of every image as listed, before any is decoded."""
     if found.split == "native":
-        return [it for it in items if it.part == "train"], [it for it in items if it.part == "test"], "native", None
+        return [it for it in items if it.part == "train"], [it for it in items if it.part == "test"], "native"
     kind = "slide" if by_slide else found.split
-    names = [it.name for it in items]
-    tr, te = _split(names, np.array([it.label for it in items]), kind, seed, split, split_name, found.top,
-                    DATASETS[name].slide)
-    record = _split_record(name, seed, names, tr, te) if kind == "project" else None
-    return [items[k] for k in tr], [items[k] for k in te], kind, record
+    labels = np.array([it.label for it in items])
+    for c in np.flatnonzero(np.bincount(labels, minlength=len(found.classes)) < 2) if kind != "project" else ():
+        folder = os.path.dirname(next(it.path for it in items if it.label == c))
+        raise ValueError(f"class '{found.classes[c]}' in {folder} has 1 image; the stratified 80/20 split needs at "
+                         f"least 2 per class: add images or remove the class folder")
+    tr, te = _split([it.name for it in items], labels, kind, seed, split, split_name, found.top, DATASETS[name].slide)
+    return [items[k] for k in tr], [items[k] for k in te], kind
 
 
 def _split(names, labels, kind, seed, saved, saved_name, where, slide=None):
@@ -730,10 +835,6 @@ def _slide(name, pattern):
     return m.group(1)
 
 
-def _split_record(name, seed, names, train, test):
-    return {"target": name, "seed": seed, "train": [names[k] for k in train], "test": [names[k] for k in test]}
-
-
 # =====================================================================================================
 # 7. synthetic-cells: built in, offline (data.make_synthetic_cells draws the images)
 # =====================================================================================================
@@ -743,12 +844,11 @@ def _synthetic_target(seed, saved, saved_name):
     names = [f"{data.SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
     stamp = hashlib.sha256(b"synthetic-cells-v2" + images.tobytes() + masks.tobytes()).hexdigest()
     train, test = _split(names, labels, "project", seed, saved, saved_name, "synthetic-cells")
-    cache = data.ArrayCache()
+    cache, files = data.ArrayCache(), {n: hashlib.sha256(images[k].tobytes()).hexdigest() for k, n in enumerate(names)}
 
     def make(idx):
         return ImageSet([names[k] for k in idx], labels[idx], data.SYNTHETIC_CLASSES, arrays=images,
                         mask_arrays=masks, rows=idx, stamp=stamp, cache=cache)
 
     return Target("synthetic-cells", data.SYNTHETIC_CLASSES, make(train), make(test),
-                  layout="built in (procedural, 4 morphology classes)", split_kind=PROJECT_SPLIT.format(seed=seed),
-                  split=_split_record("synthetic-cells", seed, names, train, test))
+                  layout="built in (procedural, 4 morphology classes)", kind="project", seed=seed, files=files)

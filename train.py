@@ -2,22 +2,28 @@
 
     python train.py --stage source   [--backbone auto|dino|pixels|resnet152|...] [--arch conv|se2] [--quick] ...
     python train.py --stage finetune --target synthetic-cells [--epochs 20] [--quick] ...
-    torchrun --nproc-per-node=K train.py --stage source ...   # the seed x beta models split between K ranks
+    torchrun --nproc-per-node=K train.py --stage source ...   # rank r of K trains models r, r+K, ... on cuda:r
 
-Everything goes under --out (default runs/): feature caches in features/, one folder per model with its
-checkpoint.pt (weights, config, optimiser; written atomically, resumed automatically) and log.csv.
+Everything goes under --out (default runs/): feature caches in features/, the split in splits/, one folder per
+model with its checkpoint.pt (weights, config, optimiser; written atomically, resumed automatically) and log.csv.
 
-Read top to bottom: the Config (every setting, the paper's values as defaults), the names of a run's models,
-the inputs (Φ or pixels of Texture-dSprites and of a target), the one training loop `fit`, and the pipeline that
-evaluate.py calls (train_source, finetune). What is resolved at run time (backbone, weights, device) is
-runtime.resolve's.
+Read top to bottom: 1. the Config (the paper's values as defaults); 2. what a run resolves (backbone, weights,
+device) and its folder; 3. the inputs (Φ or pixels); 4. the training loop, `fit` around the one-model
+`train_step`; 5. the pipeline that evaluate.py calls too; 6. the script; 7. --parallel-models, which trains
+every seed × β model at once as one stacked model (nothing above it mentions it).
 """
 import argparse
+import contextlib
+import csv
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +32,6 @@ import torch
 import data
 import drl
 import folders
-import runtime
-from runtime import say
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,9 +80,6 @@ class Config:
     out: str = _opt("runs", "run folder")
     device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun each rank "
                                "takes cuda:$LOCAL_RANK")
-    no_tf32: bool = _opt(False, "on CUDA, keep fp32 matmuls and convolutions in full fp32 (default: TF32)")
-    compile: bool = _opt(False, "run the VAE step through torch.compile (equal to eager within 1e-4 after 100 "
-                                "steps, tested)")
     parallel_models: bool = _opt(False, "train all seeds x betas at once, weights stacked with torch.func "
                                         "(feature and conv VAEs; each equals its own run to ~1e-5)")
     quick: bool = _opt(False, "the same pipeline at a size a 2-core CPU finishes in minutes (QUICK)")
@@ -131,9 +132,83 @@ def config_from_args(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Names of a run's models: `res` is the runtime.Resolved of the run (the backbone "auto" became, its
-#    weights file, the device), decided once by runtime.resolve(cfg) and never written into the Config
+# 2. What a run resolves (backbone, weights, device), never written into the Config; the run folder
 # ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    backbone: str          # "dino", a torchvision builder name or "pixels" (what "auto" became)
+    weights: str = None    # the backbone's weights file
+    device: str = "cpu"    # "cpu" or "cuda:N", always with its index
+    feature_dim: int = None  # size of Φ (None on pixels)
+    precision: str = "fp32"  # of feature extraction (what "auto" became)
+    rank: int = 0          # under torchrun this process is rank RANK of WORLD_SIZE; alone, 0 of 1
+    world: int = 1
+
+    @functools.cached_property
+    def weights_digest(self):
+        """sha256 of the weights file (None without one): in cache keys and configs, hashed once per run."""
+        return file_digest(self.weights) if self.weights else None
+
+
+def resolve_device(cfg):
+    """dict(device, precision, rank, world). auto is CUDA when a GPU is visible; a CUDA device always has its
+    index: cuda:0 for one process, cuda:$LOCAL_RANK under torchrun. A GPU that is not there is an error."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: no CUDA GPU is visible to PyTorch here "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if torch.device(device).index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    return dict(device=device, precision=precision, rank=rank, world=world)
+
+
+def resolve(cfg):
+    """Decide the backbone (auto = dino when its weights resolve, else pixels), its weights and the device,
+    and say in one line which backbone it is."""
+    at = resolve_device(cfg)
+    if cfg.arch == "se2" and cfg.backbone not in ("auto", "pixels"):
+        raise ValueError("--arch se2 works on pixels only; use --backbone pixels with --arch se2")
+    if cfg.backbone == "pixels" or (cfg.backbone == "auto" and cfg.arch == "se2"):
+        return Resolved("pixels", None, **at)
+    if cfg.backbone not in ("auto", "dino"):
+        weights, how = drl.resolve_torchvision_weights(cfg.backbone, cfg.backbone_weights)
+        say(f"backbone: torchvision {cfg.backbone} from {weights} ({how})")
+        return Resolved(cfg.backbone, weights, feature_dim=drl.torchvision_feature_dim(cfg.backbone), **at)
+    try:
+        weights, how = drl.resolve_dino_weights(cfg.backbone_weights or cfg.dino_weights)
+    except FileNotFoundError as e:
+        if cfg.backbone == "dino" or cfg.dino_weights or cfg.backbone_weights:
+            raise
+        say(f"backbone: {e}; falling back to --backbone pixels")
+        return Resolved("pixels", None, **at)
+    say(f"backbone: DINO ViT-B/16 from {weights} ({how})")
+    return Resolved("dino", weights, feature_dim=drl.VIT_B16_CONFIG["embed_dim"], **at)
+
+
+def say(msg):
+    print(msg, flush=True)
+
+
+def file_digest(path):
+    """sha256 hex digest of a file (weights, checkpoints), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(**parts):
+    """Short sha256 over a canonical JSON of everything that changes a cached result."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=lambda o: np.asarray(o).tolist())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 def vae_arch(cfg, res):
     """The VAE that a run trains: an MLP on features Φ, else --arch (conv or se2) on pixels."""
@@ -158,16 +233,76 @@ def missing_models(cfg, res):
     """The checkpoints of the run (each seed × β model's source and finetuned one) not fully trained yet."""
     paths = [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
              for folder in (source_folder, finetune_folder)]
-    return [p for p in paths if not is_done(p)]
+    return [p for p in paths if not (os.path.exists(p) and drl.load_checkpoint(p).get("done", False))]
 
 
 def new_model(cfg, res):
     if res.backbone != "pixels":
         return drl.FeatureVAE(in_dim=res.feature_dim, latent_dim=cfg.latent_dim)
-    if cfg.arch == "se2":
-        import se2
-        return se2.SE2VAE(n_iso=cfg.latent_dim)
-    return drl.ConvVAE(latent_dim=cfg.latent_dim)
+    return drl.build_model({"kind": cfg.arch, ("n_iso" if cfg.arch == "se2" else "latent_dim"): cfg.latent_dim})
+
+
+def check_writable(folder):
+    """--out must be creatable and writable; nothing is created here (a refused run leaves no folder)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is a file" if not os.path.isdir(probe) else "is not writable"
+        raise OSError(f"cannot write to --out {folder} ({probe} {why}); choose a writable folder")
+
+
+def load_target(cfg, save=True):
+    """(cfg with --holdout-class spelled as the class is, the target with every image decoded, the split file).
+    With `save` the split is written to out/splits/<target>-<kind>.json (a project split is read back from
+    there by later runs) and skipped images are listed in out/bad-images-<target>.txt."""
+    if not cfg.target:
+        raise ValueError(f"--target is required for this stage; one of: {', '.join(folders.TARGETS)}")
+    project = os.path.join(cfg.out, "splits", f"{cfg.target}-project.json")
+    saved = folders.read_split(project) if os.path.exists(project) else None
+    bad_list = os.path.join(cfg.out, f"bad-images-{cfg.target}.txt")
+    try:
+        target = folders.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=project,
+                                     max_bad=cfg.max_bad_images, by_slide=cfg.split_by_slide)
+    except folders.BadImages as e:
+        _list_bad_images(e.bad, bad_list if save else None)
+        raise ValueError(f"{e}" + (f"; the list is in {bad_list}" if save else "")) from None
+    if cfg.holdout_class:
+        cfg = dataclasses.replace(cfg, holdout_class=target.class_named(cfg.holdout_class))
+    if target.bad:
+        _list_bad_images(target.bad, bad_list if save else None)
+        warnings.warn(f"skipped {len(target.bad)} undecodable image(s) of {target.path}, listed above" +
+                      (f" and in {bad_list}" if save else ""))
+    split_file = os.path.join(cfg.out, "splits", f"{cfg.target}-{target.kind}.json")
+    if save:
+        drl.write_text(split_file, json.dumps(target.split_record(), indent=1))
+        say(folders.describe(target, short=True) + f" ({split_file})")
+    return cfg, target, split_file
+
+
+def _list_bad_images(bad, path):
+    for name, reason in bad:
+        print(f"bad image: {name}: {reason}", file=sys.stderr)
+    if path:
+        drl.write_text(path, "".join(f"{name}\t{reason}\n" for name, reason in bad))
+
+
+def check_config(path, saved, wanted):
+    """A checkpoint of another configuration is refused in one line naming the first setting that differs."""
+    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if diff:
+        key, there, now = diff[0], saved.get(diff[0]), wanted.get(diff[0])
+        if isinstance(there, dict) and isinstance(now, dict):  # the source model's config, inside a finetuned one
+            key = min(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+            key, there, now = f"source {key}", there.get(key), now.get(key)
+        key = NOT_FLAGS.get(key.split()[-1], key)
+        raise ValueError(f"{path} was trained with other settings: {key} is {there!r} there, {now!r} now; use "
+                         f"another --out, or delete {os.path.dirname(path)} to train it again")
+
+
+# what the settings of a checkpoint that are no flag of their own stand for, as a refusal names them
+NOT_FLAGS = {"dataset": "Texture-dSprites (--textures, --dsprites)", "backbone_weights": "the backbone weights",
+             "target": "the target images (each one's sha256 is in out/splits/)"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,23 +311,17 @@ def new_model(cfg, res):
 
 def features(cfg, res, name, digest, n, images_fn):
     """Φ of n images through the frozen backbone, cached under out/features/ by everything that changes it."""
-    key = runtime.cache_key(dataset=digest, backbone=res.backbone, weights=res.weights_digest,
-                        precision=res.precision, preprocessing=drl.preprocessing(res.backbone))
+    key = cache_key(dataset=digest, backbone=res.backbone, weights=res.weights_digest, precision=res.precision,
+                    preprocessing=drl.preprocessing(res.backbone))
     path = os.path.join(cfg.out, "features", f"{name}-{key}.npy")
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
     say(f"features: extracting {res.backbone} features of {n} {name} images -> {path}")
     backbone = drl.load_backbone(res.backbone, res.weights, device=res.device)
-    t0 = last = time.time()
-
-    def progress(done, total):  # a line every 10 s and at the end
-        nonlocal last
-        if done == total or time.time() - last >= 10:
-            last = time.time()
-            say(f"  features {done}/{total} ({done / max(last - t0, 1e-9):.1f} img/s)")
-    with runtime.exact_fp32(res.device):
-        return drl.extract_features(backbone, images_fn, n, path, precision=res.precision, device=res.device,
-                                    progress=progress)
+    t0 = time.time()
+    phi = drl.extract_features(backbone, images_fn, n, path, precision=res.precision, device=res.device)
+    say(f"features: {n} images in {time.time() - t0:.0f} s")
+    return phi
 
 
 class SourceInputs:
@@ -209,7 +338,7 @@ class SourceInputs:
         if res.backbone == "pixels":
             images = self.dataset.images(np.arange(n))
             self.x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(res.device)
-            self.stats = None
+            self.stats = {}
         else:
             phi = features(cfg, res, "texture-dsprites", self.dataset.digest, n, self.dataset.images)
             mean, std = drl.feature_stats(phi)
@@ -235,7 +364,7 @@ class SourceInputs:
 
 
 def target_inputs(cfg, res, images, stats, name):
-    """The model input for an ImageSet: uint8 64×64 pixels or standardised Φ (source statistics)."""
+    """The model input for an ImageSet, on the host: uint8 64×64 pixels or standardised Φ (source statistics)."""
     if res.backbone != "pixels":
         phi = features(cfg, res, name, images.digest, len(images), lambda idx: images.images(idx, 224))
         return torch.as_tensor(drl.standardise(phi, stats["feature_mean"].numpy(), stats["feature_std"].numpy()),
@@ -256,10 +385,8 @@ def epoch_batches(n, batch_size):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The training loop: fit resumes each run and trains it, or a Stack of runs (--parallel-models), through
-#    train_step: batch -> model(batch, beta) -> backward -> per-model clipping -> Adam. A Stack looks like one
-#    model to that step (stacked weights, the objective under torch.vmap). Every random draw is a pure
-#    function of (seed, step): a resumed run equals an uninterrupted one.
+# 4. The training loop: fit trains each run in turn through train_step, resuming from its checkpoint. Every
+#    random draw of a step is a pure function of (seed, step): a resumed run equals an uninterrupted one.
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -274,6 +401,10 @@ class Run:
     start: int = 0                               # the step its checkpoint reached
     optimizer_state: dict = None
 
+    @property
+    def checkpoint(self):
+        return os.path.join(self.folder, "checkpoint.pt")
+
 
 class TrainingDiverged(ValueError):
     """A non-finite loss or gradient: the run stops and its last good checkpoint is kept."""
@@ -282,6 +413,14 @@ class TrainingDiverged(ValueError):
 def step_seed(seed, step):
     """The seed of step `step` of run `seed`: every draw of a step depends on (seed, step) alone."""
     return (int(seed) * 1_000_003 + int(step)) % (2 ** 63)
+
+
+def seed_torch(seed, device):
+    """torch.manual_seed(seed) for the generators a step draws from: the CPU's and, on CUDA, the device's own
+    (torch.manual_seed seeds every backend, at 75 µs a call on a CPU; this takes 1 µs)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
 
 
 def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
@@ -294,335 +433,185 @@ def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
         params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _ckpt_path(run):
-    return os.path.join(run.folder, "checkpoint.pt")
+def get_batch(x, idx):
+    """The rows of x (on the device) that the host-drawn indices name: one non-blocking copy of the indices,
+    uint8 pixels scaled to [0, 1] there. Indices (2, B) give a pair (x1, x2)."""
+    batch = drl.to_model(x[drl.to_device(torch.from_numpy(idx), x.device)])
+    return (batch[0], batch[1]) if idx.ndim == 2 else batch
 
 
-def _saved_config(run, steps):
+def train_step(model, opt, batch, beta, grad_clip=1.0):
+    """One optimiser step: the loss of model(batch, beta) (a β-VAE on images, the Ada-GVAE on a pair), backward,
+    the gradient norm clipped to grad_clip, Adam. Returns (loss, recon, kl, grad norm), left on the device."""
+    out = model(batch, beta)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return torch.stack([out["loss"], out["recon"], out["kl"], norm]).detach()
+
+
+def fit(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
+        log_every=None, checkpoint_every_s=120.0, label="fit"):
+    """Train every run to `steps` optimiser steps, one after another, each resumed from folder/checkpoint.pt.
+
+    x holds every input of the dataset on the training device (uint8 pixels or float features); batch_fn(seed,
+    step) returns the int64 indices of a step's batch, drawn on the host: (B,) images or (2, B) pairs. Nothing
+    is read back from the device between log steps (every `log_every`, default steps / 200 but at least 50):
+    there the mean losses go to folder/log.csv and one line is printed; the checkpoint (CPU tensors, atomic) is
+    written every checkpoint_every_s and at the end. A non-finite loss raises TrainingDiverged. Returns the
+    final checkpoints.
+    """
+    log_every, t0 = log_every or max(50, steps // 200), time.time()
+    resume(runs, steps)
+    total = todo = sum(steps - r.start for r in runs)
+    for k, run in enumerate(runs):
+        model = run.model.to(x.device).train()
+        opt = make_optimizer(model.parameters(), optimizer, lr=lr, weight_decay=weight_decay)
+        if run.optimizer_state:
+            opt.load_state_dict(run.optimizer_state)
+        log, last, saved = CsvLog(run.folder, run.start), run.start, time.time()
+        sums = torch.zeros(4, dtype=torch.float64, device=x.device)  # stays on the device until a log step
+        for step in range(run.start, steps):
+            seed_torch(step_seed(run.seed, step), x.device)  # ε of the reparameterisation is drawn in model()
+            beta = run.beta * drl.beta_warmup(step, 1.0, warmup_steps)
+            sums += train_step(model, opt, get_batch(x, batch_fn(run.seed, step)), beta, grad_clip)
+            done = step + 1
+            if done % log_every and done != steps:
+                continue
+            means = log_interval([run], [log], sums, done - last, done, [beta])
+            todo, last = todo - (done - last), done
+            say(progress(label, f"model {k + 1}/{len(runs)}", done, steps, means[0, 0], total, todo, t0))
+            if done == steps or time.time() - saved >= checkpoint_every_s:
+                save_checkpoints([run], [model.state_dict()], [opt.state_dict()], done, steps, means)
+                saved = time.time()
+        log.close()
+    return [drl.load_checkpoint(r.checkpoint) for r in runs]
+
+
+def progress(label, who, step, steps, loss, total, todo, t0):
+    """The line of a log step: which model(s), step, loss, speed, and the ETA of the whole stage (`todo` of
+    `total` model steps left, at the speed since the stage began)."""
+    rate = (total - todo) / max(time.time() - t0, 1e-9)
+    return (f"[{label}] {who}: step {step}/{steps}, loss {float(loss):.2f} | {rate:.1f} steps/s, stage ETA "
+            f"{todo / max(rate, 1e-9) / 60:.1f} min")
+
+
+def resume(runs, steps):
+    """Load each run's checkpoint, if any, into its model (and its optimiser's state into the run); a checkpoint
+    of another configuration is refused."""
+    for run in runs:
+        if os.path.exists(run.checkpoint):
+            ckpt = drl.load_checkpoint(run.checkpoint)
+            check_config(run.checkpoint, ckpt["config"], saved_config(run, steps))
+            run.model.load_state_dict(ckpt["model"])
+            run.start, run.optimizer_state = ckpt["step"], ckpt["optimizer"]
+
+
+def saved_config(run, steps):
     """The configuration a run's checkpoint records: the run's settings, its architecture and its steps."""
     return dict(run.config, model=drl.model_config(run.model), steps=steps)
 
 
-def _resume(run, steps):
-    """Load the run's checkpoint, if any, into its model; another configuration is refused."""
-    if os.path.exists(_ckpt_path(run)):
-        ckpt = drl.load_checkpoint(_ckpt_path(run))
-        runtime.check_config(_ckpt_path(run), ckpt["config"], _saved_config(run, steps))
-        run.model.load_state_dict(ckpt["model"])
-        run.start, run.optimizer_state = ckpt["step"], ckpt["optimizer"]
+def save_checkpoints(runs, weights, opt_states, step, steps, means):
+    """Each run's checkpoint, written atomically: its weights and what an optimiser of that model alone holds."""
+    for run, w, state, m in zip(runs, weights, opt_states, means):
+        state = {"param_groups": state["param_groups"], "state": state["state"]}  # one order: the same bytes
+        drl.save_checkpoint(run.checkpoint, {"config": saved_config(run, steps), "model": w, "optimizer": state,
+                                             "step": step, "done": step >= steps, "loss": float(m[0]), **run.extra})
 
 
-def train_step(model, opt, batch, beta, noise, grad_clip):
-    """One optimiser step, the same for one model and for a Stack of them: the loss of model(batch, beta) (a
-    β-VAE on images, the Ada-GVAE on pairs), backward, each model's gradients clipped to norm grad_clip, Adam.
-    Returns each model's loss, reconstruction, KL and gradient norm, (M, 4), left on the device."""
-    out = model(batch, beta) if noise is None else model(batch, beta, noise)
-    opt.zero_grad(set_to_none=True)
-    out["loss"].sum().backward()
-    norms = clip_per_model(model, grad_clip).reshape(out["loss"].shape)
-    opt.step()
-    return torch.stack([out["loss"], out["recon"], out["kl"], norms], dim=-1).reshape(-1, 4).detach()
+def log_interval(runs, logs, sums, n, step, betas):
+    """The mean (loss, recon, KL, grad norm) of each run over the last n steps, (M, 4) on the host: checked
+    finite, written to each run's log.csv; `sums` is zeroed for the next interval."""
+    means = (sums / n).cpu().reshape(len(runs), 4)
+    sums.zero_()
+    check_finite(means, step, runs)
+    for log, row, beta in zip(logs, means, betas):
+        log.write(step, row, beta)
+    return means
 
 
-def fit(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0, grad_clip=1.0,
-        device="cpu", stack=False, compile=False, log_every=50, checkpoint_every_s=120.0, progress=None):
-    """Train every run to `steps` optimiser steps, resuming each from `folder/checkpoint.pt`.
-
-    x holds every input of the dataset on `device` (uint8 pixels, scaled to [0, 1] per batch, or float
-    features). batch_fn(seed, step) returns int64 indices into x, drawn on the host as a pure function of its
-    arguments: (B,) single images (β-VAE) or (2, B) pairs (Ada-GVAE). The indices of all models of a step
-    reach the device in one non-blocking copy, and nothing is read back from the device between log steps.
-    stack=False trains the runs one after another; stack=True all at once (runs at different steps are
-    grouped by step). compile=True runs the objective (forward and backward) through torch.compile. Writes
-    folder/checkpoint.pt (CPU tensors) and folder/log.csv per run; progress(dict) is called about every 5 s.
-    A non-finite loss raises TrainingDiverged. Returns the final checkpoints, in order.
-    """
-    for r in runs:
-        _resume(r, steps)
-    todo = [r for r in runs if r.start < steps]
-    groups = ([[r for r in todo if r.start == s] for s in sorted({r.start for r in todo})] if stack
-              else [[r] for r in todo])
-    for group in groups:  # runs at the same step: one model, or a Stack of M
-        M, start = len(group), group[0].start
-        model, opt, stacked = _model_and_optimizer(group, device, compile, optimizer, lr, weight_decay)
-        logs = [runtime.CsvLog(r.folder, start) for r in group]
-        stats, n_stats, rate = torch.zeros(M, 4, dtype=torch.float64, device=device), 0, runtime.RecentRate(start)
-        betas = torch.tensor([r.beta for r in group], device=device)  # built once; each step scales it on the device
-        t0 = last_ckpt = last_progress = time.time()
-        for step in range(start, steps):
-            batch, noise = _next_batch(group, x, batch_fn, step, group[0].model.config.get("latent_dim"), stacked)
-            ramp = drl.beta_warmup(step, 1.0, warmup_steps)  # a Python float: β·ramp needs no host-to-device copy
-            with runtime.compiling(compile and step == start):
-                stats += train_step(model, opt, batch, betas * ramp if stacked else group[0].beta * ramp, noise,
-                                    grad_clip).double()  # (M, 4) running sums stay on the device until a log step
-            n_stats += 1
-            done = step + 1
-            if done % log_every and done != steps:
-                continue
-            means = (stats / n_stats).cpu()
-            _check_finite(means, done, group)
-            beta = [r.beta * ramp for r in group]
-            for log, row, b in zip(logs, means.tolist(), beta):
-                log.write(done, row[:3], b, time.time() - t0)
-            stats.zero_()
-            n_stats = 0
-            now = time.time()
-            if progress and (now - last_progress >= 5.0 or done == steps):
-                r_now = rate(done)
-                progress({"step": done, "steps": steps, "loss": float(means[:, 0].mean()), "beta": sum(beta) / M,
-                          "models": M, "steps_per_s": r_now, "eta_s": (steps - done) / max(r_now, 1e-9)})
-                last_progress = now
-            if now - last_ckpt >= checkpoint_every_s or done == steps:
-                _write_checkpoints(group, model, opt, done, steps, means)
-                last_ckpt = now
-        for log in logs:
-            log.close()
-    return [drl.load_checkpoint(_ckpt_path(r)) for r in runs]
-
-
-def _model_and_optimizer(group, device, compile, optimizer, lr, weight_decay):
-    """(model, optimiser, stacked) for the runs of a group, the optimiser's state resumed: the run's own model, or
-    a Stack of the M models (compiled, even one model is a Stack: ε and β come in as tensors)."""
-    for r in group:
-        r.model.to(device).train()
-    stacked = len(group) > 1 or compile
-    model, models = group[0].model, [r.model for r in group]
-    if stacked:
-        _check_stackable(models, "--compile" if compile else "--parallel-models")
-        model = Stack(models, _compiled(models[0], len(group)) if compile else _vmapped(models[0]))
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=lr,
-                         weight_decay=weight_decay)
-    if group[0].start > 0:
-        opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]) if stacked
-                            else group[0].optimizer_state)
-    return model, opt, stacked
-
-
-class Stack(torch.nn.Module):
-    """M models of one architecture as one model, for --parallel-models: every trainable weight becomes one
-    tensor with a leading model dim (torch.func.stack_module_state), and forward(batch, beta (M,), noise) runs
-    the models' own objective through torch.vmap, returning (M,) losses. Adam is elementwise, so one Adam over
-    the stacked tensors is each model's own Adam. `objective` is _vmapped(models[0]) or its torch.compile
-    (_compiled): the first model lends its structure only (not registered)."""
-
-    def __init__(self, models, objective):
-        super().__init__()
-        trainable = [k for k, p in models[0].named_parameters() if p.requires_grad]
-        weights = torch.func.stack_module_state(models)[0]
-        self.names = [k for k in weights if k in trainable]
-        self.weights = torch.nn.ParameterList([torch.nn.Parameter(weights[k].detach()) for k in self.names])
-        self.objective = objective
-
-    def forward(self, batch, beta, noise):
-        return self.objective(dict(zip(self.names, self.weights)), batch, beta, noise)
-
-    def unstack(self, models):
-        """Copy model m's slice of every stacked weight into models[m]."""
-        with torch.no_grad():
-            for m, model in enumerate(models):
-                own = dict(model.named_parameters())
-                for k, w in zip(self.names, self.weights):
-                    own[k].copy_(w[m])
-
-
-def clip_per_model(model, max_norm):
-    """torch.nn.utils.clip_grad_norm_, model by model: the norm of model m's gradients over all its tensors,
-    scaled by max_norm / (norm + 1e-6) where that is below 1 (0 or None: no clipping). A single model is a
-    stack of one (its gradients viewed with a model dim of 1). Returns the (M,) norms."""
-    grads = [p.grad if isinstance(model, Stack) else p.grad.unsqueeze(0) for p in model.parameters()
-             if p.grad is not None]
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1),
-                                     dim=1)
-    if max_norm:
-        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
-    return norms
-
-
-def _check_stackable(models, flag):
-    first = models[0]
-    if any(True for _ in first.buffers()):
-        raise ValueError(f"{type(first).__name__} keeps buffers (BatchNorm running statistics) per model, which "
-                         f"the torch.vmap step cannot hold; drop {flag}")
-    for m in models:
-        if drl.model_config(m) != drl.model_config(first):
-            raise ValueError(f"--parallel-models needs models of one architecture, got {drl.model_config(first)} "
-                             f"and {drl.model_config(m)}")
-
-
-def _vmapped(template):
-    """(stacked weights, batch, beta (M,), noise (M, ...)) -> dict of (M,) losses: template(batch, beta, noise)
-    with each model's weights, through torch.vmap."""
-    return torch.vmap(lambda w, b, beta, noise: torch.func.functional_call(template, w, (b, beta, noise)))
-
-
-# The one cache kept as module state: torch.compile'd objectives, one per architecture and stack size, so that
-# the source and the finetuning stage of a run (and bench.py's warm-up and timing) share the kernels.
-_COMPILED = {}
-
-
-def _compiled(template, n_models):
-    """torch.compile of the vmapped objective, one per architecture and stack size, with static shapes (a
-    second stack size would otherwise recompile the first one's graph with dynamic shapes): the template lends
-    only its structure (every weight comes in through params), so the models of a sweep share one set of
-    kernels."""
-    key = (json.dumps(drl.model_config(template), sort_keys=True), n_models)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_vmapped(template), dynamic=False)
-    return _COMPILED[key]
-
-
-def _next_batch(group, x, batch_fn, step, latent_dim, stacked):
-    """The batch of every run of the group and, for the vmap step, its reparameterisation noise ε.
-
-    Each seed's indices and ε are drawn right after seeding the torch RNG with (seed, step) — where a model
-    alone draws ε inside — so a stacked model equals its run alone; runs with the same seed (β = 1 and β = 2)
-    share them. The indices of all runs go to the device in one non-blocking copy (to_device) and select
-    their rows of x there. Returns the batch (x or (x1, x2); a leading model dim when stacked) and ε."""
-    drawn, noise = {}, {}
-    for r in group:
-        if r.seed not in drawn:
-            seed_torch(step_seed(r.seed, step), x.device)
-            drawn[r.seed] = batch_fn(r.seed, step)
-            if stacked:
-                rows = drawn[r.seed].size  # 2B rows for pairs, B for single images
-                noise[r.seed] = torch.randn(rows, latent_dim, device=x.device)
-    seeds = [r.seed for r in group] if stacked else [group[0].seed]
-    idx = to_device(torch.from_numpy(np.stack([drawn[s] for s in seeds])), x.device)  # (M, [2,] B)
-    batch = drl.to_model(x[idx])
-    if not stacked:
-        batch = batch[0]
-    if idx.dim() == 3:  # pairs: (M, 2, B, ...) -> x1, x2
-        batch = (batch[:, 0], batch[:, 1]) if stacked else (batch[0], batch[1])
-    return batch, torch.stack([noise[s] for s in seeds]) if stacked else None
-
-
-def seed_torch(seed, device):
-    """torch.manual_seed(seed) for the generators a step draws from: the CPU's and, on CUDA, the one of
-    `device` (torch.manual_seed seeds every backend, at 75 µs a call on this CPU; this takes 1 µs)."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.default_generators[index].manual_seed(seed)
-
-
-def to_device(t, device):
-    """A host tensor on `device` without waiting for it: on CUDA a pinned copy goes over asynchronously
-    (a pageable one makes the host wait for the copy); elsewhere the tensor itself."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _check_finite(means, step, group):
+def check_finite(means, step, runs):
+    """means (M, 4): loss, recon, KL and gradient norm of each run over the last log interval."""
     bad = (~torch.isfinite(means)).any(dim=1).nonzero()
     if len(bad):
-        m, r = int(bad[0]), group[int(bad[0])]
+        m, run = int(bad[0]), runs[int(bad[0])]
         what = "loss" if not torch.isfinite(means[m, 0]) else "gradient norm"
-        raise TrainingDiverged(f"{what} became {means[m].tolist()[0 if what == 'loss' else 3]} by step {step} "
-                               f"(seed {r.seed}, beta {r.beta}); the last good checkpoint is kept in {r.folder}; "
+        raise TrainingDiverged(f"{what} became {means[m, 0 if what == 'loss' else 3].item()} by step {step} (seed "
+                               f"{run.seed}, beta {run.beta}); the last good checkpoint is kept in {run.folder}; "
                                f"lower --lr or check the input data")
 
 
-def _stack_optimizer_states(states):
-    """Per-model optimiser state_dicts -> the state_dict of one optimiser over the stacked tensors."""
-    first = states[0]
-    return {"param_groups": first["param_groups"],
-            "state": {i: {k: v if k == "step" else torch.stack([s["state"][i][k] for s in states])
-                          for k, v in st.items()} for i, st in first["state"].items()}}
+class CsvLog:
+    """folder/log.csv: one row per log step; rows past the checkpoint of an interrupted run are dropped."""
 
+    def __init__(self, folder, start):
+        path = os.path.join(folder, "log.csv")
+        rows = [["step", "loss", "recon", "kl", "beta"]]
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= start]
+        with drl.atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        self.file = open(path, "a", newline="")
 
-def _model_optimizer_state(state, m):
-    """Model m's slice of a stacked optimiser's state_dict (m None: one model's, as it is): what an optimiser of
-    that model alone holds."""
-    return {"param_groups": state["param_groups"],
-            "state": {i: {k: v if k == "step" or m is None else v[m].clone() for k, v in st.items()}
-                      for i, st in state["state"].items()}}
+    def write(self, step, means, beta):
+        csv.writer(self.file).writerow([step] + [f"{v:.6g}" for v in means[:3].tolist()] + [f"{beta:.4g}"])
+        self.file.flush()
 
-
-def _write_checkpoints(group, model, opt, step, steps, means):
-    """Each run's checkpoint (atomically): its weights (a Stack's slice copied into its module first) and what
-    an optimiser of that model alone holds."""
-    stacked, state = isinstance(model, Stack), opt.state_dict()
-    if stacked:
-        model.unstack([r.model for r in group])
-    for m, r in enumerate(group):
-        drl.save_checkpoint(_ckpt_path(r), {
-            "config": _saved_config(r, steps), "model": r.model.state_dict(),
-            "optimizer": _model_optimizer_state(state, m if stacked else None),
-            "step": step, "done": step >= steps, "loss": float(means[m, 0]), **r.extra})
-        runtime.PROCESS["written"][_ckpt_path(r)] = step
+    def close(self):
+        self.file.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. The pipeline evaluate.py calls: train the source models, finetune them on a target
+# 5. The pipeline evaluate.py calls too: train the source models, finetune them on a target
 # ---------------------------------------------------------------------------------------------------------
 
-def is_done(path):
-    """Is the model at `path` fully trained?"""
-    return os.path.exists(path) and drl.load_checkpoint(path).get("done", False)
+def my_models(cfg, res):
+    """The (β, seed) models of this process: all of them, or under torchrun rank r of K takes r, r+K, ..."""
+    models = [(beta, seed) for beta in cfg.betas for seed in cfg.seeds]
+    if res.rank >= len(models):
+        say(f"rank {res.rank} of {res.world}: no model to train ({len(models)} model(s) in all)")
+    return models[res.rank::res.world]
 
 
-def trained_already(path, settings, cfg):
-    """Is the model at `path` fully trained (False when there is none)? One made from other data or flags than
-    `settings` (what the run records) is an error that says in words what differs: never silently reused, never
-    overwritten. The checkpoint is read once."""
+def trained_already(path, settings):
+    """Is the model at `path` fully trained (False when there is none)? One trained with other settings than
+    `settings` (what the run records) is refused: never silently reused, never overwritten."""
     if not os.path.exists(path):
         return False
     ckpt = drl.load_checkpoint(path)
-    saved = {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}
-    runtime.check_config(path, saved, settings, lambda k, there, now: runtime.explain_difference(cfg, k, there, now))
+    check_config(path, {k: v for k, v in ckpt["config"].items() if k not in ("model", "steps")}, settings)
     return ckpt.get("done", False)
 
 
-def _fit_and_report(runs, x, batch_fn, label, cfg, res, steps, **kw):
-    """fit() the runs (stacked with --parallel-models), then one summary line per model."""
-    t0 = time.time()
-    done = fit(runs, x, batch_fn, steps=steps, device=res.device, stack=cfg.parallel_models, compile=cfg.compile,
-               progress=runtime.printer(label), **kw)
-    for r, ckpt in zip(runs, done):
-        say(f"[{label}] beta={r.beta:g} seed={r.seed}: {ckpt['step']} steps, final loss {ckpt['loss']:.2f} "
-            f"-> {r.folder}")
-    say(f"[{label}] {len(runs)} model(s) trained in {time.time() - t0:.0f} s")
-
-
-def my_models(cfg, res):
-    """The (β, seed) models of this process: all of them, or under torchrun every world-th from its rank."""
-    models = [(beta, seed) for beta in cfg.betas for seed in cfg.seeds]
-    mine = models[res.rank::res.world]
-    if not mine:
-        say(f"no model for this rank ({len(models)} model(s), {res.world} ranks): waiting for the others")
-    return mine
-
-
 def train_source(cfg, res):
-    """Train every seed × β source model of this rank that is not finished yet; returns their checkpoint
-    paths."""
+    """Train every seed × β source model of this process that is not finished yet; returns their checkpoints."""
     digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
     runs, paths = [], []
     for beta, seed in my_models(cfg, res):
         config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
-                  "backbone_weights": res.weights_digest,
-                  "precision": res.precision if res.weights else None,
+                  "backbone_weights": res.weights_digest, "precision": res.precision if res.weights else None,
                   "latent_dim": cfg.latent_dim, "dataset": digest, "seed": seed, "beta": beta,
                   "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
         folder = source_folder(cfg, res, beta, seed)
         paths.append(os.path.join(folder, "checkpoint.pt"))
-        if not trained_already(paths[-1], config, cfg):
+        if not trained_already(paths[-1], config):
             torch.manual_seed(seed)
             runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
+    label = f"source {model_tag(cfg, res)}"
     if not runs:
-        if paths:
-            say(f"source {model_tag(cfg, res)}: all {len(paths)} model(s) trained already, nothing to train")
+        say(f"{label}: all {len(paths)} model(s) trained already" if paths else f"{label}: nothing to train here")
         return paths
     src = SourceInputs(cfg, res)
-    say(f"source {model_tag(cfg, res)}: training {len(runs)} model(s), {cfg.steps} steps"
-        + (" each, stacked (--parallel-models)" if cfg.parallel_models else " each"))
+    say(f"{label}: training {len(runs)} model(s), {cfg.steps} steps each" +
+        (", stacked (--parallel-models)" if cfg.parallel_models else ""))
     for r in runs:
-        r.extra = src.stats or {}
-    _fit_and_report(runs, src.x, src.batches(cfg.batch_size, cfg.method == "adagvae"), f"source {model_tag(cfg, res)}",
-                    cfg, res, cfg.steps, lr=cfg.lr, optimizer="adam", warmup_steps=cfg.warmup_steps)
+        r.extra = src.stats
+    (fit_stacked if cfg.parallel_models else fit)(
+        runs, src.x, src.batches(cfg.batch_size, cfg.method == "adagvae"), steps=cfg.steps, lr=cfg.lr,
+        optimizer="adam", warmup_steps=cfg.warmup_steps, label=label)
     return paths
 
 
@@ -645,24 +634,56 @@ def finetune(cfg, res, target):
         config = {"stage": "finetune", "source": ckpt["config"], "target": target.digest,
                   "holdout": cfg.holdout_class, "seed": seed, "beta": beta, "epochs": cfg.epochs,
                   "batch_size": cfg.batch_size, "lr": cfg.lr}
-        if not trained_already(pairs[-1][1], config, cfg):
+        if not trained_already(pairs[-1][1], config):
             stats = {k: ckpt[k] for k in ("feature_mean", "feature_std") if k in ckpt}
             runs.append(Run(drl.load_model(path)[0], seed, beta, folder, config, stats))
     if not runs:
         if pairs:
-            say(f"finetune {cfg.target}: all {len(pairs)} model(s) finetuned already, nothing to train")
+            say(f"finetune {cfg.target}: all {len(pairs)} model(s) finetuned already")
         return pairs
     x = target_inputs(cfg, res, train_split(cfg, target), runs[0].extra, f"{cfg.target}-train").to(res.device)
     steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
     say(f"finetune {cfg.target}: {len(runs)} model(s), {cfg.epochs} epochs of {len(x)} images ({steps} steps)")
-    _fit_and_report(runs, x, epoch_batches(len(x), cfg.batch_size), f"finetune {cfg.target}", cfg, res, steps,
-                    lr=cfg.lr, optimizer="adamw", weight_decay=0.01)
+    (fit_stacked if cfg.parallel_models else fit)(
+        runs, x, epoch_batches(len(x), cfg.batch_size), steps=steps, lr=cfg.lr, optimizer="adamw",
+        weight_decay=0.01, label=f"finetune {cfg.target}")
     return pairs
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. The script
+# 6. The script: its errors are one line on stderr and exit code 2, never a traceback
 # ---------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def one_line_errors():
+    """What a user of the scripts sees of an error: one line on stderr and exit code 2 (130 for Ctrl-C); every
+    checkpoint already written is kept, and the same command resumes."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoints written so far are kept; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({drl.one_line(e, 100)}); lower --batch-size or drop --parallel-models; "
+              f"the checkpoints written so far are kept and the same command resumes", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def use_device(res):
+    """On CUDA the run's GPU becomes the current device, so that nothing (pinned memory, a torchrun rank's
+    context) lands on GPU 0 by default."""
+    if res.device.startswith("cuda"):
+        torch.cuda.set_device(res.device)
+
+
+def check_data(cfg):
+    """--check-data: the target read and validated as a run reads it, described; nothing written."""
+    print(folders.describe(load_target(cfg, save=False)[1]))
 
 
 def parser():
@@ -674,23 +695,144 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    cfg = config_from_args(args)
-    if args.check_data:
-        return runtime.check_data(cfg)
-    if not args.stage:
-        raise ValueError("--stage source or --stage finetune is required (or --check-data)")
-    runtime.check_writable(cfg.out)
-    t0 = time.time()
-    res = runtime.resolve(cfg, say)
-    runtime.setup_process(cfg, res)
-    if args.stage == "source":
-        paths = train_source(cfg, res)
-    else:
-        cfg, target = runtime.load_target(cfg)
-        paths = [ft for _, ft in finetune(cfg, res, target)]
-    runtime.wait_for_ranks()
-    say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
+    with one_line_errors():
+        cfg = config_from_args(args)
+        if args.check_data:
+            return check_data(cfg)
+        if not args.stage:
+            raise ValueError("--stage source or --stage finetune is required (or --check-data)")
+        check_writable(cfg.out)
+        t0, res = time.time(), resolve(cfg)
+        use_device(res)
+        if args.stage == "source":
+            paths = train_source(cfg, res)
+        else:
+            cfg, target, _ = load_target(cfg)
+            paths = [ft for _, ft in finetune(cfg, res, target)]
+        say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. --parallel-models: the runs of a stage trained as one stacked model, each exactly as it trains alone.
+#    A Stack holds every trainable weight of M models of one architecture as one tensor with a leading model
+#    dim (torch.func.stack_module_state) and runs each model's own objective through torch.vmap. Adam is
+#    elementwise, so one Adam over the stacked tensors is each model's own Adam; the gradient norm is clipped
+#    per model (one joint norm would couple them), and each model's ε is drawn after seeding with its own
+#    (seed, step), where a model alone draws it inside its forward.
+# ---------------------------------------------------------------------------------------------------------
+
+class Stack(torch.nn.Module):
+    """M models as one: forward(batch (M, ...), beta (M,), noise (M, ...)) -> dict of (M,) losses."""
+
+    def __init__(self, models):
+        super().__init__()
+        first = models[0]
+        if any(True for _ in first.buffers()):
+            raise ValueError(f"{type(first).__name__} keeps buffers (BatchNorm running statistics) per model, which "
+                             f"the stacked step cannot hold; drop --parallel-models")
+        trainable = [k for k, p in first.named_parameters() if p.requires_grad]
+        weights = torch.func.stack_module_state(models)[0]
+        self.names = [k for k in weights if k in trainable]
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(weights[k].detach()) for k in self.names])
+        call = lambda w, b, beta, noise: torch.func.functional_call(first, w, (b, beta, noise))  # noqa: E731
+        self.objective = torch.vmap(call)  # the first model lends its structure only (not registered)
+
+    def forward(self, batch, beta, noise):
+        return self.objective(dict(zip(self.names, self.weights)), batch, beta, noise)
+
+    def unstack(self, models):
+        """Copy model m's slice of every stacked weight into models[m]."""
+        with torch.no_grad():
+            for m, model in enumerate(models):
+                own = dict(model.named_parameters())
+                for k, w in zip(self.names, self.weights):
+                    own[k].copy_(w[m])
+
+
+def stacked_step(stack, opt, batch, beta, noise, grad_clip=1.0):
+    """train_step for a Stack: the models share no weight, so the backward of their summed losses gives each its
+    own gradients; each model's gradient norm is clipped on its own. Returns (M, 4) on the device."""
+    out = stack(batch, beta, noise)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].sum().backward()
+    grads = [p.grad for p in stack.parameters()]
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], 1),
+                                     dim=1)
+    scale = (grad_clip / (norms + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_ does, per model
+    for g in grads:
+        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+    opt.step()
+    return torch.stack([out["loss"], out["recon"], out["kl"], norms], dim=1).detach()
+
+
+def stacked_batch(runs, x, batch_fn, step):
+    """Every run's batch (a leading model dim; the indices of all go over in one copy) and its ε, each drawn right
+    after seeding with (seed, step) as a run alone draws it; runs with the same seed share them."""
+    drawn, noise = {}, {}
+    for r in runs:
+        if r.seed not in drawn:
+            seed_torch(step_seed(r.seed, step), x.device)
+            drawn[r.seed] = batch_fn(r.seed, step)
+            noise[r.seed] = torch.randn(drawn[r.seed].size, r.model.config["latent_dim"], device=x.device)
+    idx = np.stack([drawn[r.seed] for r in runs])  # (M, B) images or (M, 2, B) pairs
+    batch = drl.to_model(x[drl.to_device(torch.from_numpy(idx), x.device)])
+    return (batch[:, 0], batch[:, 1]) if idx.ndim == 3 else batch, torch.stack([noise[r.seed] for r in runs])
+
+
+def fit_stacked(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_decay=0.0, warmup_steps=0,
+                grad_clip=1.0, log_every=None, checkpoint_every_s=120.0, label="fit"):
+    """fit() for every run at once (the runs resumed at the same step train together as one Stack)."""
+    log_every, t0 = log_every or max(50, steps // 200), time.time()
+    resume(runs, steps)
+    configs = {json.dumps(drl.model_config(r.model), sort_keys=True) for r in runs}
+    if len(configs) > 1:
+        raise ValueError(f"--parallel-models needs models of one architecture, got {' and '.join(sorted(configs))}")
+    total = todo = sum(steps - r.start for r in runs)
+    for start in sorted({r.start for r in runs if r.start < steps}):
+        group = [r for r in runs if r.start == start]
+        stack = Stack([r.model.to(x.device).train() for r in group])
+        opt = make_optimizer(stack.parameters(), optimizer, lr=lr, weight_decay=weight_decay)
+        if start:
+            opt.load_state_dict(_stack_optimizer_states([r.optimizer_state for r in group]))
+        logs, last, saved = [CsvLog(r.folder, start) for r in group], start, time.time()
+        sums = torch.zeros(len(group), 4, dtype=torch.float64, device=x.device)
+        betas = torch.tensor([r.beta for r in group], device=x.device)  # scaled on the device each step
+        for step in range(start, steps):
+            batch, noise = stacked_batch(group, x, batch_fn, step)
+            ramp = drl.beta_warmup(step, 1.0, warmup_steps)
+            sums += stacked_step(stack, opt, batch, betas * ramp, noise, grad_clip)
+            done = step + 1
+            if done % log_every and done != steps:
+                continue
+            means = log_interval(group, logs, sums, done - last, done, [r.beta * ramp for r in group])
+            todo, last = todo - len(group) * (done - last), done
+            say(progress(label, f"models {runs.index(group[0]) + 1}-{runs.index(group[-1]) + 1}/{len(runs)}", done,
+                         steps, means[:, 0].mean(), total, todo, t0))
+            if done == steps or time.time() - saved >= checkpoint_every_s:
+                stack.unstack([r.model for r in group])
+                state = opt.state_dict()
+                save_checkpoints(group, [r.model.state_dict() for r in group],
+                                 [_model_optimizer_state(state, m) for m in range(len(group))], done, steps, means)
+                saved = time.time()
+        for log in logs:
+            log.close()
+    return [drl.load_checkpoint(r.checkpoint) for r in runs]
+
+
+def _stack_optimizer_states(states):
+    """Per-model optimiser state_dicts -> the state_dict of one optimiser over the stacked tensors."""
+    first = states[0]
+    return {"param_groups": first["param_groups"],
+            "state": {i: {k: v if k == "step" else torch.stack([s["state"][i][k] for s in states])
+                          for k, v in st.items()} for i, st in first["state"].items()}}
+
+
+def _model_optimizer_state(state, m):
+    """Model m's slice of a stacked optimiser's state_dict: what an optimiser of that model alone holds."""
+    return {"param_groups": state["param_groups"],
+            "state": {i: {k: v if k == "step" else v[m].clone() for k, v in st.items()}
+                      for i, st in state["state"].items()}}
 
 
 if __name__ == "__main__":
-    runtime.run_main(main)
+    main()

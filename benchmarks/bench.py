@@ -1,20 +1,19 @@
 """Speed and memory benchmarks of every stage of the pipeline, against references measured in the same run
 on the same machine.
 
-    python bench.py            # full workloads (long on a 2-core CPU), writes bench.json
-    python bench.py --quick    # small workloads, < 3 minutes on 2 cores
-    python bench.py --device cuda --out bench-gpu.json
+    python benchmarks/bench.py            # full workloads (long on a 2-core CPU), writes bench.json
+    python benchmarks/bench.py --quick    # small workloads, a few minutes on 2 cores
+    python benchmarks/bench.py --device cuda --out bench-gpu.json
+
+Imported by nothing; it imports the public names of the project's modules.
 
 Every entry of bench.json is {"value", "unit", "workload": {batch, shapes, threads, device, dtype, ...}}.
 Timings are the BEST of a few repetitions (the least disturbed by other processes); pairs that are
 compared (our ViT vs torchvision's, sequential vs vectorised sweep, ...) are measured interleaved so that
 load from other processes hits both alike. The table prints ratios against the targets in TARGETS.
 
-FLOP conventions: `matmul_gflops` counts 2·n³ per n×n matmul (a multiply and an add). The usual
-17.6 "GFLOP" per ViT-B/16 image is a multiply-accumulate count (fvcore convention); the same image costs
-35.2 GFLOP when counted like the matmul. `vit_gflops_fp32` uses 17.6, the figure usually quoted;
-`vit_gflops_fp32_2mac` counts like the matmul. `feature_vae_gflops` counts fwd + bwd with
-torch.utils.flop_counter (2 per multiply-accumulate, like the matmul).
+FLOPs: `matmul_gflops` counts 2·n³ per n×n matmul; a ViT-B/16 image is 17.6 G multiply-accumulates, 35.2 GFLOP
+counted the same way (`vit_gflops_fp32`); `feature_vae_gflops` counts fwd + bwd with torch.utils.flop_counter.
 """
 import argparse
 import copy
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -35,39 +33,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import data
-import drl
-import metrics
-import runtime
-import se2
-import train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+import data  # noqa: E402
+import drl  # noqa: E402
+import metrics  # noqa: E402
+import train  # noqa: E402
 
 MACS_PER_IMAGE = drl.VIT_B16_GMAC      # 17.6 G multiply-accumulates per 224×224 image
 # Targets: key -> (reference key or None, op, bound, what).
 TARGETS = {
     "vit_img_s_fp32": ("torchvision_vit_img_s_fp32", ">=", 1.0, "ours / torchvision"),
     "vit_max_abs_diff_vs_torchvision": (None, "<=", 1e-4, "max |ours - tv|"),
-    "vit_gflops_fp32": ("matmul_gflops_ceiling", ">=", 0.5, "GFLOP/s (17.6/img) / matmul"),
-    "vit_gflops_fp32_2mac": ("matmul_gflops_ceiling", ">=", 0.5, "GFLOP/s (35.2/img) / matmul"),
-    "vit_gflops_bf16_2mac": ("matmul_gflops_bf16", None, None, "GFLOP/s (35.2/img) / bf16 matmul"),
+    "vit_gflops_fp32": ("matmul_gflops_ceiling", ">=", 0.5, "GFLOP/s (35.2/img) / matmul"),
     "vit_img_s_bf16": ("vit_img_s_fp32", ">=", 2.5, "bf16 / fp32"),
     "vit_bf16_cosine_vs_fp32": (None, ">=", 0.999, "min cosine"),
     "feature_vae_gflops": ("matmul_gflops_ceiling", ">=", 0.4, "GFLOP/s / matmul"),
     "matmul_gflops_bf16": ("matmul_gflops", None, None, "bf16 / fp32"),
-    "matmul_gflops_tf32": ("matmul_gflops", None, None, "TF32 / fp32"),
     "sweep_models_steps_s_vectorised": ("sweep_models_steps_s_sequential", ">=", 1.5, "vectorised / seq."),
-    "sweep_models_steps_s_compiled": ("sweep_models_steps_s_vectorised", None, None, "compiled / eager"),
     "sweep_gflops": ("matmul_gflops_ceiling", ">=", 0.4, "GFLOP/s / best fp32 matmul"),
-    "feature_vae_steps_s_compiled": ("feature_vae_steps_s", None, None, "compiled / eager"),
-    "conv_vae_steps_s_compiled": ("conv_vae_steps_s", None, None, "compiled / eager"),
-    "conv_sweep_models_steps_s_compiled": ("conv_sweep_models_steps_s_vectorised", None, None,
-                                           "compiled / eager"),
     "metrics_s": (None, "<", 60.0, "seconds"),
-    "sweep_host_ms_per_step": (None, "<=", 1.0, "ms per step, 20 models"),
-    "vit_img_s_tf32": ("vit_img_s_fp32", None, None, "TF32 / fp32"),
     "extract_peak_rss_mb": (None, "<=", 2048.0, "MB"),
-    "se2_groupconv_ms": ("conv_equal_maps_ms", None, None, "SE(2,8) / plain conv"),
-    "e2cnn_r2conv_ms": ("se2_groupconv_ms", None, None, "e2cnn / ours"),
 }
 
 
@@ -116,9 +101,10 @@ def timing_stats(ts):
 # ---------------------------------------------------------------------------------------------------
 
 def bench_matmul(args):
-    """The ceilings every rate is compared with: fp32 (TF32 off), TF32 (CUDA only) and bf16 matmuls."""
+    """The ceilings every rate is compared with: fp32 (TF32 off) and bf16 matmuls."""
     n = 2048 if args.quick else 4096
     cuda = torch.device(args.device).type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: fp32 means fp32
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(args.device)
     b = torch.randn(n, n, generator=g).to(args.device)
@@ -127,38 +113,24 @@ def bench_matmul(args):
     loop = 50 if cuda else (3 if args.quick else 1)
     reps = 8 if args.quick else 10  # best of many: the ceiling must not be a disturbed run
 
-    def rate(x, y, tf32):
+    def rate(x, y):
         def run():
             for _ in range(loop):
                 x @ y
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            ts = best_times({"mm": run}, reps, args.device)["mm"]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
+        ts = best_times({"mm": run}, reps, args.device)["mm"]
         return loop * 2 * n ** 3 / min(ts) / 1e9, timing_stats(ts)
 
     wl = workload(args, shapes=f"({n},{n}) @ ({n},{n})", flops="2n^3", products_per_timing=loop)
-    fp32, stats = rate(a, b, False)
+    fp32, stats = rate(a, b)
     out = {"matmul_gflops": entry(fp32, "GFLOP/s", {**wl, "dtype": "float32", "tf32": False}, **stats)}
-    ceiling = fp32
-    if cuda:
-        tf32, stats = rate(a, b, True)
-        out["matmul_gflops_tf32"] = entry(tf32, "GFLOP/s", {**wl, "dtype": "float32, TF32 allowed"}, **stats)
-        ceiling = max(fp32, tf32)
-    else:
-        out["matmul_gflops_tf32"] = entry(None, "GFLOP/s", {**wl, "dtype": "float32, TF32"},
-                                          note="TF32 is a CUDA mode; not measured on a CPU")
     supported = bf16_supported(args.device)
     if supported:
-        bf16, stats = rate(a.bfloat16(), b.bfloat16(), False)
+        bf16, stats = rate(a.bfloat16(), b.bfloat16())
         out["matmul_gflops_bf16"] = entry(bf16, "GFLOP/s", {**wl, "dtype": "bfloat16"}, **stats)
     else:
         out["matmul_gflops_bf16"] = entry(None, "GFLOP/s", {**wl, "dtype": "bfloat16"},
                                           note="bf16 not supported natively here; not measured")
-    out["matmul_gflops_ceiling"] = entry(ceiling, "GFLOP/s", {**wl, "dtype": "float32 training's: TF32 on CUDA "
-                                                              "(train.py's default), fp32 on a CPU"})
+    out["matmul_gflops_ceiling"] = entry(fp32, "GFLOP/s", {**wl, "dtype": "float32"})
     return out
 
 
@@ -169,30 +141,22 @@ def bench_matmul(args):
 _TV_BLOCK_KEYS = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
                   "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
                   "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+_TV_KEYS = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding", "patch_embed.proj": "conv_proj",
+            "norm": "encoder.ln"}
 
 
 def dino_to_torchvision_state_dict(sd):
-    """Rename DINO/our keys to torchvision.models.VisionTransformer keys (no classification head).
-    Both use q,k,v stacked row-wise with contiguous heads, so tensors are copied unchanged."""
+    """Our (DINO's) ViT keys -> torchvision.models.VisionTransformer's: both stack q, k, v row-wise with contiguous
+    heads, so the tensors are the same."""
     out = {}
     for k, v in sd.items():
-        if k == "cls_token":
-            name = "class_token"
-        elif k == "pos_embed":
-            name = "encoder.pos_embedding"
-        elif k.startswith("patch_embed.proj."):
-            name = "conv_proj." + k[len("patch_embed.proj."):]
-        elif k.startswith("norm."):
-            name = "encoder.ln." + k[len("norm."):]
-        elif k.startswith("blocks."):
+        if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
-            old = next((o for o in _TV_BLOCK_KEYS if rest == o or rest.startswith(o + ".")), None)
-            if old is None:
-                raise ValueError(f"no torchvision name for ViT key {k}")
-            name = f"encoder.layers.encoder_layer_{i}." + _TV_BLOCK_KEYS[old] + rest[len(old):]
+            old = next(o for o in _TV_BLOCK_KEYS if rest == o or rest.startswith(o + "."))
+            out[f"encoder.layers.encoder_layer_{i}." + _TV_BLOCK_KEYS[old] + rest[len(old):]] = v
         else:
-            raise ValueError(f"no torchvision name for ViT key {k}")
-        out[name] = v
+            old = next(o for o in _TV_KEYS if k == o or k.startswith(o + "."))
+            out[_TV_KEYS[old] + k[len(old):]] = v
     return out
 
 
@@ -237,7 +201,7 @@ def bench_vit(args, source):
 
     def run(name, net, inp=x):  # keeps the output, so no extra forward is needed for the comparison
         feats[name] = net(inp)
-    with torch.inference_mode(), runtime.exact_fp32(args.device):  # fp32 means fp32: TF32 has its own row
+    with torch.inference_mode():
         # on a CPU the first of the interleaved rounds is the warm-up (best-of ignores it)
         ts = best_times({"ours": lambda: run("ours", model), "tv": lambda: run("tv", tv)}, reps, args.device,
                         warmup=1 if cuda else 0)
@@ -249,21 +213,11 @@ def bench_vit(args, source):
         "vit_img_s_fp32": entry(ours, "images/s", wl, **timing_stats(ts["ours"])),
         "torchvision_vit_img_s_fp32": entry(batch / min(ts["tv"]), "images/s",
                                             {**wl, "model": "torchvision vit_b_16, our weights via "
-                                                            "bench.torchvision_reference"}, **timing_stats(ts["tv"])),
-        "vit_gflops_fp32": entry(ours * MACS_PER_IMAGE, "GFLOP/s", {**wl, "flops_per_image": "17.6e9 (MACs)"}),
-        "vit_gflops_fp32_2mac": entry(ours * 2 * MACS_PER_IMAGE, "GFLOP/s",
-                                      {**wl, "flops_per_image": "35.2e9 (2 x MACs, like matmul_gflops)"}),
+                                                            "torchvision_reference"}, **timing_stats(ts["tv"])),
+        "vit_gflops_fp32": entry(ours * 2 * MACS_PER_IMAGE, "GFLOP/s", {**wl, "flops_per_image": "35.2e9"}),
         "vit_max_abs_diff_vs_torchvision": entry((f32 - f_tv).abs().max().item(), "abs",
                                                  {**wl, "output": "CLS after final norm (768)"}),
     }
-    if cuda:  # TF32 (train.py's default for training on CUDA; feature extraction turns it off)
-        with torch.inference_mode():
-            ts32 = best_times({"tf32": lambda: run("tf32", model)}, reps, args.device)["tf32"]
-        out["vit_img_s_tf32"] = entry(batch / min(ts32), "images/s", {**wl, "dtype": "float32, TF32 allowed"},
-                                      **timing_stats(ts32))
-    else:
-        out["vit_img_s_tf32"] = entry(None, "images/s", {**wl, "dtype": "float32, TF32"},
-                                      note="TF32 is a CUDA mode; not measured on a CPU")
     # bf16 autocast: on a CPU without native bf16 it is emulated (slow), so a smaller batch suffices.
     supported = bf16_supported(args.device)
     b16 = batch if supported else (1 if args.quick else 2)
@@ -277,32 +231,12 @@ def bench_vit(args, source):
             "bf16_supported": supported}
     note = {} if supported else {"note": "bf16 not supported on this CPU (emulated, slower than fp32)"}
     out["vit_img_s_bf16"] = entry(b16 / min(ts16), "images/s", wl16, **timing_stats(ts16), **note)
-    out["vit_gflops_bf16_2mac"] = entry(b16 / min(ts16) * 2 * MACS_PER_IMAGE, "GFLOP/s",
-                                        {**wl16, "flops_per_image": "35.2e9 (2 x MACs)"})
     out["vit_bf16_cosine_vs_fp32"] = entry(cos.min().item(), "cosine", wl16, mean=cos.mean().item())
     return out
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Rendering Texture-dSprites + ViT preprocessing
-# ---------------------------------------------------------------------------------------------------
-
-def bench_render(args, source):
-    batch = 64
-    reps = 5 if args.quick else 20
-    rng = np.random.default_rng(0)
-    f = data.sample_factors(source.factor_sizes, batch, rng)
-    source.render(f[:1])  # masks are built on first use
-    ts = best_times({"render": lambda: source.render(f),
-                     "both": lambda: drl.preprocess_images(source.render(f), args.device)}, reps, args.device)
-    wl = workload(args, batch=batch, shapes=f"uint8 ({batch},64,64,3) -> float32 ({batch},3,224,224)",
-                  dtype="float32", steps="render + /255 + antialiased bilinear resize + ImageNet normalise")
-    return {"render_img_s": entry(batch / min(ts["both"]), "images/s", wl, **timing_stats(ts["both"]),
-                                  render_only_img_s=batch / min(ts["render"]))}
-
-
-# ---------------------------------------------------------------------------------------------------
-# 4. VAE training steps: train.train_step (loss, backward, clip 1.0, Adam) on one batch of pairs
+# 3. VAE training steps: train.train_step (loss, backward, clip_grad_norm_ 1.0, Adam) on one batch of pairs
 # ---------------------------------------------------------------------------------------------------
 
 def step_flops(model, x1, x2, beta):
@@ -327,7 +261,7 @@ def bench_vae_steps(args):
     conv_steps = 2 if args.quick else 20
     def run(model, x1, x2, n):
         for _ in range(n):
-            train.train_step(model, opts[model], (x1, x2), 1.0, None, 1.0)
+            train.train_step(model, opts[model], (x1, x2), 1.0)
     t_feat = best_times({"f": lambda: run(feat, f1, f2, steps)}, 2 if args.quick else 5, args.device)["f"]
     t_conv = best_times({"c": lambda: run(conv, p1, p2, conv_steps)}, 2 if args.quick else 3, args.device,
                         warmup=0 if args.quick else 1)["c"]
@@ -348,63 +282,28 @@ def bench_vae_steps(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. A sweep of N FeatureVAEs: sequential vs stacked weights
+# 4. A sweep of N FeatureVAEs: sequential vs stacked weights
 # ---------------------------------------------------------------------------------------------------
 
-def fit_rate(args, make, bank, n_models, steps, stack, compile=False):
-    """Model-steps/s of train.fit on a sweep of n_models (seeds × β ∈ {1, 2}) drawing pairs of `bank`, read
-    from the training loop's own progress report, so model construction and the final checkpoints (one-off
-    costs of a 400k-step run) are excluded. Compiled: a 2-step fit of the same stack size builds the kernels
-    first (train._compiled keeps one static graph per architecture and stack size)."""
+def fit_rate(args, make, bank, n_models, steps, stack):
+    """Model-steps/s of train.fit (one model after another) or train.fit_stacked on a sweep of n_models (seeds ×
+    β ∈ {1, 2}) drawing pairs of `bank`; the clock starts once the models are built."""
     pairs = lambda seed, step: np.random.default_rng((seed, step)).integers(0, len(bank), (2, 64))  # noqa: E731
-    for n in ([2] if compile else []) + [steps]:  # compiled: 2 steps first, so the timed fit finds its kernels
-        reports = []
-        with tempfile.TemporaryDirectory() as tmp:
-            runs = []
-            for i in range(n_models):
-                torch.manual_seed(i // 2)
-                runs.append(train.Run(make().to(args.device), i // 2, 1.0 + i % 2, os.path.join(tmp, str(i)), {}))
-            seconds = 0.0
-            for group in ([runs] if stack else [[r] for r in runs]):
-                train.fit(group, bank, pairs, steps=n, device=args.device, log_every=n, checkpoint_every_s=1e9,
-                          progress=reports.append, stack=stack, compile=compile)
-                seconds += n / reports[-1]["steps_per_s"]
-    return n_models * steps / seconds
-
-
-def bench_host(args):
-    """What the training loop does on the host for one step of a 20-model stacked sweep on Texture-dSprites
-    (10 seeds × β ∈ {1, 2}): per seed, the (seed, step) generator, the k = 1 pairs and their indices, the
-    torch RNG seeding and ε; then one index array for all models and its copy to the device (train._next_batch),
-    and β. The gather of the rows and the step itself are device work, excluded by a bank of one row per image
-    (x is never read here)."""
-    source = data.TextureDSprites()
-    group = [train.Run(None, i // 2, 1.0 + i % 2, "", {}) for i in range(20)]
-    batch_fn = train.SourceInputs.batches(source_shim(source), 64, paired=True)
-    x = torch.zeros(len(source), 1, device=args.device)
-    betas = torch.tensor([r.beta for r in group], device=args.device)
-    steps = 200 if args.quick else 1000
-
-    def run():
-        for step in range(steps):
-            train._next_batch(group, x, batch_fn, step, 10, True)
-            betas * drl.beta_warmup(step, 1.0, 50_000)
-    ts = [t / steps for t in best_times({"host": run}, 3 if args.quick else 5, args.device)["host"]]
-    wl = workload(args, models=20, seeds=10, batch="64 pairs", steps_timed=steps,
-                  how="train._next_batch (indices, ε, one copy) + β, per step")
-    return {"sweep_host_ms_per_step": entry(1e3 * min(ts), "ms", wl, **timing_stats(ts))}
-
-
-def source_shim(source):
-    """The part of train.SourceInputs that its batches() uses, without building the inputs."""
-    shim = train.SourceInputs.__new__(train.SourceInputs)
-    shim.dataset, shim.factor_sizes = source, source.factor_sizes
-    return shim
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for i in range(n_models):
+            torch.manual_seed(i // 2)
+            runs.append(train.Run(make().to(args.device), i // 2, 1.0 + i % 2, os.path.join(tmp, str(i)), {}))
+        t0 = time.perf_counter()
+        (train.fit_stacked if stack else train.fit)(runs, bank, pairs, steps=steps, log_every=steps,
+                                                    checkpoint_every_s=1e9, label="bench")
+        sync(args.device)
+        return n_models * steps / (time.perf_counter() - t0)
 
 
 def bench_sweep(args):
     """A sweep of FeatureVAEs (on a bank of Φ-like vectors) and of ConvVAEs (on a bank of images), one model
-    after another vs stacked (torch.vmap), eager and --compile (the kernels are built before timing)."""
+    after another (train.fit) vs stacked (train.fit_stacked, --parallel-models)."""
     cuda = torch.device(args.device).type == "cuda"
     n_models = 20 if (cuda or not args.quick) else 4
     steps = (200 if cuda else 30) if not args.quick else (50 if cuda else 10)
@@ -413,44 +312,30 @@ def bench_sweep(args):
     c_batches = torch.randint(0, 256, (512, 3, 64, 64), generator=g, dtype=torch.uint8).to(args.device)
     feat, conv = (lambda: drl.FeatureVAE()), (lambda: drl.ConvVAE())
     conv_models, conv_steps = (n_models, steps) if cuda else (min(n_models, 4), max(2, steps // 5))
-    rates = {"seq": [], "vec": [], "vec_c": [], "one_c": []}
+    rates = {"seq": [], "vec": []}
     for _ in range(2 if args.quick else 3):  # interleaved repetitions, best of each
         rates["seq"].append(fit_rate(args, feat, f_batches, n_models, steps, stack=False))
         rates["vec"].append(fit_rate(args, feat, f_batches, n_models, steps, stack=True))
-        rates["vec_c"].append(fit_rate(args, feat, f_batches, n_models, steps, stack=True, compile=True))
-        rates["one_c"].append(fit_rate(args, feat, f_batches, 1, steps, stack=False, compile=True))
-    conv_rates = {k: fit_rate(args, conv, c_batches, m, conv_steps, stack=m > 1, compile=c)
-                  for k, m, c in (("one", 1, False), ("one_c", 1, True), ("vec", conv_models, False),
-                                  ("vec_c", conv_models, True))}
+    conv_rates = {k: fit_rate(args, conv, c_batches, m, conv_steps, stack=m > 1)
+                  for k, m in (("one", 1), ("vec", conv_models))}
     flops = step_flops(drl.FeatureVAE().to(args.device), f_batches[:pairs], f_batches[pairs:2 * pairs], 1.0)
     wl = workload(args, models=n_models, steps_per_model=steps, batch=f"{pairs} pairs",
-                  model="FeatureVAE(768,512,10)", dtype="float32" + (", TF32" if cuda else ""),
-                  step="Ada-GVAE loss + backward + per-model clip 1.0 + Adam",
-                  includes="the training loop: batch sampling, step, logging (not construction or checkpoints)")
+                  model="FeatureVAE(768,512,10)", dtype="float32",
+                  step="Ada-GVAE loss + backward + clip 1.0 + Adam",
+                  includes="the training loop: batch sampling, step, logging, the final checkpoint")
     wl_c = {**wl, "models": conv_models, "steps_per_model": conv_steps, "model": "ConvVAE(10)"}
-    spread = lambda v: {"best": max(v), "all": v}  # noqa: E731
-    best = max(max(rates["vec"]), max(rates["vec_c"]))
+    best = max(rates["vec"])
     out = {"sweep_models_steps_s_sequential": entry(max(rates["seq"]), "model-steps/s",
                                                     {**wl, "how": "train.fit, one model after another"},
-                                                    **spread(rates["seq"])),
-           "sweep_models_steps_s_vectorised": entry(max(rates["vec"]), "model-steps/s",
-                                                    {**wl, "how": "train.fit(stack=True): torch.func + vmap"},
-                                                    **spread(rates["vec"])),
-           "sweep_models_steps_s_compiled": entry(max(rates["vec_c"]), "model-steps/s",
-                                                  {**wl, "how": "train.fit(stack=True, compile=True)"},
-                                                  **spread(rates["vec_c"])),
-           "feature_vae_steps_s_compiled": entry(max(rates["one_c"]), "steps/s",
-                                                 {**wl, "models": 1, "how": "train.fit(compile=True)"},
-                                                 **spread(rates["one_c"])),
+                                                    all=rates["seq"]),
+           "sweep_models_steps_s_vectorised": entry(best, "model-steps/s",
+                                                    {**wl, "how": "train.fit_stacked: torch.func + vmap"},
+                                                    all=rates["vec"]),
            "sweep_gflops": entry(best * flops / 1e9, "GFLOP/s", {**wl, "flops_per_step": flops,
-                                                                "how": "the better stacked rate x flop_counter"}),
-           "conv_vae_steps_s_compiled": entry(conv_rates["one_c"], "steps/s",
-                                              {**wl_c, "models": 1, "how": "train.fit(compile=True)"},
-                                              eager_fit_steps_s=conv_rates["one"]),
+                                                                "how": "the stacked rate x flop_counter"}),
+           "conv_vae_fit_steps_s": entry(conv_rates["one"], "steps/s", {**wl_c, "models": 1, "how": "train.fit"}),
            "conv_sweep_models_steps_s_vectorised": entry(conv_rates["vec"], "model-steps/s",
-                                                         {**wl_c, "how": "train.fit(stack=True)"}),
-           "conv_sweep_models_steps_s_compiled": entry(conv_rates["vec_c"], "model-steps/s",
-                                                       {**wl_c, "how": "train.fit(stack=True, compile=True)"})}
+                                                         {**wl_c, "how": "train.fit_stacked"})}
     # the paper's source sweep at these rates: 20 models x 400k steps (extrapolated, not run)
     for key, rate in (("paper_sweep_minutes_features", max(best, max(rates["seq"]))),
                       ("paper_sweep_minutes_pixels", max(conv_rates.values()))):
@@ -461,7 +346,7 @@ def bench_sweep(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. DCI + MIG + OMES of one model (Φ path: features cached, so encoding is a lookup + the VAE encoder)
+# 5. DCI + MIG + OMES of one model (Φ path: features cached, so encoding is a lookup + the VAE encoder)
 # ---------------------------------------------------------------------------------------------------
 
 class _IndexSource:
@@ -504,48 +389,7 @@ def bench_metrics(args):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. SE(2,8) group conv vs a plain conv with as many feature maps vs e2cnn (fwd + bwd)
-# ---------------------------------------------------------------------------------------------------
-
-def bench_convs(args):
-    fields, N, k = 16, 8, 5
-    batch = 4 if args.quick else 16
-    reps = 3 if args.quick else 5
-    torch.manual_seed(0)
-    gconv = se2.GroupConv2d(fields, fields, k, N).to(args.device)
-    plain = nn.Conv2d(fields * N, fields * N, k, padding=k // 2).to(args.device)
-    xg = torch.randn(batch, fields, N, 64, 64, device=args.device, requires_grad=True)
-    xp = torch.randn(batch, fields * N, 64, 64, device=args.device, requires_grad=True)
-    fns = {"se2": lambda: gconv(xg).sum().backward(), "plain": lambda: plain(xp).sum().backward()}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from e2cnn import gspaces, nn as enn
-            gs = gspaces.Rot2dOnR2(N)
-            ftype = enn.FieldType(gs, fields * [gs.regular_repr])
-            e2 = enn.R2Conv(ftype, ftype, k, padding=k // 2).to(args.device)
-            xe = enn.GeometricTensor(torch.randn(batch, fields * N, 64, 64, device=args.device,
-                                                 requires_grad=True), ftype)
-        fns["e2cnn"] = lambda: e2(xe).tensor.sum().backward()
-    except ImportError:
-        pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ts = best_times(fns, reps, args.device)
-    wl = workload(args, batch=batch, shapes=f"({batch},{fields}x{N},64,64)", kernel=f"{k}x{k}", dtype="float32",
-                  timed="forward + backward")
-    out = {"se2_groupconv_ms": entry(1e3 * min(ts["se2"]), "ms",
-                                     {**wl, "layer": f"se2.GroupConv2d({fields},{fields},{k},{N})"}),
-           "conv_equal_maps_ms": entry(1e3 * min(ts["plain"]), "ms",
-                                       {**wl, "layer": f"nn.Conv2d({fields * N},{fields * N},{k})"})}
-    out["e2cnn_r2conv_ms"] = (entry(1e3 * min(ts["e2cnn"]), "ms",
-                                    {**wl, "layer": f"e2cnn R2Conv {fields} regular C{N} fields"})
-                              if "e2cnn" in ts else entry(None, "ms", wl, note="e2cnn not installed"))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# 8. Peak memory of streaming the 25,200 source features to the memmap (in a fresh subprocess)
+# 6. Peak memory of streaming the 25,200 source features to the memmap (in a fresh subprocess)
 # ---------------------------------------------------------------------------------------------------
 
 def peak_rss_mb():
@@ -643,8 +487,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="bench.json", help="JSON output (written atomically)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-B/16 weights (else hub cache, else random)")
-    p.add_argument("--only", default=None, help="comma list of stages: matmul,vit,render,vae,sweep,metrics,"
-                                                "convs,extract,host")
+    p.add_argument("--only", default=None, help="comma list of stages: matmul,vit,vae,sweep,metrics,"
+                                                "extract")
     p.add_argument("--extract-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.extract_child:
@@ -657,15 +501,11 @@ def main(argv=None):
             raise ValueError("--device cuda but CUDA is not available; use --device cpu")
         if args.threads:
             torch.set_num_threads(args.threads)
-        runtime.keep_freed_memory()  # as train.py and evaluate.py do
-        if torch.device(args.device).type == "cuda":  # train.py's default (--no-tf32 turns it off)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         source = data.TextureDSprites()
         stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, source),
-                  "render": lambda: bench_render(args, source), "vae": lambda: bench_vae_steps(args),
+                  "vae": lambda: bench_vae_steps(args),
                   "sweep": lambda: bench_sweep(args), "metrics": lambda: bench_metrics(args),
-                  "convs": lambda: bench_convs(args), "extract": lambda: bench_extract(args),
-                  "host": lambda: bench_host(args)}
+                  "extract": lambda: bench_extract(args)}
         only = args.only.split(",") if args.only else list(stages)
         unknown = [s for s in only if s not in stages]
         if unknown:
@@ -675,20 +515,12 @@ def main(argv=None):
             t0 = time.perf_counter()
             results.update(stages[name]())
             print(f"[{name}: {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
-        if "matmul" in only and len(only) > 1:
-            # the ceiling again at the end, the better of the two counts: a neighbour's burst of load
-            # during one ~3 s measurement must not lower the bar that every ratio is taken against
-            for key, again in bench_matmul(args).items():
-                first = results[key]
-                if again["value"] is not None:
-                    results[key] = max(first, again, key=lambda e: e["value"])
-                    results[key]["start_and_end_gflops"] = [first["value"], again["value"]]
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
                    "cpu_bf16_supported": drl.cpu_bf16_supported(), "quick": args.quick,
                    "gpu": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
                    "seconds": time.perf_counter() - t_start,
-                   "command": "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+                   "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         for k, e in results.items():
             if k in TARGETS:
                 e["target"] = verdict(k, results)[1]
