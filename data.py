@@ -25,9 +25,7 @@ from PIL import Image, ImageOps
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-# =====================================================================================================
-# 1. Texture-dSprites
-# =====================================================================================================
+# --- 1. Texture-dSprites -----------------------------------------------------------------------------------------
 
 FACTOR_NAMES = ("texture", "colour", "shape", "scale", "orientation")
 FACTOR_SIZES = (5, 7, 3, 6, 40)
@@ -383,9 +381,7 @@ def stratified_split(labels, seed, test_fraction=0.2):
     return np.sort(np.array(train, np.int64)), np.sort(np.array(test, np.int64))
 
 
-# =====================================================================================================
-# 2. Weak supervision (Locatello et al. 2020, k = 1)
-# =====================================================================================================
+# --- 2. Weak supervision (Locatello et al. 2020, k = 1) ----------------------------------------------------------
 
 def sample_factors(factor_sizes, n, rng):
     """(n, K) int64 factor values, each uniform over its range. `rng`: Generator or seed."""
@@ -414,9 +410,7 @@ def sample_pairs(factor_sizes, n, rng):
     return f1, f2, changed.astype(np.int64)
 
 
-# =====================================================================================================
-# 3. Reading images: any PIL mode → uint8 RGB, pad to a centred square, resize
-# =====================================================================================================
+# --- 3. Reading images: any PIL mode → uint8 RGB, pad to a centred square, resize --------------------------------
 
 def load_image(path):
     """Read any image PIL can open as uint8 (H, W, 3) RGB.
@@ -525,9 +519,7 @@ class ArrayCache:
         return value
 
 
-# =====================================================================================================
-# 4. synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes (folders.py loads it)
-# =====================================================================================================
+# --- 4. synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes (folders.py loads it) ----
 
 SYNTHETIC_CLASSES = ("single", "multiple", "condensed", "negative")
 # 4,000 images (3,200 train / 800 test): with 1,000 (800 train), 20 finetuning epochs are only 260 steps and
@@ -652,9 +644,7 @@ def make_synthetic_cells(n=SYNTHETIC_N, size=80, seed=0):
     return images, masks, labels
 
 
-# =====================================================================================================
-# 5. Handcrafted features from masks (paper Fig. 6; the official extract_simple_features.py)
-# =====================================================================================================
+# --- 5. Handcrafted features from masks (paper Fig. 6; the official extract_simple_features.py) ------------------
 
 HANDCRAFTED_SIZE = 224  # px: images and masks are read at this size for the handcrafted features
 

@@ -32,9 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------
-# 1. ViT-B/16 with the DINO module layout (state_dict loads the official checkpoint with strict=True)
-# ---------------------------------------------------------------------------------------------------
+# --- 1. ViT-B/16 with the DINO module layout (state_dict loads the official checkpoint with strict=True) ---------
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
 DINO_FILE = "dino_vitbase16_pretrain.pth"
@@ -171,9 +169,7 @@ def vit_base(**kwargs):
     return VisionTransformer(**{**VIT_B16_CONFIG, **kwargs})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar)))
-# ----------------------------------------------------------------------------------------------------------
+# --- 2. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar))) ----------------------------------------------------
 
 
 def kl_normal(mu, logvar):
@@ -192,10 +188,8 @@ def reparameterise(mu, logvar, noise=None):
     return mu + (0.5 * logvar).exp() * (torch.randn_like(mu) if noise is None else noise)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
+# --- 3. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
 #    latent dims that barely move between them are forced to agree.
-# ----------------------------------------------------------------------------------------------------------
 
 
 def ada_gvae_shared(delta):
@@ -222,10 +216,8 @@ def ada_gvae_aggregate(mu1, logvar1, mu2, logvar2):
             torch.where(shared, mu_avg, mu2), torch.where(shared, logvar_avg, logvar2), shared)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. VAEs. A subclass builds `encoder` (x -> [mu; logvar]) and `decoder` (z -> x_hat) and defines
+# --- 4. VAEs. A subclass builds `encoder` (x -> [mu; logvar]) and `decoder` (z -> x_hat) and defines
 #    reconstruction(x, x_hat) -> per-example negative log-likelihood; the losses are shared.
-# ----------------------------------------------------------------------------------------------------------
 
 
 class GaussianVAE(nn.Module):
@@ -329,15 +321,11 @@ def beta_warmup(step, beta, warmup_steps):
     return float(beta) * min(1.0, step / warmup_steps)
 
 
-# =======================================================================================================
-# The machinery: weight files, other backbones, feature extraction, files. Nothing below is in the paper's
+# --- The machinery: weight files, other backbones, feature extraction, files. Nothing below is in the paper's
 # equations; a reader of the method can stop here.
-# =======================================================================================================
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5. DINO weights: resolution and loading
-# ---------------------------------------------------------------------------------------------------
+# --- 5. DINO weights: resolution and loading ---------------------------------------------------------------------
 
 def resolve_dino_weights(path=None, download=True):
     """Find DINO ViT-B/16 weights → (path, how): explicit path, env DRL_DINO_WEIGHTS, the torch hub
@@ -433,9 +421,7 @@ def _load_strict(model, sd, path, what, need):
     model.load_state_dict(sd, strict=True)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5b. ImageNet backbones of torchvision beside DINO (paper Table IV), built by torchvision's own builders
-# ---------------------------------------------------------------------------------------------------
+# --- 5b. ImageNet backbones of torchvision beside DINO (paper Table IV), built by torchvision's own builders -----
 
 def torchvision_names():
     """Builder names of torchvision's ImageNet classification models (resnet152, densenet201, vgg19, ...)."""
@@ -540,9 +526,7 @@ def load_backbone(name, path=None, device="cpu"):
     return load_dino(path, device) if name == "dino" else load_torchvision(name, path, device)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 6. Feature extraction with an atomic .npy memmap cache; source standardisation
-# ---------------------------------------------------------------------------------------------------
+# --- 6. Feature extraction with an atomic .npy memmap cache; source standardisation ------------------------------
 
 # x/255 then (x − mean)/std per channel as x·scale − shift, the constants in float32 as the kernels apply them
 _SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).tolist()
@@ -685,9 +669,7 @@ def to_model(x):
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Files: every file the project writes goes through atomic_write; checkpoints rebuild their model
-# ----------------------------------------------------------------------------------------------------------
+# --- 7. Files: every file the project writes goes through atomic_write; checkpoints rebuild their model ----------
 
 @contextlib.contextmanager
 def atomic_write(path):

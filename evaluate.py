@@ -381,9 +381,7 @@ def score_models(cfg, res, target, pairs, inputs):
     return per_model
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Explicitness of frozen backbones on Texture-dSprites (paper Table IV)
-# ---------------------------------------------------------------------------------------------------------
+# --- Explicitness of frozen backbones on Texture-dSprites (paper Table IV) ---------------------------------------
 
 PAPER_BACKBONES = ("resnet152", "densenet201", "vgg19", "swin_b", "vit_l_16", "dino")
 QUICK_EXPLICITNESS_IMAGES = 1000  # of 25,200: 800 train / 200 test
@@ -501,9 +499,7 @@ def _fig_explicitness(fig_dir, r):
     return _save(fig, fig_dir, "explicitness.png")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Report (every number comes from the results dict, so report.md and results.json always agree)
-# ---------------------------------------------------------------------------------------------------------
+# --- Report (every number comes from the results dict, so report.md and results.json always agree) ---------------
 
 def pct(summary, state, key):
     return num(summary, state, key, scale=100, digits=2)
@@ -644,9 +640,7 @@ def _open_set(results):
     return lines
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Figures (paper Figs. 3-7)
-# ---------------------------------------------------------------------------------------------------------
+# --- Figures (paper Figs. 3-7) -----------------------------------------------------------------------------------
 
 def median_model(per_model):
     """The index of the model the figures show: the median by GBT accuracy after finetuning (the report's

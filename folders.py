@@ -25,9 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 import data
 
-# =====================================================================================================
-# 1. The paper's datasets as they download
-# =====================================================================================================
+# --- 1. The paper's datasets as they download --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -119,9 +117,7 @@ MASK_SLACK = 4              # px: a mask this close to its image's size is padde
 JUNK = ("__MACOSX", "Thumbs.db", "desktop.ini")  # and every name starting with "." (AppleDouble ._*)
 
 
-# =====================================================================================================
-# 2. ImageSet and Target
-# =====================================================================================================
+# --- 2. ImageSet and Target --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Mask:
@@ -303,9 +299,7 @@ def read_split(path):
         raise ValueError(f"split file {path} is not a valid split ({e}); delete it to re-split") from None
 
 
-# =====================================================================================================
-# 3. Loading a target
-# =====================================================================================================
+# --- 3. Loading a target -----------------------------------------------------------------------------------------
 
 class BadImages(ValueError):
     """More undecodable images than allowed; `.bad` lists every one as (name, reason)."""
@@ -369,9 +363,7 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     return target
 
 
-# =====================================================================================================
-# 4. Finding a layout
-# =====================================================================================================
+# --- 4. Finding a layout -----------------------------------------------------------------------------------------
 
 @dataclass
 class Found:
@@ -601,9 +593,7 @@ def _where_to_put(name, where):
             f"folder (README, 'Datasets'); set --data-root or DRL_DATA" + (f"; found: {seen}" if seen else ""))
 
 
-# =====================================================================================================
-# 5. The images and masks of a layout
-# =====================================================================================================
+# --- 5. The images and masks of a layout -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Item:
@@ -783,9 +773,7 @@ def _contour(path):
         raise ValueError(f"cannot read contour {path} ({e})") from None
 
 
-# =====================================================================================================
-# 6. Splits
-# =====================================================================================================
+# --- 6. Splits ---------------------------------------------------------------------------------------------------
 
 def _split_items(name, found, items, seed, split, split_name, by_slide):
     """(train items, test items, split kind) of every image as listed, before any is decoded."""
@@ -835,9 +823,7 @@ def _slide(name, pattern):
     return m.group(1)
 
 
-# =====================================================================================================
-# 7. synthetic-cells: built in, offline (data.make_synthetic_cells draws the images)
-# =====================================================================================================
+# --- 7. synthetic-cells: built in, offline (data.make_synthetic_cells draws the images) --------------------------
 
 def _synthetic_target(seed, saved, saved_name):
     images, masks, labels = data.make_synthetic_cells(data.SYNTHETIC_N, 80, seed)

@@ -36,9 +36,7 @@ DCI_EPS = 1e-11          # disentanglement_lib adds 1e-11 to every importance be
 OMES_PAIRS = 10000       # pairs per factor when a grid is too large to enumerate (see disentanglement_scores)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Input checks (one-line ValueErrors instead of NaN or a crash deep inside scikit-learn)
-# ----------------------------------------------------------------------------------------------------
+# --- Input checks (one-line ValueErrors instead of NaN or a crash deep inside scikit-learn) ----------------------
 
 def _codes(z, name="z", min_dims=2, allow_constant=False):
     """z as float64 (n, d); raise on wrong shape, too few dims/rows, NaN/inf or (unless allowed) codes whose
@@ -94,9 +92,7 @@ def inactive_dims(z, threshold=INACTIVE_STD):
     return np.flatnonzero(z.std(axis=0, ddof=1) < threshold).astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------------------
-# DCI (Eastwood & Williams 2018; disentanglement_lib dci.py)
-# ----------------------------------------------------------------------------------------------------
+# --- DCI (Eastwood & Williams 2018; disentanglement_lib dci.py) --------------------------------------------------
 
 def _fit_factor(z_train, t_train, z_test, t_test, seed):
     """disentanglement_lib's classifier for one factor, `GradientBoostingClassifier()` with scikit-learn's
@@ -180,9 +176,7 @@ def dci(z_train, y_train, z_test, y_test, seed=0, *, n_jobs=-1):
                 accuracy_train=acc_train, accuracy_test=acc_test, factors_used=used)
 
 
-# ----------------------------------------------------------------------------------------------------
-# MIG (Chen et al. 2018; disentanglement_lib mig.py / utils.py)
-# ----------------------------------------------------------------------------------------------------
+# --- MIG (Chen et al. 2018; disentanglement_lib mig.py / utils.py) -----------------------------------------------
 
 def histogram_discretize(z, bins=MIG_BINS):
     """disentanglement_lib `_histogram_discretize`: per code, equal-width bins over [min, max]
@@ -221,9 +215,7 @@ def mig(z, y, bins=MIG_BINS):
     return float(np.mean(gaps))
 
 
-# ----------------------------------------------------------------------------------------------------
-# OMES (Dapueto et al.; the official omes.py)
-# ----------------------------------------------------------------------------------------------------
+# --- OMES (Dapueto et al.; the official omes.py) -----------------------------------------------------------------
 
 def _one_minus_abs_r(a, b):
     """1 − |Pearson r| of two columns; a dim that does not move (both sides constant) gives 0."""
@@ -350,9 +342,7 @@ def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
     return np.round(M, 4)
 
 
-# ----------------------------------------------------------------------------------------------------
-# All three on a factor-grid source (Texture-dSprites or any other)
-# ----------------------------------------------------------------------------------------------------
+# --- All three on a factor-grid source (Texture-dSprites or any other) -------------------------------------------
 
 def _encode_grid(encode, source, factors, batch_size):
     """Codes of source.render(factors), `batch_size` images at a time (memory stays small)."""
@@ -444,9 +434,7 @@ def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=O
                 exhaustive=exhaustive)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Target evaluation helpers (Dapueto et al. 2025, Sec. III-IV)
-# ----------------------------------------------------------------------------------------------------
+# --- Target evaluation helpers (Dapueto et al. 2025, Sec. III-IV) ------------------------------------------------
 
 def _xy(z, y, name):
     z = _codes(z, f"z_{name}", 1, allow_constant=True)

@@ -31,9 +31,7 @@ import torch.nn.functional as F
 TWO_PI = 2.0 * math.pi
 
 
-# ---------------------------------------------------------------------------------------------
-# §1  Kernel rotation (se2cnn rotation_matrix.py): a fixed, sparse linear operator
-# ---------------------------------------------------------------------------------------------
+# --- §1  Kernel rotation (se2cnn rotation_matrix.py): a fixed, sparse linear operator ----------------------------
 
 def rotation_matrix(kernel_size, n_angles, dtype=torch.float32):
     """(N·k·k, k·k) matrix M; row block r rotates a flattened k×k kernel by θ_r = 2πr/N.
@@ -105,10 +103,8 @@ def _disk_taps(k):
     return sum(1 for i in range(k) for j in range(k) if (i - c) ** 2 + (j - c) ** 2 <= (k / 2) ** 2 + 1e-9)
 
 
-# ---------------------------------------------------------------------------------------------
-# §2  Lifting convolution R² → SE(2,N) (se2cnn layers.z2_se2n)
+# --- §2  Lifting convolution R² → SE(2,N) (se2cnn layers.z2_se2n)
 #     y_{c',r}(p) = Σ_c Σ_q x_c(p + q) (R_θr k_{c',c})(q)   (cross-correlation with rotated kernels)
-# ---------------------------------------------------------------------------------------------
 
 class LiftingConv2d(nn.Module):
     """(B, C, H, W) -> (B, C', N, H/stride, W/stride): C' kernels, each in its N rotated copies.
@@ -135,15 +131,13 @@ class LiftingConv2d(nn.Module):
         return y.unflatten(1, (self.out_ch, self.n_angles))
 
 
-# ---------------------------------------------------------------------------------------------
-# §3  Group convolution SE(2,N) → SE(2,N) (se2cnn layers.se2n_se2n)
+# --- §3  Group convolution SE(2,N) → SE(2,N) (se2cnn layers.se2n_se2n)
 #     y_{c',r}(p) = Σ_{c,s} Σ_q f_{c,s}(p + q) (R_θr k_{c',c,s-r})(q)
 #     For output orientation r, every θ-plane of the kernel is rotated by θ_r and the input-
 #     orientation axis is rolled by r. Both are folded into one expanded kernel, so a layer is a
 #     single conv2d from C·N to C'·N channels. Cost: that of a plain conv2d with N·C' output maps
 #     (the expansion is ~1% of it) and the same as e2cnn's R2Conv on C_N-regular fields, which
 #     also expands its weights to a dense filter on every training call (measured with bench.py).
-# ---------------------------------------------------------------------------------------------
 
 class GroupConv2d(nn.Module):
     """(B, C, N, H, W) -> (B, C', N, H, W); weight (C', C, N, k, k), axis 2 = relative orientation."""
@@ -172,9 +166,7 @@ class GroupConv2d(nn.Module):
         return y.unflatten(1, (self.out_ch, self.n_angles))
 
 
-# ---------------------------------------------------------------------------------------------
-# §4  Normalisation, orientation pooling, spatial pooling and upsampling
-# ---------------------------------------------------------------------------------------------
+# --- §4  Normalisation, orientation pooling, spatial pooling and upsampling --------------------------------------
 
 class GroupBatchNorm(nn.BatchNorm3d):
     """Batch norm for (B, C, N, H, W): one mean, variance and affine pair per channel, pooled over
@@ -205,15 +197,13 @@ def spatial_upsample(x):
     return F.interpolate(x.flatten(1, 2), scale_factor=2, mode="nearest").unflatten(1, x.shape[1:3])
 
 
-# ---------------------------------------------------------------------------------------------
-# §5  Projection convolution SE(2,N) → R² (the decoder's counterpart of lifting)
+# --- §5  Projection convolution SE(2,N) → R² (the decoder's counterpart of lifting)
 #     y_{c'}(p) = Σ_{c,s} Σ_q f_{c,s}(p + q) (R_θs k_{c',c})(q)
 #     Input orientation s is read with the kernel rotated by θ_s and summed, so rolling the
 #     orientation axis and rotating the maps just rotates the output image. With stride=2 it is the
 #     transposed (adjoint) of a stride-2 lifting and doubles the resolution, so the decoder never
 #     holds N-fold feature maps at full resolution (the paper uses a group conv at full resolution,
 #     a mean projection and a 1×1 conv; too slow for a CPU reference).
-# ---------------------------------------------------------------------------------------------
 
 class ProjectionConv2d(nn.Module):
     """(B, C, N, H, W) -> (B, C', H·stride, W·stride); stride=2 is a transposed conv with an even kernel."""
@@ -236,14 +226,12 @@ class ProjectionConv2d(nn.Module):
         return F.conv_transpose2d(x.flatten(1, 2), w, self.bias, self.stride, self.padding)
 
 
-# ---------------------------------------------------------------------------------------------
-# §6  Angle latents z_ORI (paper §4.3, Eq. 4)
+# --- §6  Angle latents z_ORI (paper §4.3, Eq. 4)
 #     The encoder gives logits a ∈ R^N per angle variable; rotating the input by 2πm/N rolls a by m
 #     (Eq. 3). Q = softmax(a) is a pmf over N bins of width Δ = 2π/N. We centre bin i on θ_i = iΔ,
 #     the angle of orientation channel i (Eq. 4 writes the edges as [(j-1)Δ, jΔ); centring only shifts
 #     all angles by Δ/2 and lines bins up with the lifting angles and the re-encoding below). The
 #     density is uniform inside each bin: q(θ) = Q_i / Δ.
-# ---------------------------------------------------------------------------------------------
 
 def inverse_transform_sample(p, u):
     """θ = C⁻¹(u) ∈ [0, 2π) for pmfs p (..., N) and uniform noise u (...) in [0, 1].
@@ -321,8 +309,7 @@ def ada_gvae_average(mu1, logvar1, logp1, mu2, logvar2, logp2):
     return q1, q2, shared
 
 
-# ---------------------------------------------------------------------------------------------
-# §7  The SE(2,N)-VAE (paper §4.3 and appendix B.2, scaled to 64×64 inputs and a CPU budget)
+# --- §7  The SE(2,N)-VAE (paper §4.3 and appendix B.2, scaled to 64×64 inputs and a CPU budget)
 #
 #   encoder q_φ(z_ISO, z_ORI | x):
 #     lifting 6×6 / stride 2 ─ GBN ─ LeakyReLU ─ pool        64 → 32 → 16
@@ -338,7 +325,6 @@ def ada_gvae_average(mu1, logvar1, logp1, mu2, logvar2, logp2):
 #   The stride-2 lifting (an even 6×6 kernel, centred between pixels) replaces the paper's full-
 #   resolution lifting + pool, and the transposed projection its full-resolution group conv +
 #   projection + 1×1 conv: on a CPU the N-fold maps at 64×64 would dominate the cost.
-# ---------------------------------------------------------------------------------------------
 
 class SE2VAE(nn.Module):
     """Orientation-disentangled VAE with z_ISO (Gaussian, rotation invariant) and z_ORI (angles).

@@ -34,9 +34,7 @@ import drl
 import folders
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 1. Config: every setting of the protocol; the defaults are the paper's (Dapueto et al. 2025, Sec. III)
-# ---------------------------------------------------------------------------------------------------------
+# --- 1. Config: every setting of the protocol; the defaults are the paper's (Dapueto et al. 2025, Sec. III) ------
 
 def _opt(default, help, **argparse_kw):
     return field(default=default, metadata=dict(help=help, **argparse_kw))
@@ -131,9 +129,7 @@ def config_from_args(args):
     return Config(**{**(QUICK if given.get("quick") else {}), **given})
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 2. What a run resolves (backbone, weights, device), never written into the Config; the run folder
-# ---------------------------------------------------------------------------------------------------------
+# --- 2. What a run resolves (backbone, weights, device), never written into the Config; the run folder -----------
 
 @dataclass(frozen=True)
 class Resolved:
@@ -305,9 +301,7 @@ NOT_FLAGS = {"dataset": "Texture-dSprites (--textures, --dsprites)", "backbone_w
              "target": "the target images (each one's sha256 is in out/splits/)"}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 3. Inputs: Φ (cached) or 64×64 pixels of Texture-dSprites and of a target
-# ---------------------------------------------------------------------------------------------------------
+# --- 3. Inputs: Φ (cached) or 64×64 pixels of Texture-dSprites and of a target -----------------------------------
 
 def features(cfg, res, name, digest, n, images_fn):
     """Φ of n images through the frozen backbone, cached under out/features/ by everything that changes it."""
@@ -384,10 +378,8 @@ def epoch_batches(n, batch_size):
     return batch_fn
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 4. The training loop: fit trains each run in turn through train_step, resuming from its checkpoint. Every
+# --- 4. The training loop: fit trains each run in turn through train_step, resuming from its checkpoint. Every
 #    random draw of a step is a pure function of (seed, step): a resumed run equals an uninterrupted one.
-# ---------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -564,9 +556,7 @@ class CsvLog:
         self.file.close()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 5. The pipeline evaluate.py calls too: train the source models, finetune them on a target
-# ---------------------------------------------------------------------------------------------------------
+# --- 5. The pipeline evaluate.py calls too: train the source models, finetune them on a target -------------------
 
 def my_models(cfg, res):
     """The (β, seed) models of this process: all of them, or under torchrun rank r of K takes r, r+K, ..."""
@@ -650,9 +640,7 @@ def finetune(cfg, res, target):
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 6. The script: its errors are one line on stderr and exit code 2, never a traceback
-# ---------------------------------------------------------------------------------------------------------
+# --- 6. The script: its errors are one line on stderr and exit code 2, never a traceback -------------------------
 
 @contextlib.contextmanager
 def one_line_errors():
@@ -712,14 +700,12 @@ def main(argv=None):
         say(f"done: {len(paths)} model(s) under {cfg.out} in {time.time() - t0:.0f} s")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 7. --parallel-models: the runs of a stage trained as one stacked model, each exactly as it trains alone.
+# --- 7. --parallel-models: the runs of a stage trained as one stacked model, each exactly as it trains alone.
 #    A Stack holds every trainable weight of M models of one architecture as one tensor with a leading model
 #    dim (torch.func.stack_module_state) and runs each model's own objective through torch.vmap. Adam is
 #    elementwise, so one Adam over the stacked tensors is each model's own Adam; the gradient norm is clipped
 #    per model (one joint norm would couple them), and each model's ε is drawn after seeding with its own
 #    (seed, step), where a model alone draws it inside its forward.
-# ---------------------------------------------------------------------------------------------------------
 
 class Stack(torch.nn.Module):
     """M models as one: forward(batch (M, ...), beta (M,), noise (M, ...)) -> dict of (M,) losses."""
