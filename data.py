@@ -501,7 +501,7 @@ def resize_mask(mask, size):
 
 class ArrayCache:
     """A small LRU of decoded, padded and resized arrays, up to `limit` bytes; make() on a miss. The images of
-    one dataset share one (folders.Target gives its ImageSets the same), keyed per file, mtime and size."""
+    one dataset share one (folders.Target gives its ImageSets the same), keyed per file and size."""
 
     def __init__(self, limit=256 * 2 ** 20):
         self.arrays, self.limit, self.bytes = OrderedDict(), limit, 0

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import types
 import warnings
 
 from sklearn.utils.parallel import Parallel, delayed
@@ -36,18 +37,12 @@ STATES = ("before", "after")  # source weights as transferred; after β-VAE fine
 EVAL_VERSION = 2  # part of every evaluation cache key: bump it whenever what is computed changes
 
 
-def cache_path(cfg, parts):
-    """(key, path) of a cached result: out/eval-cache/<key>.json, the key made of `parts` (everything that
-    changes the result) and EVAL_VERSION."""
-    key = train.cache_key(**dict(parts, version=EVAL_VERSION))
-    return key, os.path.join(cfg.out, "eval-cache", f"{key}.json")
-
-
 def cached(cfg, parts, compute=None):
-    """(compute() once per key, the key): the JSON of the result is kept under out/eval-cache/ and the result is
-    always its JSON round trip, so a cached run writes the same report as the run that computed it. Without
-    `compute`: the cached result or None."""
-    key, path = cache_path(cfg, parts)
+    """(compute() once per key, the key): the result's JSON is kept in out/eval-cache/<key>.json, the key made of
+    `parts` (everything that changes the result) and EVAL_VERSION; the result is always the JSON round trip, so a
+    cached run writes the same report as the run that computed it. Without `compute`: the cached result or None."""
+    key = train.cache_key(**dict(parts, version=EVAL_VERSION))
+    path = os.path.join(cfg.out, "eval-cache", f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f), key
@@ -59,11 +54,7 @@ def cached(cfg, parts, compute=None):
 
 
 def json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o).__name__)
+    return o.tolist()  # NumPy arrays and scalars
 
 
 def timed(what, fn):
@@ -90,17 +81,6 @@ def encode_grid(model, source, device, batch=1000):
     return np.concatenate([encode(model, source.render(grid[i:i + batch]), device) for i in range(0, len(grid), batch)])
 
 
-class GridIndex:
-    """A source for metrics.disentanglement_scores whose 'images' are flat grid indices: with encode =
-    codes.__getitem__ it scores codes computed beforehand, without a model (in a worker process)."""
-
-    def __init__(self, factor_sizes):
-        self.factor_sizes = tuple(factor_sizes)
-
-    def render(self, factors):
-        return np.ravel_multi_index(np.asarray(factors).T, self.factor_sizes)
-
-
 def _attempt(label, name, fn):
     """fn(), or None with a warning naming the model: a score that cannot be computed for one model (e.g.
     OMES of a collapsed model whose dims are all inactive) never hides the others."""
@@ -115,13 +95,13 @@ def score(label, z_grid, dis, z_train, z_test, ctx):
     """Every number of one model in one state, from its codes (this runs in a worker process): DCI, MIG and
     OMES on Texture-dSprites (Table III; `dis` when cached), then the target's (target_scores). Returns
     (dis, target scores, seconds, the warnings raised)."""
-    t0 = time.time()
+    t0, sizes = time.time(), ctx["factor_sizes"]  # a source whose 'images' are grid indices, encoded by look-up
+    grid = types.SimpleNamespace(factor_sizes=sizes, render=lambda f: np.ravel_multi_index(np.asarray(f).T, sizes))
     with warnings.catch_warnings(record=True) as caught:  # said again by the main process
         warnings.simplefilter("always")
         if dis is None:
             dis = _attempt(label, "DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
-                z_grid.__getitem__, GridIndex(ctx["factor_sizes"]), n_train=ctx["n_train"], n_test=ctx["n_test"],
-                seed=0, n_jobs=1))
+                z_grid.__getitem__, grid, n_train=ctx["n_train"], n_test=ctx["n_test"], seed=0, n_jobs=1))
         scores = target_scores(dis, z_train, z_test, ctx, label)
     return dis, scores, time.time() - t0, [str(w.message) for w in caught]
 
@@ -418,7 +398,6 @@ def explicitness_main(cfg, backbones):
     train.use_device(resolved[0])
     results = explicitness(cfg, resolved)
     folder = os.path.join(cfg.out, "explicitness", "quick" if cfg.quick else "full")
-    results["figure"] = _fig_explicitness(os.path.join(folder, "figures"), results)
     write_results(folder, results, explicitness_report, t0)
 
 
@@ -477,26 +456,8 @@ def explicitness_report(r):
     lines += ["", "Seconds (0 when cached): " + "; ".join(f"{row['backbone']} Φ {row['phi_seconds']}, fits "
                                                        f"{row['fit_seconds']}" for row in r["backbones"]) + "."]
     lines += ["", "Weights: " + "; ".join(f"{row['backbone']} `{row['weights']}`" for row in r["backbones"]) + ".",
-              "", f"Figure: `{r['figure']}`. Every number is in `results.json`. Run time {r['seconds']} s.", ""]
+              "", f"Every number is in `results.json`. Run time {r['seconds']} s.", ""]
     return "\n".join(lines)
-
-
-def _fig_explicitness(fig_dir, r):
-    """Grouped bars: one group per factor (and All), one bar per backbone; chance as a black tick."""
-    cols, rows = r["factors"] + ["all"], r["backbones"]
-    width = 0.8 / len(rows)
-    fig = Figure(figsize=(11, 3.6))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, clf in zip(axes, ("gbt", "mlp")):
-        for k, row in enumerate(rows):
-            ax.bar(np.arange(len(cols)) + (k - (len(rows) - 1) / 2) * width,
-                   [100 * row["scores"][c][clf] for c in cols], width, label=row["backbone"])
-        ax.scatter(np.arange(len(cols)), [100 * r["chance"][c] for c in cols], marker="_", s=400, color="k",
-                   label="chance", zorder=3)
-        ax.set_xticks(np.arange(len(cols)), cols)
-        ax.set_title(f"{clf.upper()} test accuracy (%)")
-    axes[0].legend(fontsize=7)
-    return _save(fig, fig_dir, "explicitness.png")
 
 
 # --- Report (every number comes from the results dict, so report.md and results.json always agree) ---------------
@@ -554,21 +515,14 @@ def report(results):
 
 
 FIGURE_HELP = {
-    "fig3_importance": "the GBT's Gini importance summed over the dims named after each source factor, before and "
-                       "after finetuning (mean over models): which factors the classifier uses.",
+    "fig3_importance": "the GBT's Gini importance summed over the dims named after each source factor (mean over models).",
     "fig4_top2_dims": "the test images on the two dims the GBT relies on most, coloured by class.",
-    "fig6_correlation": "each dim named after a factor against the handcrafted feature it should track (mask area, "
-                        "mean red, solidity), one point per test image with a mask.",
-    "fig7_open_set": "per dim, how far the held-out class lies from the centroid of the known class it is "
-                     "classified as.",
-    "gallery_target": "one row per active dim: the test images nearest to 9 evenly spaced quantiles of the dim, "
-                      "lowest on the left, its value under each; what changes along a row is what the dim encodes.",
-    "gallery_source": "the same on Texture-dSprites, whose factors are known: the row of the dim named scale should "
-                      "grow, the one named colour change colour.",
-    "traversals": "the test code nearest the mean, with one dim swept from its mean − 2 SD to + 2 SD (values under "
-                  "the images) and decoded: what the model draws when that dim alone changes.",
-    "class_means": "each class's mean ± SD on the two most important dims: classes apart on a dim named after a "
-                   "factor differ in that factor, not in the others.",
+    "fig6_correlation": "each dim named after a factor against the handcrafted feature it should track.",
+    "fig7_open_set": "per dim, the held-out class's distance to the centroid of the class it is classified as.",
+    "gallery_target": "one row per active dim: the test images nearest to 9 evenly spaced quantiles of the dim.",
+    "gallery_source": "the same on Texture-dSprites, whose factors are known.",
+    "traversals": "the test code nearest the mean, one dim swept over its mean ± 2 SD, decoded.",
+    "class_means": "each class's mean ± SD on the two most important dims.",
 }
 
 

@@ -8,9 +8,8 @@ under --data-root (its top, or any level that identifies it), checks the paper's
 once, and splits: the official code's split where it defines one, the download's own train/test where it has
 one. A plain `<class>/<image>` or `train|test/<class>/<image>` folder works for any other data.
 
-Contents: 1. the layouts as data; 2. ImageSet and Target; 3. load_target; 4. finding a layout; 5. images and
-masks of a layout; 6. splits; 7. synthetic-cells.
 """
+import collections
 import hashlib
 import io
 import json
@@ -30,9 +29,8 @@ import data
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a download keeps its images: paths from the download's top, `{class}` at the class folder level
-    (the same name may repeat below it). `masks` is a mask-folder pattern per split part, or "dat" for
-    contour files beside each image."""
+    """Where a download keeps its images: paths from its top, `{class}` at the class folder level; `masks`: a
+    mask-folder pattern per split part, or "dat" for contour files beside each image."""
     name: str
     train: str
     test: str = None
@@ -56,9 +54,7 @@ class Dataset:
 
 DATASETS = {
     "lensless": Dataset(
-        source="the lensless plankton set of Pastore, Zimmerman, Biswas & Bianco, \"Annotation-free learning of "
-               "plankton for classification and anomaly detection\" (Sci. Rep. 2020): 10 species x 640 images "
-               "with binary masks",
+        source="Pastore, Zimmerman, Biswas & Bianco, Sci. Rep. 2020: 10 plankton species, 640 images each, masks",
         classes=("ACTINOSPHAERIUM NUCLEOFILUM", "ARCELLA VULGARIS", "BLEPHARISMA AMERICANUM", "DIDINIUM NASUTUM",
                  "DILEPTUS", "EUPLOTES EURYSTOMUS", "PARAMECIUM BURSARIA", "SPIROSTOMUM AMBIGUUM",
                  "STENTOR COERULEUS", "VOLVOX"),
@@ -69,8 +65,7 @@ DATASETS = {
                         train="TRAIN_IMAGE/TRAIN_IMAGE/{class}", test="TEST_IMAGE/TEST_IMAGE/{class}",
                         masks=("TRAIN_IMAGE/TRAIN_IMAGEBIN/{class}", "TEST_IMAGE/TEST_IMAGEBIN/{class}")),)),
     "whoi15": Dataset(
-        source="WHOI-Plankton (Sosik, Peacock & Brownlee 2015, hdl.handle.net/1912/7341), year 2007; WHOI15 is "
-               "its 15 classes of Ciranni, Odone & Pastore (Front. Mar. Sci. 2024)",
+        source="WHOI-Plankton 2007 (hdl.handle.net/1912/7341); WHOI15: its 15 classes of Ciranni et al. 2024",
         classes=("Asterionellopsis", "Chaetoceros", "Cylindrotheca", "Dactyliosolen", "Dinobryon", "Ditylum",
                  "Licmophora", "Phaeocystis", "Pleurosigma", "Pseudonitzschia", "Rhizosolenia", "Skeletonema",
                  "Thalassiosira", "detritus", "pennate"),
@@ -82,8 +77,7 @@ DATASETS = {
                  Layout("the WHOI-Plankton 2007 archive: 2007/<class>/*.png (every WHOI class)",
                         train="2007/{class}"))),
     "vacuoles": Dataset(
-        source="budding-yeast vacuoles of Pastore et al. (ICIAP 2023), github.com/CCCofficial/"
-               "Vacuoles-dataset-unsupervised-learning; 'positive' is the paper's 'single vacuole'",
+        source="github.com/CCCofficial/Vacuoles-dataset-unsupervised-learning; 'positive' is the paper's 'single'",
         classes=("condensed", "multiple", "negative", "positive"),
         split="native", aliases=(("single", "positive"),),
         others=((r"/train_clustershcf(/|$)", "the download's cluster folder (classes found by clustering)"),
@@ -119,22 +113,15 @@ JUNK = ("__MACOSX", "Thumbs.db", "desktop.ini")  # and every name starting with 
 
 # --- 2. ImageSet and Target --------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Mask:
-    """Where an image's mask comes from: one mask image, or contour files (.dat), for an image of `size` (w, h)."""
-    files: tuple
-    size: tuple
+# Where an image's mask comes from: one mask image, or contour files (.dat), for an image of `size` (w, h)
+Mask = collections.namedtuple("Mask", "files size")
 
 
 class ImageSet:
-    """A list of labelled images decoded on demand.
-
-    `.labels` (n,) int64, `.classes`, `.names` (ids: paths relative to the target folder),
-    `.images(idx, size)` → uint8 (n, size, size, 3) padded to a centred square and resized,
-    `.masks(idx, size)` → bool (n, size, size) or None, `.has_masks`, `.digest`, `.subset(idx)`.
-    Items are either files (`paths`, optional `masks`: a Mask or None each) or in-memory arrays (`arrays`,
-    `mask_arrays`).
-    """
+    """Labelled images decoded on demand: `.labels` (n,) int64, `.classes`, `.names` (paths relative to the
+    target folder), `.images(idx, size)` → uint8 (n, size, size, 3) padded to a centred square and resized,
+    `.masks(idx, size)` → bool (n, size, size) or None, `.has_masks`, `.digest`, `.subset(idx)`. Items are
+    files (`paths`, `masks`: a Mask or None each) or in-memory arrays (`arrays`, `mask_arrays`)."""
 
     def __init__(self, names, labels, classes, paths=None, masks=None, arrays=None,
                  mask_arrays=None, rows=None, stamp="", content=None, cache=None):
@@ -186,7 +173,7 @@ class ImageSet:
             r = int(self._rows[i])
             return self._cache.get(("arr", self._stamp, r, size), lambda: data.resize_image(self._arrays[r], size))
         p = self._paths[i]
-        return self._cache.get(("img", p, _mtime(p), size), lambda: data.resize_image(data.load_image(p), size))
+        return self._cache.get(("img", p, size), lambda: data.resize_image(data.load_image(p), size))
 
     def _mask(self, i, size):
         if self._mask_arrays is not None:
@@ -194,8 +181,7 @@ class ImageSet:
             return self._cache.get(("amask", self._stamp, r, size),
                                      lambda: data.resize_mask(self._mask_arrays[r], size))
         m = self._masks[i]
-        return self._cache.get(("mask", m, _mtime(m.files[0]), size),
-                                 lambda: data.resize_mask(read_mask(m), size))
+        return self._cache.get(("mask", m, size), lambda: data.resize_mask(read_mask(m), size))
 
     def subset(self, idx):
         """A new ImageSet with the items `idx` (same classes)."""
@@ -220,19 +206,11 @@ class ImageSet:
         return self._digest
 
 
-def _mtime(path):
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0
-
-
 class Target:
-    """A target dataset: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.path` (its folder,
-    None when built in), `.layout` (in words), `.kind` of split (paper, native, slide or project) and
-    `.split_kind` (in words), `.bad` (skipped images and why), `.left_out` (class folders not used), `.ignored`
-    (other files in the image folders), `.files` ({name: sha256} of every file), `.empty_masks` (masks that fill
-    no pixel, treated as missing)."""
+    """A target: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.path` (None when built in),
+    `.layout`, `.kind` of split (paper, native, slide, project) and `.split_kind` in words, `.bad` (skipped
+    images), `.left_out` (class folders not used), `.ignored` (other files), `.files` ({name: sha256}),
+    `.empty_masks` (masks that fill no pixel)."""
 
     def __init__(self, name, classes, train, test, *, layout, kind, seed=0, path=None, bad=(), left_out=(),
                  ignored=0, files=None, empty_masks=()):
@@ -311,24 +289,15 @@ class BadImages(ValueError):
 
 def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE,
                 by_slide=False):
-    """Load a target by name.
+    """Load a target by name: a DATASETS layout under `root` (default $DRL_DATA or ./data), at it, below or above
+    it, or a plain folder there (<class>/<image>, or train|test/<class>/<image>; masks/ mirroring the images).
 
-    A paper dataset is found under `root` (default: env DRL_DATA, else ./data; `root/<name>` when that exists)
-    in one of its DATASETS layouts, searched at `root`, below it and above it, or as a plain folder:
-      <class>/<image> (split here) or train/<class>/<image> + test/<class>/<image> (native split),
-    with optional masks mirroring the image tree under masks/ (same relative path and stem, any extension).
-    The paper's classes are checked and ordered as the official code orders the download's own spelling of
-    them (whatever case or spacing the folders have); class folders it does not use are an error, or left out
-    and named where the download holds more (WHOI). The split is the paper's where its code defines one, else
-    the native one; a plain folder of other classes, or a folder that DATASETS' `others` recognise as another
-    part of a download, is split 80/20 per class with `seed`, or as `split` says (a dict with "train" / "test"
-    name lists, as read_split returns it; `split_name` names it in errors). `by_slide`: Sipakmed's split grouped
-    by slide. `target.split_record()` is the split to save.
-    Every image is decoded here, before any training: undecodable ones are skipped (`target.bad`) up to
-    `max_bad` (a count >= 1, or a fraction < 1 of all images), above it BadImages lists them all; they leave
-    after the split, so the remaining test images are the paper's. Images whose shorter side is below
-    MIN_IMAGE_SIZE are used, with a warning naming them.
-    `synthetic-cells` is built in (no folder needed).
+    The paper's classes are checked and ordered as the official code orders the download's own spelling; the
+    split is the paper's or the download's own, else (a plain folder, or another part of a download) 80/20 per
+    class with `seed`, or the saved `split` ({"train", "test"} names; `split_name` names it in errors);
+    `by_slide`: Sipakmed's split grouped by slide. Every image is decoded here: undecodable ones are skipped up
+    to `max_bad` (a count >= 1 or a fraction < 1) after the split, so the other test images stay the paper's;
+    above it BadImages lists them all. `synthetic-cells` is built in.
     """
     if name not in TARGETS:
         raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
@@ -470,8 +439,7 @@ def _match(name, spec, layout, top):
 
 
 def _uses(found):
-    return [f for part in found.parts.values() for f in part.values()] + \
-           [f for part in found.masks.values() for f in part.values() if f]
+    return [f for parts in (found.parts, found.masks) for part in parts.values() for f in part.values() if f]
 
 
 def _inside(path, folder):
@@ -570,7 +538,6 @@ def _plain(name, spec, start):
 
 
 def _zipped(folder):
-    """The message for zip files never unpacked in `folder`, or ""."""
     zips = [f for f in _entries(folder) if f.lower().endswith(".zip")] if os.path.isdir(folder) else []
     return (f"{folder} holds {len(zips)} zip file(s) never unpacked ({', '.join(zips[:3])}"
             f"{', ...' if len(zips) > 3 else ''}); unzip each where it lies, then run again") if zips else ""
@@ -578,11 +545,9 @@ def _zipped(folder):
 
 def _hint(spec, start):
     """The message for a known wrong folder under `start` (DATASETS' `hint`), or None."""
-    found = _class_folders(start, spec.hint[0]) if spec.hint else {}
-    if not found:
-        return None
-    shown = ", ".join(sorted(os.path.basename(f) for f in found.values())[:3])
-    return f"found {shown}{', ...' if len(found) > 3 else ''} in {start}: this {spec.hint[1]}"
+    found = sorted(os.path.basename(f) for f in (_class_folders(start, spec.hint[0]) if spec.hint else {}).values())
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    return f"found {shown} in {start}: this {spec.hint[1]}" if found else None
 
 
 def _where_to_put(name, where):
@@ -595,12 +560,7 @@ def _where_to_put(name, where):
 
 # --- 5. The images and masks of a layout -------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Item:
-    name: str       # path relative to the top (posix): the image's id everywhere
-    path: str
-    label: int
-    part: str
+Item = collections.namedtuple("Item", "name path label part")  # name: the path from the top, the image's id
 
 
 def _collect_images(found):
@@ -635,11 +595,10 @@ def _decode_all(top, names, max_bad):
         try:
             with open(os.path.join(top, n), "rb") as f:
                 raw = f.read()
+            h, w = data.decode_image(io.BytesIO(raw)).shape[:2]   # the bytes read once, decoded and hashed
             files[n] = hashlib.sha256(raw).hexdigest()
-            h, w = data.decode_image(io.BytesIO(raw)).shape[:2]   # the bytes just hashed, not a second read
         except data.IMAGE_ERRORS as e:
             bad.append((n, data.error_reason(e)))
-            files.pop(n, None)
             continue
         sizes[n] = (w, h)
         if min(w, h) < MIN_IMAGE_SIZE:
@@ -679,12 +638,10 @@ def _mask_candidates(found, item, index):
 
 
 def _find_masks(found, items, sizes, files):
-    """({image name: Mask} for the images that have a usable mask (None when the layout has no masks at all),
-    [the names whose mask fills no pixel]). Masks only serve the handcrafted-feature analysis, so a missing,
-    unreadable, mis-sized or empty mask (no pixel at the size the handcrafted features read it,
-    data.HANDCRAFTED_SIZE) drops that image from it (one warning says how many) and never blocks classification.
-    A mask within MASK_SLACK px of its image's size is padded or cropped to it (one warning). Mask bytes go into
-    `files` (keyed by their path in the target folder), so an edited mask makes another dataset."""
+    """({image name: Mask} of the images with a usable mask, None without mask folders; [names whose mask fills
+    no pixel at data.HANDCRAFTED_SIZE]). Masks only serve the handcrafted features: a missing, unreadable,
+    mis-sized or empty one drops its image from them (one warning), never from classification. A mask within
+    MASK_SLACK px of its image's size is padded or cropped to it. Mask bytes go into `files`."""
     if not found.masks and not found.contours:
         return None, []
     out, skipped, empty, fitted, index = {}, [], [], 0, {}
@@ -785,6 +742,9 @@ def _split_items(name, found, items, seed, split, split_name, by_slide):
         folder = os.path.dirname(next(it.path for it in items if it.label == c))
         raise ValueError(f"class '{found.classes[c]}' in {folder} has 1 image; the stratified 80/20 split needs at "
                          f"least 2 per class: add images or remove the class folder")
+    if kind == "paper" and -(-len(items) * TEST_FRACTION // 1) < len(found.classes):
+        raise ValueError(f"{len(items)} images in {found.top} are too few for the 80/20 split of "
+                         f"{len(found.classes)} classes: its test part needs an image of each class")
     tr, te = _split([it.name for it in items], labels, kind, seed, split, split_name, found.top, DATASETS[name].slide)
     return [items[k] for k in tr], [items[k] for k in te], kind
 

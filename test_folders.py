@@ -539,6 +539,9 @@ def test_download_variations_are_one_line_naming_the_class_and_the_folder(tmp_pa
         os.remove(f)
     with pytest.raises(ValueError, match=r"class 'Metaplastic' in .*im_Metaplastic/CROPPED has 1 image; .*at least 2"):
         folders.load_target("sipakmed", root=str(tmp_path / "one"))
+    _sipakmed(tmp_path / "few", slides=1)                                   # 15 images: 3 to test, 5 classes
+    with pytest.raises(ValueError, match=r"15 images in .* are too few for the 80/20 split of 5 classes"):
+        folders.load_target("sipakmed", root=str(tmp_path / "few"))
     (tmp_path / "zips").mkdir()                                             # zips never unpacked
     for c in folders.DATASETS["sipakmed"].classes:
         (tmp_path / "zips" / f"im_{c}.zip").write_bytes(b"PK")

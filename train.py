@@ -4,9 +4,6 @@
     python train.py --stage finetune --target synthetic-cells [--epochs 20] [--quick] ...
     torchrun --nproc-per-node=K train.py --stage source ...   # rank r of K trains models r, r+K, ... on cuda:r
 
-Everything goes under --out (default runs/): feature caches in features/, the split in splits/, one folder per
-model with its checkpoint.pt (weights, config, optimiser; written atomically, resumed automatically) and log.csv.
-
 Read top to bottom: 1. the Config (the paper's values as defaults); 2. what a run resolves (backbone, weights,
 device) and its folder; 3. the inputs (Φ or pixels); 4. the training loop, `fit` around the one-model
 `train_step`; 5. the pipeline that evaluate.py calls too; 6. the script; 7. --parallel-models, which trains
@@ -43,14 +40,12 @@ def _opt(default, help, **argparse_kw):
 @dataclass(frozen=True)
 class Config:
     # inputs
-    backbone: str = _opt("auto", "dino: frozen DINO ViT-B/16 features; NAME: a torchvision ImageNet classifier "
-                                 "(resnet152, densenet201, vgg19, swin_b, vit_l_16, ...); pixels: 64x64 RGB; "
-                                 "auto: dino when its weights resolve, else pixels")
+    backbone: str = _opt("auto", "dino (frozen DINO ViT-B/16 features), a torchvision ImageNet classifier (resnet152, "
+                                 "vgg19, ...), pixels (64x64 RGB), or auto: dino when its weights resolve, else pixels")
     arch: str = _opt("conv", "pixel VAE: conv or SE(2,N) (se2.py)", choices=["conv", "se2"])
     method: str = _opt("adagvae", "source-stage objective", choices=["adagvae", "betavae"])
     dino_weights: str = _opt(None, "DINO ViT-B/16 checkpoint (else $DRL_DINO_WEIGHTS, hub cache, download)")
-    backbone_weights: str = _opt(None, "state dict of the torchvision backbone (else the torch hub cache, "
-                                       "download); with --backbone dino the same as --dino-weights")
+    backbone_weights: str = _opt(None, "the torchvision backbone's state dict (else hub cache, download)")
     textures: str = _opt(None, "folder with five grayscale texture images (default: procedural)")
     dsprites: str = _opt(None, "the real dsprites_ndarray_*.npz for the shape masks (default: procedural)")
     precision: str = _opt("auto", "feature extraction precision; auto: bf16 autocast on CUDA, fp32 on the CPU",
@@ -68,18 +63,14 @@ class Config:
     # target
     target: str = _opt(None, "target dataset: " + ", ".join(folders.TARGETS))
     data_root: str = _opt(None, "the unpacked download, or a folder holding <target>/ (default $DRL_DATA or ./data)")
-    holdout_class: str = _opt(None, "leave this class out of finetuning and classifiers (open set); the class or an "
-                                    "unambiguous prefix of it (arcella)")
-    split_by_slide: bool = _opt(False, "sipakmed: split 80/20 grouped by slide, so no slide has crops on both sides "
-                                       "(the paper splits the crops)")
+    holdout_class: str = _opt(None, "leave this class (or an unambiguous prefix) out of finetuning and classifiers")
+    split_by_slide: bool = _opt(False, "sipakmed: split 80/20 grouped by slide (the paper splits the crops)")
     max_bad_images: float = _opt(folders.BAD_IMAGE_TOLERANCE, "undecodable target images to skip: a count (>= 1) "
-                                 "or a fraction (< 1) of all images; more stops the run before training")
+                                                              "or a fraction (< 1); more stop the run")
     # run
     out: str = _opt("runs", "run folder")
-    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun each rank "
-                               "takes cuda:$LOCAL_RANK")
-    parallel_models: bool = _opt(False, "train all seeds x betas at once, weights stacked with torch.func "
-                                        "(feature and conv VAEs; each equals its own run to ~1e-5)")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...; torchrun: cuda:$LOCAL_RANK")
+    parallel_models: bool = _opt(False, "train all seeds x betas at once as one stacked model (torch.func)")
     quick: bool = _opt(False, "the same pipeline at a size a 2-core CPU finishes in minutes (QUICK)")
 
     def __post_init__(self):
@@ -187,17 +178,13 @@ def resolve(cfg):
     return Resolved("dino", weights, feature_dim=drl.VIT_B16_CONFIG["embed_dim"], **at)
 
 
-def say(msg):
-    print(msg, flush=True)
+say = functools.partial(print, flush=True)  # what a run tells its user, at once
 
 
 def file_digest(path):
-    """sha256 hex digest of a file (weights, checkpoints), read in 1 MiB chunks."""
-    h = hashlib.sha256()
+    """sha256 hex digest of a file (weights, checkpoints)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_key(**parts):
@@ -244,7 +231,7 @@ def check_writable(folder):
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        why = "is a file" if not os.path.isdir(probe) else "is not writable"
+        why = "is not writable" if os.path.isdir(probe) else "is a file"
         raise OSError(f"cannot write to --out {folder} ({probe} {why}); choose a writable folder")
 
 
@@ -277,8 +264,7 @@ def load_target(cfg, save=True):
 
 
 def _list_bad_images(bad, path):
-    for name, reason in bad:
-        print(f"bad image: {name}: {reason}", file=sys.stderr)
+    print("".join(f"bad image: {name}: {reason}\n" for name, reason in bad), end="", file=sys.stderr)
     if path:
         drl.write_text(path, "".join(f"{name}\t{reason}\n" for name, reason in bad))
 
@@ -367,9 +353,8 @@ def target_inputs(cfg, res, images, stats, name):
 
 
 def epoch_batches(n, batch_size):
-    """batch_fn(seed, step) for finetuning on n images: shuffled epochs, step t takes its slice of the
-    permutation of epoch t // steps_per_epoch (a pure function of (seed, step), so a resumed run sees the same
-    batches). Returns indices (batch_size,) into the images."""
+    """batch_fn(seed, step) for finetuning on n images: shuffled epochs, step t takes its slice of epoch
+    t // steps_per_epoch's permutation, a pure function of (seed, step). Returns indices (batch_size,)."""
     steps_per_epoch = math.ceil(n / batch_size)
 
     def batch_fn(seed, step):
@@ -408,8 +393,7 @@ def step_seed(seed, step):
 
 
 def seed_torch(seed, device):
-    """torch.manual_seed(seed) for the generators a step draws from: the CPU's and, on CUDA, the device's own
-    (torch.manual_seed seeds every backend, at 75 µs a call on a CPU; this takes 1 µs)."""
+    """torch.manual_seed(seed) for the generators a step draws from (the CPU's, the GPU's), at 1 µs instead of 75."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
@@ -644,8 +628,7 @@ def finetune(cfg, res, target):
 
 @contextlib.contextmanager
 def one_line_errors():
-    """What a user of the scripts sees of an error: one line on stderr and exit code 2 (130 for Ctrl-C); every
-    checkpoint already written is kept, and the same command resumes."""
+    """What a user of the scripts sees of an error: one line on stderr, exit code 2 (130 for Ctrl-C)."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         yield
@@ -663,8 +646,7 @@ def one_line_errors():
 
 
 def use_device(res):
-    """On CUDA the run's GPU becomes the current device, so that nothing (pinned memory, a torchrun rank's
-    context) lands on GPU 0 by default."""
+    """On CUDA the run's GPU becomes the current device (else pinned memory and contexts land on GPU 0)."""
     if res.device.startswith("cuda"):
         torch.cuda.set_device(res.device)
 
@@ -713,7 +695,7 @@ class Stack(torch.nn.Module):
     def __init__(self, models):
         super().__init__()
         first = models[0]
-        if any(True for _ in first.buffers()):
+        if list(first.buffers()):
             raise ValueError(f"{type(first).__name__} keeps buffers (BatchNorm running statistics) per model, which "
                              f"the stacked step cannot hold; drop --parallel-models")
         trainable = [k for k, p in first.named_parameters() if p.requires_grad]
@@ -728,11 +710,8 @@ class Stack(torch.nn.Module):
 
     def unstack(self, models):
         """Copy model m's slice of every stacked weight into models[m]."""
-        with torch.no_grad():
-            for m, model in enumerate(models):
-                own = dict(model.named_parameters())
-                for k, w in zip(self.names, self.weights):
-                    own[k].copy_(w[m])
+        for m, model in enumerate(models):
+            model.load_state_dict({k: w[m] for k, w in zip(self.names, self.weights)}, strict=False)
 
 
 def stacked_step(stack, opt, batch, beta, noise, grad_clip=1.0):
@@ -770,9 +749,6 @@ def fit_stacked(runs, x, batch_fn, *, steps, lr=1e-4, optimizer="adam", weight_d
     """fit() for every run at once (the runs resumed at the same step train together as one Stack)."""
     log_every, t0 = log_every or max(50, steps // 200), time.time()
     resume(runs, steps)
-    configs = {json.dumps(drl.model_config(r.model), sort_keys=True) for r in runs}
-    if len(configs) > 1:
-        raise ValueError(f"--parallel-models needs models of one architecture, got {' and '.join(sorted(configs))}")
     total = todo = sum(steps - r.start for r in runs)
     for start in sorted({r.start for r in runs if r.start < steps}):
         group = [r for r in runs if r.start == start]
