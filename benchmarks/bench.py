@@ -1,5 +1,4 @@
-"""Speed and memory benchmarks of every stage of the pipeline, against references measured in the same run
-on the same machine.
+"""Speed and memory of every stage of the pipeline, against references measured in the same run and machine.
 
     python benchmarks/bench.py            # full workloads (long on a 2-core CPU), writes bench.json
     python benchmarks/bench.py --quick    # small workloads, a few minutes on 2 cores
@@ -8,12 +7,12 @@ on the same machine.
 Imported by nothing; it imports the public names of the project's modules.
 
 Every entry of bench.json is {"value", "unit", "workload": {batch, shapes, threads, device, dtype, ...}}.
-Timings are the BEST of a few repetitions (the least disturbed by other processes); pairs that are
-compared (our ViT vs torchvision's, sequential vs vectorised sweep, ...) are measured interleaved so that
-load from other processes hits both alike. The table prints ratios against the targets in TARGETS.
+Timings are the best of a few repetitions; compared pairs (our ViT vs torchvision's, one model after another
+vs stacked) run interleaved, so that load from other processes hits both alike. The table prints the ratios
+against the targets in TARGETS.
 
 FLOPs: `matmul_gflops` counts 2·n³ per n×n matmul; a ViT-B/16 image is 17.6 G multiply-accumulates, 35.2 GFLOP
-counted the same way (`vit_gflops_fp32`); `feature_vae_gflops` counts fwd + bwd with torch.utils.flop_counter.
+counted the same way (`vit_gflops_fp32`); `sweep_gflops` counts fwd + bwd with torch.utils.flop_counter.
 """
 import argparse
 import copy
@@ -22,7 +21,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,6 @@ TARGETS = {
     "vit_gflops_fp32": ("matmul_gflops_ceiling", ">=", 0.5, "GFLOP/s (35.2/img) / matmul"),
     "vit_img_s_bf16": ("vit_img_s_fp32", ">=", 2.5, "bf16 / fp32"),
     "vit_bf16_cosine_vs_fp32": (None, ">=", 0.999, "min cosine"),
-    "feature_vae_gflops": ("matmul_gflops_ceiling", ">=", 0.4, "GFLOP/s / matmul"),
     "matmul_gflops_bf16": ("matmul_gflops", None, None, "bf16 / fp32"),
     "sweep_models_steps_s_vectorised": ("sweep_models_steps_s_sequential", ">=", 1.5, "vectorised / seq."),
     "sweep_gflops": ("matmul_gflops_ceiling", ">=", 0.4, "GFLOP/s / best fp32 matmul"),
@@ -56,20 +53,16 @@ TARGETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
-# Timing helpers
-# ---------------------------------------------------------------------------------------------------
+# --- Timing helpers ----------------------------------------------------------------------------------------------
 
 def sync(device):
-    """Wait for `device` itself (torch.cuda.synchronize() alone waits for the current device, which on cuda:1
-    would time only the launches)."""
+    """Wait for `device` itself (torch.cuda.synchronize() waits for the current device only)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def best_times(fns, reps, device, warmup=1):
-    """Run each fn of `fns` (a dict name -> fn) `warmup` times, then `reps` rounds interleaved; returns
-    name -> list of seconds. Interleaving makes a noisy neighbour slow all candidates alike."""
+    """{name: [seconds]} of each fn of `fns` over `reps` interleaved rounds, after `warmup` calls each."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -96,9 +89,7 @@ def timing_stats(ts):
     return {"best_s": min(ts), "median_s": statistics.median(ts), "reps": len(ts)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# 1. The ceiling: a large fp32 matmul
-# ---------------------------------------------------------------------------------------------------
+# --- 1. The ceiling: a large fp32 matmul -------------------------------------------------------------------------
 
 def bench_matmul(args):
     """The ceilings every rate is compared with: fp32 (TF32 off) and bf16 matmuls."""
@@ -134,9 +125,7 @@ def bench_matmul(args):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# 2. ViT-B/16: ours vs torchvision on the same weights, fp32 and bf16
-# ---------------------------------------------------------------------------------------------------
+# --- 2. ViT-B/16: ours vs torchvision on the same weights, fp32 and bf16 -----------------------------------------
 
 _TV_BLOCK_KEYS = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
                   "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
@@ -161,8 +150,7 @@ def dino_to_torchvision_state_dict(sd):
 
 
 def torchvision_reference(model):
-    """torchvision VisionTransformer with `model`'s config and weights, heads replaced by Identity so
-    that forward returns encoder.ln output token 0 — the same quantity as model(x). Eval, frozen."""
+    """torchvision's VisionTransformer with `model`'s weights, its head the identity: model(x)'s quantity."""
     c = model.config
     tv = torchvision.models.VisionTransformer(
         image_size=c["img_size"], patch_size=c["patch_size"], num_layers=c["depth"],
@@ -173,8 +161,7 @@ def torchvision_reference(model):
 
 
 def vit_weights(args):
-    """Our ViT-B/16 with DINO weights when they resolve without a download, else random init (speed
-    does not depend on the values)."""
+    """Our ViT-B/16 with DINO weights when they resolve without a download, else random (the same speed)."""
     try:
         path, how = drl.resolve_dino_weights(args.dino_weights, download=False)
         return drl.load_dino(path, device=args.device), f"DINO ({how})"
@@ -235,10 +222,6 @@ def bench_vit(args, source):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# 3. VAE training steps: train.train_step (loss, backward, clip_grad_norm_ 1.0, Adam) on one batch of pairs
-# ---------------------------------------------------------------------------------------------------
-
 def step_flops(model, x1, x2, beta):
     """FLOPs of one forward + backward (torch.utils.flop_counter: 2 per multiply-accumulate)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -248,42 +231,7 @@ def step_flops(model, x1, x2, beta):
     return counter.get_total_flops()
 
 
-def bench_vae_steps(args):
-    torch.manual_seed(0)
-    pairs = 64
-    steps = 4 if args.quick else 50
-    feat = drl.FeatureVAE().to(args.device)
-    conv = drl.ConvVAE().to(args.device)
-    g = torch.Generator().manual_seed(0)
-    f1, f2 = (torch.randn(pairs, 768, generator=g).to(args.device) for _ in range(2))
-    p1, p2 = (torch.rand(pairs, 3, 64, 64, generator=g).to(args.device) for _ in range(2))
-    opts = {m: train.make_optimizer(m.parameters(), lr=1e-4) for m in (feat, conv)}
-    conv_steps = 2 if args.quick else 20
-    def run(model, x1, x2, n):
-        for _ in range(n):
-            train.train_step(model, opts[model], (x1, x2), 1.0)
-    t_feat = best_times({"f": lambda: run(feat, f1, f2, steps)}, 2 if args.quick else 5, args.device)["f"]
-    t_conv = best_times({"c": lambda: run(conv, p1, p2, conv_steps)}, 2 if args.quick else 3, args.device,
-                        warmup=0 if args.quick else 1)["c"]
-    flops = step_flops(feat, f1, f2, 1.0)
-    feat_rate = steps / min(t_feat)
-    common = dict(pairs=pairs, dtype="float32", step="Ada-GVAE pair_loss + backward + clip 1.0 + Adam")
-    wl_f = workload(args, batch=f"{pairs} pairs", shapes="2 x (64,768)", model="FeatureVAE(768,512,10)",
-                    steps_timed=steps, **common)
-    return {
-        "feature_vae_steps_s": entry(feat_rate, "steps/s", wl_f, best_s=min(t_feat)),
-        "feature_vae_gflops": entry(feat_rate * flops / 1e9, "GFLOP/s",
-                                    {**wl_f, "flops_per_step": flops, "flops": "fwd+bwd, flop_counter"}),
-        "conv_vae_steps_s": entry(conv_steps / min(t_conv), "steps/s",
-                                  workload(args, batch=f"{pairs} pairs", shapes="2 x (64,3,64,64)",
-                                           model="ConvVAE(10)", steps_timed=conv_steps,
-                                           data="pre-rendered batch", **common), best_s=min(t_conv)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# 4. A sweep of N FeatureVAEs: sequential vs stacked weights
-# ---------------------------------------------------------------------------------------------------
+# --- 3. A sweep of N FeatureVAEs: sequential vs stacked weights --------------------------------------------------
 
 def fit_rate(args, make, bank, n_models, steps, stack):
     """Model-steps/s of train.fit (one model after another) or train.fit_stacked on a sweep of n_models (seeds ×
@@ -345,9 +293,7 @@ def bench_sweep(args):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# 5. DCI + MIG + OMES of one model (Φ path: features cached, so encoding is a lookup + the VAE encoder)
-# ---------------------------------------------------------------------------------------------------
+# --- 4. DCI + MIG + OMES of one model (Φ path: features cached, so encoding is a lookup + the VAE encoder) -------
 
 class _IndexSource:
     """A Texture-dSprites factor grid whose 'images' are flat indices into a cached feature bank."""
@@ -388,13 +334,10 @@ def bench_metrics(args):
     return {"metrics_s": entry(dt, "s", wl)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# 6. Peak memory of streaming the 25,200 source features to the memmap (in a fresh subprocess)
-# ---------------------------------------------------------------------------------------------------
+# --- 5. Peak memory of streaming the source features to the memmap ---------------------------------------------
 
 def peak_rss_mb():
-    """Peak resident memory of this process in MB: VmHWM of /proc/self/status on Linux. (ru_maxrss is no
-    good in a subprocess: Linux carries the parent's peak at fork across exec into the child's ru_maxrss.)"""
+    """Peak resident memory of this process in MB (VmHWM on Linux, else ru_maxrss)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
@@ -402,51 +345,27 @@ def peak_rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2 ** 20)
 
 
-def extract_child(spec):
-    """Run in the subprocess: extract features for spec["n"] Texture-dSprites images; print JSON."""
-    torch.set_num_threads(spec["threads"])
+def bench_extract(args):
+    """Φ of Texture-dSprites streamed into the memmap cache; the peak memory is this process's, so run
+    `--only extract` alone for a clean figure."""
+    cuda = torch.device(args.device).type == "cuda"
     source = data.TextureDSprites()
+    if args.quick:  # the streaming pipeline (render, preprocess, memmap) with a cheap model, 1/6 of the grid
+        config, what, n = dict(embed_dim=64, depth=1, num_heads=2), "small random-weight ViT (dim 64, depth 1)", 4096
+    else:  # ViT-B on all 25,200 images takes hours on a 2-core CPU
+        config, what, n = dict(drl.VIT_B16_CONFIG), "ViT-B/16 (random weights)", len(source) if cuda else 256
     torch.manual_seed(0)
-    model = drl.VisionTransformer(**spec["config"]).to(spec["device"]).eval().requires_grad_(False)
-    base = peak_rss_mb()
+    model = drl.VisionTransformer(**config).to(args.device).eval().requires_grad_(False)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        feats = drl.extract_features(model, source.images, spec["n"], os.path.join(tmp, "phi.npy"),
-                                     batch_size=spec["batch"], device=spec["device"])
-        dt = time.perf_counter() - t0
-        shape = list(feats.shape)
-        del feats
-    peak = peak_rss_mb()
-    print(json.dumps({"peak_rss_mb": peak, "rss_before_extract_mb": base, "seconds": dt, "shape": shape}))
+        drl.extract_features(model, source.images, n, os.path.join(tmp, "phi.npy"), batch_size=64, device=args.device)
+        seconds = time.perf_counter() - t0
+    wl = workload(args, images=n, batch=64, model=what, dtype="float32", shapes=f"memmap ({n}, {model.embed_dim})",
+                  source="Texture-dSprites rendered on the fly, 64 -> 224")
+    return {"extract_peak_rss_mb": entry(peak_rss_mb(), "MB", wl, seconds=seconds, images_s=n / seconds)}
 
 
-def bench_extract(args):
-    cuda = torch.device(args.device).type == "cuda"
-    n_all = len(data.TextureDSprites())
-    if args.quick:  # the streaming pipeline (render, preprocess, memmap) with a cheap model, 1/6 of the grid
-        config, what = dict(embed_dim=64, depth=1, num_heads=2), "small random-weight ViT (dim 64, depth 1, /16)"
-        n = 4096
-    else:
-        config, what = dict(drl.VIT_B16_CONFIG), "ViT-B/16 (random weights)"
-        n = n_all if cuda else 256  # ViT-B on 25,200 images takes hours on a 2-core CPU
-    spec = dict(config=config, n=n, batch=64, device=args.device, threads=torch.get_num_threads())
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--extract-child", json.dumps(spec)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ValueError(f"extraction subprocess failed: {proc.stderr.strip().splitlines()[-1:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    wl = workload(args, images=n, batch=64, model=what, dtype="float32", shapes=f"memmap {tuple(res['shape'])}",
-                  source="Texture-dSprites rendered on the fly, 64 -> 224", process="fresh subprocess, VmHWM")
-    extra = {}
-    if n < n_all or res["shape"][1] < 768:  # + every page of a full (25200, 768) float32 memmap, at most
-        extra["upper_bound_25200_vitb_memmap_mb"] = res["peak_rss_mb"] + n_all * 768 * 4 / 2 ** 20
-    return {"extract_peak_rss_mb": entry(res["peak_rss_mb"], "MB", wl, rss_before_extract_mb=res["rss_before_extract_mb"],
-                                         seconds=res["seconds"], images_s=n / res["seconds"], **extra)}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Table, JSON, main
-# ---------------------------------------------------------------------------------------------------
+# --- Table, JSON, main -------------------------------------------------------------------------------------------
 
 def verdict(key, results):
     """(ratio text, PASS/FAIL/info text) for a key with a target."""
@@ -487,13 +406,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="bench.json", help="JSON output (written atomically)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-B/16 weights (else hub cache, else random)")
-    p.add_argument("--only", default=None, help="comma list of stages: matmul,vit,vae,sweep,metrics,"
+    p.add_argument("--only", default=None, help="comma list of stages: matmul,vit,sweep,metrics,"
                                                 "extract")
-    p.add_argument("--extract-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.extract_child:
-        extract_child(json.loads(args.extract_child))
-        return 0
     try:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -501,9 +416,7 @@ def main(argv=None):
             raise ValueError("--device cuda but CUDA is not available; use --device cpu")
         if args.threads:
             torch.set_num_threads(args.threads)
-        source = data.TextureDSprites()
-        stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, source),
-                  "vae": lambda: bench_vae_steps(args),
+        stages = {"matmul": lambda: bench_matmul(args), "vit": lambda: bench_vit(args, data.TextureDSprites()),
                   "sweep": lambda: bench_sweep(args), "metrics": lambda: bench_metrics(args),
                   "extract": lambda: bench_extract(args)}
         only = args.only.split(",") if args.only else list(stages)
