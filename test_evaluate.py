@@ -73,13 +73,13 @@ def test_finetuned_model_beats_chance_on_synthetic_cells(tmp_path, offline_hub, 
 
 def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_hub, capsys, monkeypatch):
     """The whole pipeline at toy size: source → finetune → evaluate with a held-out class."""
-    monkeypatch.setattr(data, "SYNTHETIC_N", 1000)   # 800 train / 200 test images keep this under 3 min
+    monkeypatch.setattr(data, "SYNTHETIC_N", 1000)   # 800 train / 200 test images and the small sizes keep this near 2 min
     out = tmp_path / "r"
-    argv = ["--target", "synthetic-cells", "--quick", "--out", str(out), "--steps", "150", "--epochs", "5",
-            "--n-train", "600", "--n-test", "300", "--holdout-class", "negative"]
+    argv = ["--target", "synthetic-cells", "--quick", "--out", str(out), "--steps", "60", "--epochs", "3",
+            "--batch-size", "32", "--n-train", "600", "--n-test", "300", "--holdout-class", "negative"]
     code, stdout, err = run_script(evaluate.main, argv, capsys)
     assert code == 0, err
-    folder = out / "eval/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-5ep"
+    folder = out / "eval/synthetic-cells-without-negative/pixels-conv-adagvae-z10-60steps-3ep"
     res = json.loads((folder / "results.json").read_text())
     report = (folder / "report.md").read_text()
     assert res["backbone"] == "pixels" and "**pixels**" in report
@@ -89,9 +89,9 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
     train_images = target.train.subset(np.flatnonzero(target.train.labels != target.classes.index("negative")))
     x_target = torch.from_numpy(train_images.images(np.arange(len(train_images)), 64)).permute(0, 3, 1, 2) / 255
     for m in res["models"]:
-        src_path = out / f"source/pixels-conv-adagvae-z10-150steps/beta1-seed{m['seed']}/checkpoint.pt"
+        src_path = out / f"source/pixels-conv-adagvae-z10-60steps/beta1-seed{m['seed']}/checkpoint.pt"
         src = drl.load_checkpoint(str(src_path))
-        ft_dir = out / f"finetune/synthetic-cells-without-negative/pixels-conv-adagvae-z10-150steps-5ep/beta1-seed{m['seed']}"
+        ft_dir = out / f"finetune/synthetic-cells-without-negative/pixels-conv-adagvae-z10-60steps-3ep/beta1-seed{m['seed']}"
         ft = drl.load_checkpoint(str(ft_dir / "checkpoint.pt"))
         assert any(not torch.equal(src["model"][k], ft["model"][k]) for k in src["model"])
         losses = []
@@ -394,4 +394,7 @@ def test_evaluate_quick_on_a_fake_lensless_download(tmp_path, offline_hub, capsy
     res = json.loads((folder / "results.json").read_text())
     assert res["holdout_class"] == "ARCELLA VULGARIS" and res["data"]["split"] == folders.NATIVE_SPLIT
     assert res["data"]["folder"] == str(tmp_path / "dl")
+    split = json.loads(open(res["data"]["split_file"]).read())                # the images tested, with their bytes
+    assert res["data"]["split_file"] == str(out / "splits" / "lensless-native.json") and split["kind"] == "native"
+    assert sorted(split["test"]) == sorted(folders.load_target("lensless", root=str(tmp_path / "dl")).test.names)
     assert "split: the download's own train and test folders" in (folder / "report.md").read_text()
