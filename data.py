@@ -250,16 +250,7 @@ def dsprites_masks(path, size=64):
         raise ValueError(f"dSprites file {path}: the centre images are empty; give the real "
                          f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
     cy, cx = (sym * yy).sum() / total, (sym * xx).sum() / total
-    dy, dx = int(np.round(32 - cy)), int(np.round(32 - cx))
-    masks = np.roll(masks, (dy, dx), axis=(1, 2))
-    if dy > 0:
-        masks[:, :dy] = 0
-    elif dy < 0:
-        masks[:, dy:] = 0
-    if dx > 0:
-        masks[:, :, :dx] = 0
-    elif dx < 0:
-        masks[:, :, dx:] = 0
+    masks = ndimage.shift(masks, (0, round(32 - cy), round(32 - cx)), order=0, cval=0.0)  # zeros come in
     if size != 64:
         masks = np.stack([np.asarray(Image.fromarray(m, mode="F").resize((size, size), Image.BILINEAR))
                           for m in masks])
