@@ -635,3 +635,28 @@ def test_preprocess_downscale_is_antialiased():
     assert x.std().item() < 0.25  # without antialiasing: pure black and white, std ≈ 2.2
     aliased = F.interpolate(torch.from_numpy(board / 255.0)[None, None].float(), size=(224, 224), mode="bilinear")
     assert aliased.std().item() > 0.4
+
+
+COPIED_ALONE = {  # module(s) copied into an empty folder -> a use of them there
+    ("drl.py",): "import drl, torch; m = drl.FeatureVAE(8, 4, 2); drl.save_checkpoint('c.pt', {'config': {'model': "
+                 "drl.model_config(m)}, 'model': m.state_dict()}); print(drl.load_model('c.pt')[0].encode(torch.zeros(1, 8))[0].shape)",
+    ("se2.py",): "import se2, torch; print(se2.SE2VAE(n_iso=2, n_ori=1, width=(1, 1, 1)).representation(torch.rand(1, 3, 64, 64)).shape)",
+    ("metrics.py",): "import metrics, numpy as np; z = np.random.default_rng(0).normal(size=(60, 3)); "
+                     "print(metrics.mig(z, (z[:, :2] > 0).astype(int)))",
+    ("data.py",): "import data; print(data.TextureDSprites().images([0, 1]).shape)",
+    ("folders.py", "data.py"): "import folders; print(len(folders.load_target('synthetic-cells').test))",
+}
+
+
+@pytest.mark.parametrize("files", list(COPIED_ALONE), ids=["+".join(f) for f in COPIED_ALONE])
+def test_a_module_copied_alone_into_an_empty_folder_works(files, tmp_path):
+    """drl, se2, metrics and data (folders with data) import nothing else of the project, at import or in use."""
+    import shutil
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    for f in files:
+        shutil.copy(os.path.join(here, f), tmp_path / f)
+    run = subprocess.run([sys.executable, "-c", COPIED_ALONE[files]], cwd=tmp_path, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1"), timeout=300)
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr
