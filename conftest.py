@@ -108,6 +108,12 @@ def _fake_backward(loss, *args, **kwargs):
         todo.extend(f for f, _ in fn.next_functions)
 
 
+def _pin(tensor, *args, **kwargs):  # pinning needs the CUDA host allocator: the identity, for CPU tensors only
+    if tensor.device.type != "cpu":
+        raise RuntimeError(f"cannot pin a {tensor.device.type} tensor: only CPU tensors can be pinned")
+    return tensor
+
+
 class _FakeEvent:  # a CUDA event needs a real device: the harness sees the copies, not the waits on them
     def record(self, *a):
         pass
@@ -122,7 +128,7 @@ def fake_cuda(monkeypatch):
     training step is marked where its seed is drawn (train.step_seed)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     monkeypatch.setattr(torch.Tensor, "backward", _fake_backward)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", _pin)
     monkeypatch.setattr(torch.cuda, "default_generators", tuple(torch.Generator() for _ in range(8)))
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     # fake tensors never touch a device, also where a test fakes torch.cuda.is_available() (which FakeTensorMode reads)

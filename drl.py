@@ -608,9 +608,9 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
 
 
 def to_device(t, device):
-    """A host tensor on `device` without making the host wait: on CUDA a pinned copy goes over asynchronously
-    (a pageable one blocks the host until it is done); elsewhere the tensor itself."""
-    if torch.device(device).type == "cuda":
+    """A tensor on `device` without making the host wait: from the host to CUDA a pinned copy goes over
+    asynchronously (a pageable one blocks the host until it is done); else `t.to(device)`."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

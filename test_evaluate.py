@@ -379,6 +379,10 @@ def test_fake_cuda_feature_extraction_and_evaluation_encoder(tmp_path, fake_cuda
         traffic.step = "encode"
         z = evaluate.encode(model, torch.randn(10, 24), "cuda", batch=4)
     assert z.shape == (10, 4) and traffic.copies["encode"] == [("cpu->cuda", True), ("cuda->cpu", True)] * 3
+    with mode, traffic:  # inputs already on the device (the source grid): only the codes come back
+        traffic.step = "encode on the device"
+        evaluate.encode(model, torch.randn(10, 24).to("cuda"), "cuda", batch=4)
+    assert traffic.copies["encode on the device"] == [("cpu->cuda", False)] + [("cuda->cpu", True)] * 3
 
 
 def test_evaluate_quick_on_a_fake_lensless_download(tmp_path, offline_hub, capsys):
