@@ -594,7 +594,8 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
             stop = min(start + batch_size, n)
             x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
             with _autocast(precision, device):
-                yield model(x).float()
+                phi = model(x).float()
+            yield phi
     with atomic_write(cache_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))
         with torch.inference_mode():
