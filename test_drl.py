@@ -648,15 +648,20 @@ COPIED_ALONE = {  # module(s) copied into an empty folder -> a use of them there
 }
 
 
-@pytest.mark.parametrize("files", list(COPIED_ALONE), ids=["+".join(f) for f in COPIED_ALONE])
-def test_a_module_copied_alone_into_an_empty_folder_works(files, tmp_path):
-    """drl, se2, metrics and data (folders with data) import nothing else of the project, at import or in use."""
+def test_each_copyable_module_works_alone_in_an_empty_folder(tmp_path):
+    """drl, se2, metrics and data (folders with data) import nothing else of the project, at import or in use:
+    each is copied into an empty folder of its own and used there, all in parallel subprocesses."""
     import shutil
     import subprocess
     import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    for f in files:
-        shutil.copy(os.path.join(here, f), tmp_path / f)
-    run = subprocess.run([sys.executable, "-c", COPIED_ALONE[files]], cwd=tmp_path, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1"), timeout=300)
-    assert run.returncode == 0 and run.stdout.strip(), run.stderr
+    here, runs = os.path.dirname(os.path.abspath(__file__)), {}
+    for k, (files, code) in enumerate(COPIED_ALONE.items()):
+        (tmp_path / str(k)).mkdir()
+        for f in files:
+            shutil.copy(os.path.join(here, f), tmp_path / str(k) / f)
+        runs[files] = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path / str(k), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1"))
+    for files, run in runs.items():
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0 and out.strip(), (files, err)
