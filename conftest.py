@@ -1,30 +1,11 @@
 """Shared fixtures: no network, the scripts run as a user runs them, and fake CUDA."""
-import argparse
 import collections
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import time
 import urllib.error
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from PIL import Image
-from scipy.stats import special_ortho_group
 
-import data
-import drl
-import evaluate
-import folders
-import metrics
-import se2
 import train
 
 torch.set_num_threads(1)  # the models under test are tiny: one thread avoids OpenMP spin on a busy CPU

@@ -137,7 +137,7 @@ class LiftingConv2d(nn.Module):
 #     orientation axis is rolled by r. Both are folded into one expanded kernel, so a layer is a
 #     single conv2d from C·N to C'·N channels. Cost: that of a plain conv2d with N·C' output maps
 #     (the expansion is ~1% of it) and the same as e2cnn's R2Conv on C_N-regular fields, which
-#     also expands its weights to a dense filter on every training call (measured with bench.py).
+#     also expands its weights to a dense filter on every call (an earlier benchmarks/bench.py measured it).
 
 class GroupConv2d(nn.Module):
     """(B, C, N, H, W) -> (B, C', N, H, W); weight (C', C, N, k, k), axis 2 = relative orientation."""

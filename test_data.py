@@ -1,31 +1,12 @@
-"""Tests of Texture-dSprites, the pair sampler, image reading, synthetic-cells and the handcrafted features (data.py)."""
-import argparse
-import collections
-import dataclasses
-import hashlib
-import json
-import math
-import os
+"""Tests of Texture-dSprites, the pair sampler, image reading, synthetic-cells, handcrafted features (data.py)."""
 import time
-import urllib.error
-import warnings
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from scipy.stats import special_ortho_group
 
 import data
-import drl
-import evaluate
 import folders
-import metrics
-import se2
-import train
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,8 @@
 """Tests of the ViT and its weights, feature extraction, the VAEs and their losses, checkpoints (drl.py)."""
 import argparse
-import collections
-import dataclasses
-import hashlib
-import json
 import math
 import os
-import time
 import urllib.error
-import warnings
 
 import numpy as np
 import pytest
@@ -16,16 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
-from scipy.stats import special_ortho_group
 
-import data
 import drl
-import evaluate
-import folders
-import metrics
-import se2
-import train
 
 
 SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4)
@@ -434,21 +420,6 @@ def test_preprocess_resize_matches_pil_bilinear(size):
     x = drl.preprocess_images(img)[0].permute(1, 2, 0)
     back = (x * torch.tensor(drl.IMAGENET_STD) + torch.tensor(drl.IMAGENET_MEAN)).numpy() * 255
     assert np.abs(back - pil).max() < 1.5 and np.abs(back - pil).mean() < 0.6
-
-
-_FAULTS_CHILD = """
-import resource, sys, torch, drl
-applied = drl.keep_freed_memory() if sys.argv[1] == "keep" else None
-def work():  # three 20 MB activations alive at once, then freed: the pattern of a forward pass
-    a, b, c = (torch.ones(5_000_000) for _ in range(3))
-    return float(a[0] + b[0] + c[0])
-for _ in range(3):  # the heap grows to its working size
-    work()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    work()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
 
 
 def test_extract_features_cache_and_reuse(tmp_path):

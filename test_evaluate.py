@@ -1,13 +1,6 @@
 """Tests of the evaluation pipeline, its report and figures, Table IV (evaluate.py)."""
-import argparse
-import collections
-import dataclasses
-import hashlib
 import json
-import math
 import os
-import time
-import urllib.error
 import warnings
 
 import numpy as np
@@ -15,9 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from scipy.stats import special_ortho_group
 
 import data
 import drl

@@ -1,30 +1,18 @@
 """Tests of the target datasets on disk (folders.py): layouts, classes, masks, splits, bad input."""
-import argparse
-import collections
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
-import urllib.error
-import warnings
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from scipy.stats import special_ortho_group
 
 import data
 import drl
 import evaluate
 import folders
-import metrics
-import se2
 import train
 from test_data import _textures_folder
 from conftest import TINY, assert_one_line_error, run_script

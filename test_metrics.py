@@ -1,31 +1,10 @@
 """Tests of DCI, MIG, OMES and the target metrics on constructed cases with known answers (metrics.py)."""
-import argparse
-import collections
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import time
-import urllib.error
-import warnings
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from PIL import Image
 from scipy.stats import special_ortho_group
 
-import data
-import drl
-import evaluate
-import folders
 import metrics
-import se2
-import train
 
 
 SIZES = (5, 7, 3, 6, 40)  # Texture-dSprites factor sizes

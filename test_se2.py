@@ -1,31 +1,13 @@
 """Tests of the SE(2,N) layers and the orientation-disentangled VAE (se2.py)."""
-import argparse
-import collections
-import dataclasses
-import hashlib
 import json
 import math
-import os
-import time
-import urllib.error
 import warnings
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from PIL import Image
-from scipy.stats import special_ortho_group
 
-import data
-import drl
-import evaluate
-import folders
-import metrics
 import se2
-import train
 
 
 N = 8

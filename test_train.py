@@ -1,23 +1,11 @@
 """Tests of the training loop, --parallel-models and the train.py command line (train.py)."""
-import argparse
-import collections
 import dataclasses
 import hashlib
-import json
-import math
 import os
-import time
-import urllib.error
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from PIL import Image
-from scipy.stats import special_ortho_group
 
 import data
 import drl
@@ -517,12 +505,11 @@ def test_readme_commands_run_as_written():
     commands = _readme_commands()
     assert len(commands) >= 5
     scripts = {"train.py": (train.parser, train.config_from_args),
-               "evaluate.py": (evaluate.parser, evaluate.config_from_args), "bench.py": None}
+               "evaluate.py": (evaluate.parser, evaluate.config_from_args)}
     for cmd in commands:
         assert cmd[0] in scripts, cmd
-        if scripts[cmd[0]] is not None:
-            parser, config = scripts[cmd[0]]
-            config(parser().parse_args(cmd[1:]))
+        parser, config = scripts[cmd[0]]
+        config(parser().parse_args(cmd[1:]))
 
 
 def test_nothing_points_outside_the_repository():
