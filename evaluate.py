@@ -262,8 +262,8 @@ def main(argv=None):
         t0 = time.time()
         cfg, target, split_file = train.load_target(cfg)
         res = train.resolve(cfg)
-        if args.no_train and train.missing_models(cfg, res):
-            missing = train.missing_models(cfg, res)
+        missing = train.missing_models(cfg, res) if args.no_train else []
+        if missing:
             raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
                              "run without --no-train (or train.py) first")
         train.use_device(res)
@@ -349,9 +349,10 @@ def score_models(cfg, res, target, pairs, inputs):
         row["beta"], row["seed"] = conf["beta"], conf["seed"]
         per_model.append(row)
     if jobs:
-        say(f"evaluate: scoring {len(jobs)} model state(s) on {min(len(jobs), os.cpu_count())} core(s)")
+        n_jobs = min(len(jobs), os.cpu_count())
+        say(f"evaluate: scoring {len(jobs)} model state(s) on {n_jobs} core(s)")
         for (row, state, dis_parts, tgt_parts, _), (dis, tgt, seconds, said) in zip(
-                jobs, Parallel(n_jobs=min(len(jobs), os.cpu_count()))(job for *_, job in jobs)):
+                jobs, Parallel(n_jobs=n_jobs)(job for *_, job in jobs)):
             for message in said:
                 warnings.warn(message)
             dis, _ = cached(cfg, dis_parts, lambda: dis)
