@@ -243,8 +243,7 @@ class Target:
 
 def describe(target, short=False):
     """What --check-data prints (short: the one line every run starts with)."""
-    n_masks = len(target.train.with_masks) + len(target.test.with_masks)
-    n = len(target.train) + len(target.test)
+    n_masks, n = len(target.train.with_masks) + len(target.test.with_masks), len(target.train) + len(target.test)
     where = f" at {target.path}" if target.path else ""
     if short:
         return (f"target {target.name}: {target.layout}{where}; {len(target.classes)} classes, {len(target.train)} "
@@ -412,17 +411,18 @@ def _paper_classes(name, spec, folders, where):
 def _match(name, spec, layout, top):
     """The Found for `layout` at `top`, or None when it has none of the paper's classes there."""
     train = _class_folders(top, layout.train)
-    if not _known(spec, train):
+    known, where = _known(spec, train), f"{top} ({layout.name})"
+    if not known:
         return None
-    where = f"{top} ({layout.name})"
-    if len(_known(spec, train)) < len(spec.classes) and _zipped(top):
-        raise ValueError(_zipped(top))
-    for other in spec.layouts:  # some classes unpacked one level deeper or higher than the others
-        elsewhere = set(_known(spec, _class_folders(top, other.train))) - set(_known(spec, train))
-        if other != layout and elsewhere:
-            show = lambda lay: lay.train.replace("{class}", "<class>")  # noqa: E731
-            raise ValueError(f"{top} mixes two nestings: {', '.join(sorted(elsewhere))} as {show(other)}, the other "
-                             f"classes as {show(layout)}; unpack every class the same way")
+    if len(known) < len(spec.classes):  # classes missing here: zips never unpacked, or unpacked a level off
+        if zipped := _zipped(top):
+            raise ValueError(zipped)
+        for other in spec.layouts:
+            elsewhere = set(_known(spec, _class_folders(top, other.train))) - set(known)
+            if other != layout and elsewhere:
+                show = lambda lay: lay.train.replace("{class}", "<class>")  # noqa: E731
+                raise ValueError(f"{top} mixes two nestings: {', '.join(sorted(elsewhere))} as {show(other)}, the "
+                                 f"other classes as {show(layout)}; unpack every class the same way")
     classes, folders, left_out = _paper_classes(name, spec, train, where)
     parts = {"train": folders}
     if layout.test:
