@@ -589,7 +589,7 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         warnings.warn(f"feature cache {cache_path} ({reason}) does not match ({n}, {D}) float32; recomputing")
     starts = range(0, n, batch_size)
 
-    def phi():  # Φ of each batch, left on the device
+    def batches():  # Φ of each batch, left on the device
         for start in starts:
             stop = min(start + batch_size, n)
             x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
@@ -599,7 +599,7 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
     with atomic_write(cache_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, D))
         with torch.inference_mode():
-            for start, batch in zip(starts, to_host(phi())):
+            for start, batch in zip(starts, to_host(batches())):
                 out[start:start + len(batch)] = batch
                 if progress is not None:
                     progress(start + len(batch), n)
