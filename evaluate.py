@@ -76,7 +76,7 @@ def encode(model, x, device, batch=1024):
 
 def encode_grid(model, source, device, batch=1000):
     """The codes of every Texture-dSprites image, rendered and encoded `batch` at a time in grid order, as
-    metrics.disentanglement_scores encodes a small grid (the same batches, so the same numbers)."""
+    metrics.disentanglement_scores encodes the grid (the same batches, so the same numbers)."""
     grid = np.stack(np.unravel_index(np.arange(len(source.dataset)), source.factor_sizes), 1)
     return np.concatenate([encode(model, source.render(grid[i:i + batch]), device) for i in range(0, len(grid), batch)])
 

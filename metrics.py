@@ -33,7 +33,6 @@ from sklearn.utils.parallel import Parallel, delayed
 INACTIVE_STD = 0.05      # a code dim with std below this is "inactive" (official OMES / pruning threshold)
 MIG_BINS = 20            # disentanglement_lib mig.gin: histogram_discretizer, num_bins = 20
 DCI_EPS = 1e-11          # disentanglement_lib adds 1e-11 to every importance before the entropy
-OMES_PAIRS = 10000       # pairs per factor when a grid is too large to enumerate (see disentanglement_scores)
 
 
 # --- Input checks (one-line ValueErrors instead of NaN or a crash deep inside scikit-learn) ----------------------
@@ -344,94 +343,47 @@ def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
 
 # --- All three on a factor-grid source (Texture-dSprites or any other) -------------------------------------------
 
-def _encode_grid(encode, source, factors, batch_size):
-    """Codes of source.render(factors), `batch_size` images at a time (memory stays small)."""
-    out = []
-    for i in range(0, len(factors), batch_size):
-        z = np.asarray(encode(source.render(factors[i:i + batch_size])))
-        if z.ndim != 2 or len(z) != len(factors[i:i + batch_size]):
-            raise ValueError(f"encode must return an array (n, d) for n images, got shape {z.shape} for "
-                             f"{len(factors[i:i + batch_size])} images")
-        if out and z.shape[1] != out[0].shape[1]:
-            raise ValueError(f"encode returned {z.shape[1]} dims for one batch and {out[0].shape[1]} for another")
-        out.append(z.astype(np.float64))
-    return np.concatenate(out)
-
-
-def _sampled_omes(encode, source, f_train, z_train, varying, n_pairs, omes_pairs, rng, batch_size):
-    """OMES on n_pairs pairs per factor: the anchors are training rows, each partner redraws one factor."""
-    sizes = tuple(int(s) for s in source.factor_sizes)
-    rows, partners, changed = [], [], []
-    for k, f in enumerate(varying):
-        idx = (k * n_pairs + np.arange(n_pairs)) % len(f_train)
-        other = f_train[idx].copy()
-        if omes_pairs == "resample":
-            other[:, f] = rng.integers(0, sizes[f], n_pairs)
-        else:  # "differ": shift by 1..size-1, i.e. uniform over the other values
-            other[:, f] = (other[:, f] + rng.integers(1, sizes[f], n_pairs)) % sizes[f]
-        rows.append(idx)
-        partners.append(other)
-        changed.append(np.full(n_pairs, f))
-    z_b = _encode_grid(encode, source, np.concatenate(partners), batch_size)
-    return dict(omes(z_train[np.concatenate(rows)], z_b, np.concatenate(changed), z=z_train), pairs=n_pairs)
-
-
-def disentanglement_scores(encode, source, n_train=10000, n_test=5000, n_pairs=OMES_PAIRS, seed=0, *,
-                           batch_size=1000, n_jobs=-1, omes_pairs="resample"):
-    """DCI, MIG and OMES of one model on a factor-grid source, every model scored on the same images.
+def disentanglement_scores(encode, source, n_train=10000, n_test=5000, seed=0, *, batch_size=1000, n_jobs=-1,
+                           omes_pairs="resample"):
+    """DCI, MIG and OMES of one model on a factor grid (Texture-dSprites: 25,200 images), encoded whole, once.
 
     source: any object with `.factor_sizes` (tuple of ints) and `.render(factors (n, K) int) -> images`;
-    encode(images) -> array (n, d) (the deterministic code, e.g. μ). With `seed` fixed (default 0) the
-    sampled factors (hence images and pairs) are identical for every model.
+    encode(images) -> array (n, d) (the deterministic code, e.g. μ). Every grid point is rendered and encoded,
+    `batch_size` (1,000) at a time in C order; the rest is look-up, so with `seed` fixed (default 0) every model
+    is scored on the same images.
     - DCI / MIG: n_train = 10,000 and n_test = 5,000 factor rows drawn uniformly from the grid (with
       replacement), as in disentanglement_lib's study configs. DCI: train/test; MIG: the train codes.
-    - OMES pairs come directly from the grid; in a pair the anchor's factor f is redrawn:
-      omes_pairs="resample" (default) redraws it uniformly over all its values (equal to the old one with
-      probability 1/size), so a dim that encodes f and nothing else gives uncorrelated codes, r = 0, M = 1.
-      omes_pairs="differ" is the official construction (always a new value): then even a perfect linear code
-      of a factor with k values has r = −1/(k−1) (M = 0.5 for shape, k = 3; M = 0 for a binary factor).
-    - Small grids (prod(sizes) <= n_train + n_test + K·n_pairs, e.g. Texture-dSprites: 25,200 points) are
-      encoded whole, once: DCI/MIG rows are looked up, and OMES uses EVERY pair of the grid
-      (grid_relation_matrix), exact, no seed noise. Larger grids: n_pairs (default 10,000) pairs per factor,
-      anchors = training rows (reused, so only the partners are rendered); on synthetic 10-dim codes of a
-      (5, 7, 3, 6, 40, 32) grid this keeps OMES within ±0.005 between seeds (test_omes_stable_between_seeds).
-    Inactive dims (std < 0.05) are found on the train codes. Images are rendered and encoded `batch_size`
-    (1,000) at a time. n_jobs goes to `dci`.
-
-    Returns dict(dci=dci(...), mig=float, omes=omes(...) + "pairs", n_train, n_test, n_pairs, seed,
-    omes_pairs, exhaustive (bool: whole grid encoded)).
+    - OMES on EVERY pair of the grid (grid_relation_matrix): exact, no pair sampling, no seed noise. In a pair
+      the anchor's factor f is redrawn: omes_pairs="resample" (default) uniformly over all its values (equal to
+      the old one with probability 1/size), so a dim that encodes f and nothing else gives uncorrelated codes,
+      r = 0, M = 1; omes_pairs="differ" is the official construction (always a new value): then even a perfect
+      linear code of a factor with k values has r = −1/(k−1) (M = 0.5 for shape, k = 3; M = 0 for a binary
+      factor). Inactive dims (std < 0.05) are found on the train codes.
+    n_jobs goes to `dci`. Returns dict(dci=dci(...), mig=float, omes=omes(...) + pairs "all", n_train, n_test,
+    seed, omes_pairs).
     """
     sizes = tuple(int(s) for s in getattr(source, "factor_sizes", ()))
     if not sizes or min(sizes) < 1 or not hasattr(source, "render"):
         raise ValueError("source must expose .factor_sizes (positive ints) and .render(factors) -> images")
-    if min(n_train, n_test, n_pairs) < 2 or batch_size < 1:
-        raise ValueError(f"n_train, n_test and n_pairs must be >= 2 (got {n_train}, {n_test}, {n_pairs})")
+    if min(n_train, n_test) < 2 or batch_size < 1:
+        raise ValueError(f"n_train and n_test must be >= 2 (got {n_train}, {n_test})")
     if omes_pairs not in ("resample", "differ"):
         raise ValueError(f"omes_pairs must be 'resample' (default) or 'differ' (official), got {omes_pairs!r}")
     rng = np.random.default_rng(seed)
     f_train = np.stack([rng.integers(0, s, n_train) for s in sizes], axis=1)
     f_test = np.stack([rng.integers(0, s, n_test) for s in sizes], axis=1)
+    grid = np.stack(np.unravel_index(np.arange(math.prod(sizes)), sizes), 1)
+    z_grid = np.concatenate([np.asarray(encode(source.render(grid[i:i + batch_size])), np.float64)
+                             for i in range(0, len(grid), batch_size)])
+    if z_grid.ndim != 2 or len(z_grid) != len(grid):
+        raise ValueError(f"encode must return an array (n, d) for n images; got {z_grid.shape} for {len(grid)}")
+    z_train = z_grid[np.ravel_multi_index(f_train.T, sizes)]
+    z_test = z_grid[np.ravel_multi_index(f_test.T, sizes)]
     varying = [f for f, s in enumerate(sizes) if s >= 2]
-    n_grid = math.prod(sizes)
-    exhaustive = n_grid <= n_train + n_test + len(varying) * n_pairs
-
-    if exhaustive:  # encode every grid point once; everything else is a lookup
-        z_grid = _encode_grid(encode, source, np.stack(np.unravel_index(np.arange(n_grid), sizes), 1),
-                              batch_size)
-        z_train = z_grid[np.ravel_multi_index(f_train.T, sizes)]
-        z_test = z_grid[np.ravel_multi_index(f_test.T, sizes)]
-        M = grid_relation_matrix(z_grid, sizes, omes_pairs)[:, varying]
-        omes_scores = _omes_result(M, varying, _codes(z_train, "z_train"), 0.5, "avg", INACTIVE_STD)
-        omes_scores["pairs"] = "all"
-    else:
-        z_train = _encode_grid(encode, source, f_train, batch_size)
-        z_test = _encode_grid(encode, source, f_test, batch_size)
-        omes_scores = _sampled_omes(encode, source, f_train, z_train, varying, n_pairs, omes_pairs, rng, batch_size)
-
-    return dict(dci=dci(z_train, f_train, z_test, f_test, seed=seed, n_jobs=n_jobs),
-                mig=mig(z_train, f_train), omes=omes_scores,
-                n_train=n_train, n_test=n_test, n_pairs=n_pairs, seed=seed, omes_pairs=omes_pairs,
-                exhaustive=exhaustive)
+    M = grid_relation_matrix(z_grid, sizes, omes_pairs)[:, varying]
+    omes_scores = dict(_omes_result(M, varying, _codes(z_train, "z_train"), 0.5, "avg", INACTIVE_STD), pairs="all")
+    return dict(dci=dci(z_train, f_train, z_test, f_test, seed=seed, n_jobs=n_jobs), mig=mig(z_train, f_train),
+                omes=omes_scores, n_train=n_train, n_test=n_test, seed=seed, omes_pairs=omes_pairs)
 
 
 # --- Target evaluation helpers (Dapueto et al. 2025, Sec. III-IV) ------------------------------------------------
