@@ -172,89 +172,70 @@ def procedural_masks(size=64):
     return out
 
 
-def _npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")
+DSPRITES_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 
 
 def _check_dsprites(path):
-    """Validate a dSprites npz without loading it; return its identity (CRC-32 and size of both arrays,
-    from the zip directory: content-based and free to read)."""
+    """Validate a dSprites npz from its zip directory and array headers (the 3 GB of images stay unread);
+    returns its identity, the CRC-32 and size of both arrays (content-based and free to read)."""
+    need = f"; give the real {DSPRITES_FILE} (--dsprites PATH) or leave it out for procedural shapes"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dSprites file {path} not found; give the real "
-                                f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH) or "
-                                f"leave it out for procedural shapes")
+        raise FileNotFoundError(f"dSprites file {path} not found{need}")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"dSprites file {path} is not an .npz archive; give the real "
-                         f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
+        raise ValueError(f"dSprites file {path} is not an .npz archive{need}")
     with zipfile.ZipFile(path) as zf:
-        names = set(zf.namelist())
-        shapes = {}
-        ident = ";".join(f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in zf.infolist()
-                         if i.filename in ("imgs.npy", "latents_classes.npy"))
+        info = {i.filename[:-4]: i for i in zf.infolist() if i.filename in ("imgs.npy", "latents_classes.npy")}
         for key in ("imgs", "latents_classes"):
-            if key + ".npy" not in names:
-                raise ValueError(f"dSprites file {path} has no '{key}' array (keys: "
-                                 f"{', '.join(sorted(n[:-4] for n in names))}); give the real "
-                                 f"dsprites_ndarray_*.npz (--dsprites PATH)")
-            with zf.open(key + ".npy") as f:
-                shape, fortran, dtype = _npy_header(f)
-            shapes[key] = (shape, fortran, dtype)
-    (ishape, ifortran, _), (lshape, _, _) = shapes["imgs"], shapes["latents_classes"]
-    if len(ishape) != 3 or ishape[1:] != (64, 64) or ifortran:
-        raise ValueError(f"dSprites file {path}: 'imgs' has shape {ishape}, expected (737280, 64, 64); "
-                         f"give the real dsprites_ndarray_*.npz (--dsprites PATH)")
-    if len(lshape) != 2 or lshape[1] != 6 or lshape[0] != ishape[0]:
-        raise ValueError(f"dSprites file {path}: 'latents_classes' has shape {lshape}, expected "
-                         f"({ishape[0]}, 6); give the real dsprites_ndarray_*.npz (--dsprites PATH)")
-    return ident
+            if key not in info:
+                raise ValueError(f"dSprites file {path} has no '{key}' array{need}")
+        shapes = {}
+        for key, i in info.items():
+            with zf.open(i) as f:
+                shapes[key] = _npy_header(f)[:2]
+    (imgs, fortran), (latents, _) = shapes["imgs"], shapes["latents_classes"]
+    if imgs[1:] != (64, 64) or len(imgs) != 3 or fortran or latents != (imgs[0], 6):
+        raise ValueError(f"dSprites file {path} has arrays of shape {imgs} and {latents}, expected (737280, 64, 64) "
+                         f"and (737280, 6){need}")
+    return ";".join(f"{i.filename}:{i.CRC:08x}:{i.file_size}" for i in info.values())  # in the archive's order
+
+
+def _npy_header(f):
+    """(shape, fortran_order, dtype) from the header of a .npy stream, left at the start of its data."""
+    major, _ = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
 
 
 def dsprites_masks(path, size=64):
     """(3, 6, 40, size, size) float32 masks from the real dSprites npz, at the centre position.
 
-    Reads `latents_classes`, picks the 720 rows with colour 0 and posX = posY = 16, then streams only
-    those rows out of `imgs` (the 3 GB array is never held in memory). Masks are binary (dSprites has no
+    Reads `latents_classes`, finds the 720 rows with colour 0 and posX = posY = 16, then streams only those
+    rows out of `imgs` (the 3 GB array is never held in memory). Masks are binary (dSprites has no
     anti-aliasing); see DSPRITES_CENTRE for the centring."""
     _check_dsprites(path)
     with np.load(path, allow_pickle=False) as z:
         lc = np.asarray(z["latents_classes"], dtype=np.int64)
-    sel = np.flatnonzero((lc[:, 0] == 0) & (lc[:, 4] == DSPRITES_CENTRE) & (lc[:, 5] == DSPRITES_CENTRE))
-    key = lc[sel, 1] * 240 + lc[sel, 2] * 40 + lc[sel, 3]
-    ok = (lc[sel, 1] < 3) & (lc[sel, 2] < 6) & (lc[sel, 3] < 40) & (lc[sel, 1:4] >= 0).all(1)
-    sel, key = sel[ok], key[ok]
-    rows = np.full(720, -1, np.int64)
-    rows[key[::-1]] = sel[::-1]  # first occurrence wins
-    if (rows < 0).any():
-        raise ValueError(f"dSprites file {path} lacks {int((rows < 0).sum())} of the 720 centre images "
-                         f"(colour 0, posX = posY = {DSPRITES_CENTRE}); give the real "
-                         f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
+    rows = {}  # (shape, scale, orientation) -> its row in imgs; the first occurrence wins
+    for r in np.flatnonzero((lc[:, 0] == 0) & (lc[:, 4] == DSPRITES_CENTRE) & (lc[:, 5] == DSPRITES_CENTRE))[::-1]:
+        rows[tuple(lc[r, 1:4])] = int(r)
+    missing = [k for k in np.ndindex(3, 6, 40) if k not in rows]
+    if missing:
+        raise ValueError(f"dSprites file {path} lacks {len(missing)} of the 720 centre images (colour 0, posX = "
+                         f"posY = {DSPRITES_CENTRE}); give the real {DSPRITES_FILE} (--dsprites PATH)")
     masks = np.empty((720, 64, 64), np.float32)
-    order = np.argsort(rows)
     with zipfile.ZipFile(path) as zf, zf.open("imgs.npy") as f:
-        _, _, dtype = _npy_header(f)
-        start, rowbytes = f.tell(), 64 * 64 * dtype.itemsize
-        for k in order:  # increasing file offsets: forward seeks only
-            f.seek(start + int(rows[k]) * rowbytes)
-            img = np.frombuffer(f.read(rowbytes), dtype=dtype).reshape(64, 64)
-            masks[k] = img > 0
+        dtype, start = _npy_header(f)[2], f.tell()
+        for r, k in sorted((rows[key], k) for k, key in enumerate(np.ndindex(3, 6, 40))):  # forward seeks only
+            f.seek(start + r * 64 * 64 * dtype.itemsize)
+            masks[k] = np.frombuffer(f.read(64 * 64 * dtype.itemsize), dtype=dtype).reshape(64, 64) > 0
     # Centre: shift all masks by one integer offset (square + ellipse centroids → image centre).
-    sym = masks[:480]
-    yy, xx = np.mgrid[0:64, 0:64] + 0.5
-    total = sym.sum()
-    if total == 0:
-        raise ValueError(f"dSprites file {path}: the centre images are empty; give the real "
-                         f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz (--dsprites PATH)")
-    cy, cx = (sym * yy).sum() / total, (sym * xx).sum() / total
+    sym, (yy, xx) = masks[:480], np.mgrid[0:64, 0:64] + 0.5
+    if sym.sum() == 0:
+        raise ValueError(f"dSprites file {path}: the centre images are empty; give the real {DSPRITES_FILE}")
+    cy, cx = (sym * yy).sum() / sym.sum(), (sym * xx).sum() / sym.sum()
     masks = ndimage.shift(masks, (0, round(32 - cy), round(32 - cx)), order=0, cval=0.0)  # zeros come in
     if size != 64:
-        masks = np.stack([np.asarray(Image.fromarray(m, mode="F").resize((size, size), Image.BILINEAR))
-                          for m in masks])
-        masks = np.clip(masks, 0, 1)
+        masks = np.clip([np.asarray(Image.fromarray(m, mode="F").resize((size, size), Image.BILINEAR))
+                         for m in masks], 0, 1)
     return masks.reshape(3, 6, 40, size, size).astype(np.float32)
 
 
