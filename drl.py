@@ -25,7 +25,6 @@ import math
 import os
 import re
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -37,7 +36,6 @@ import torch.nn.functional as F
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
 DINO_FILE = "dino_vitbase16_pretrain.pth"
 VIT_B16_CONFIG = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4)
-VIT_B16_GMAC = 17.6                       # forward multiply-accumulates of one 224×224 image (fvcore count)
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -550,50 +548,23 @@ def preprocess_images(images, device="cpu", size=IMAGE_SIZE):
     return x
 
 
-def cpu_bf16_supported():
-    """True when oneDNN has fast bf16 kernels on this CPU (AVX-512 / AVX512-BF16 / AMX); without them
-    bf16 autocast on the CPU is emulated and much slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _autocast(precision, device):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def extract_features(model, images_fn, n, cache_path, batch_size=None, precision="fp32", device="cpu",
-                     progress=None):
-    """Φ for images_fn(idx) → uint8 (b,H,W,3), idx = 0..n-1, as a read-only (n, D) float32 memmap; the
-    DINO ViT gets `preprocess_images`, a TorchvisionBackbone its own `preprocess`. Reuses cache_path when it
-    holds (n, D) float32; otherwise streams batches into a temporary .npy beside it that becomes cache_path
-    only when complete (atomic_write). progress(done, n) is optional. batch_size None: 64 on a GPU, 8 on a
-    CPU (larger batches are no faster there)."""
+def extract_features(model, images_fn, n, cache_path, batch_size=None, precision="fp32", device="cpu"):
+    """Φ for images_fn(idx) → uint8 (b,H,W,3), idx = 0..n-1, as a read-only (n, D) float32 memmap of cache_path;
+    the DINO ViT gets `preprocess_images`, a TorchvisionBackbone its own `preprocess`. Batches stream into a
+    temporary .npy beside cache_path that becomes cache_path only when complete (atomic_write). batch_size
+    None: 64 on a GPU, 8 on a CPU (larger batches are no faster there)."""
     D = model.embed_dim
     preprocess = getattr(model, "preprocess", preprocess_images)  # a TorchvisionBackbone brings its own
     batch_size = batch_size or (8 if torch.device(device).type == "cpu" else 64)
     if n < 1 or precision not in ("fp32", "bf16"):
         raise ValueError(f"cannot extract features of {n} images in precision {precision!r} (fp32 or bf16)")
-    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_bf16_supported():
-        warnings.warn("bf16 autocast on a CPU without native bf16 support is slower than fp32 here; "
-                      "consider --precision fp32")
-    if os.path.exists(cache_path):
-        try:
-            cached = np.load(cache_path, mmap_mode="r")
-            if cached.shape == (n, D) and cached.dtype == np.float32:
-                return cached
-            reason = f"shape {cached.shape} {cached.dtype}"
-        except (ValueError, OSError) as e:
-            reason = one_line(e)
-        warnings.warn(f"feature cache {cache_path} ({reason}) does not match ({n}, {D}) float32; recomputing")
     starts = range(0, n, batch_size)
 
     def batches():  # Φ of each batch, left on the device
         for start in starts:
             stop = min(start + batch_size, n)
             x = preprocess(_checked_images(images_fn(np.arange(start, stop)), stop - start), device)
-            with _autocast(precision, device):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 phi = model(x).float()
             yield phi
     with atomic_write(cache_path) as tmp:
@@ -601,8 +572,6 @@ def extract_features(model, images_fn, n, cache_path, batch_size=None, precision
         with torch.inference_mode():
             for start, batch in zip(starts, to_host(batches())):
                 out[start:start + len(batch)] = batch
-                if progress is not None:
-                    progress(start + len(batch), n)
         out.flush()
         del out  # close the memmap before the rename
     return np.load(cache_path, mmap_mode="r")
@@ -644,19 +613,10 @@ def _checked_images(images, n):
     return images
 
 
-def feature_stats(features, chunk=4096):
-    """Per-dimension mean and std (population, floored at 1e-6) of source features, float32 (D,).
-    Streams over rows in float64 so a memmap is never loaded whole."""
-    n = len(features)
-    s = np.zeros(features.shape[1], np.float64)
-    for i in range(0, n, chunk):
-        s += np.asarray(features[i:i + chunk], np.float64).sum(0)
-    mean = s / n
-    ss = np.zeros_like(mean)
-    for i in range(0, n, chunk):
-        ss += ((np.asarray(features[i:i + chunk], np.float64) - mean) ** 2).sum(0)
-    std = np.maximum(np.sqrt(ss / n), 1e-6)
-    return mean.astype(np.float32), std.astype(np.float32)
+def feature_stats(features):
+    """Per-dimension mean and std (population, floored at 1e-6) of the source features, float32 (D,)."""
+    phi = np.asarray(features, np.float64)
+    return phi.mean(0).astype(np.float32), np.maximum(phi.std(0), 1e-6).astype(np.float32)
 
 
 def standardise(features, mean, std):

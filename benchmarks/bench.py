@@ -37,7 +37,7 @@ import drl  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 
-MACS_PER_IMAGE = drl.VIT_B16_GMAC      # 17.6 G multiply-accumulates per 224×224 image
+MACS_PER_IMAGE = 17.6                 # G multiply-accumulates of DINO ViT-B/16 per 224×224 image (fvcore)
 # Targets: key -> (reference key or None, op, bound, what).
 TARGETS = {
     "vit_img_s_fp32": ("torchvision_vit_img_s_fp32", ">=", 1.0, "ours / torchvision"),
@@ -173,7 +173,7 @@ def vit_weights(args):
 def bf16_supported(device):
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return drl.cpu_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's fast bf16 kernels (else emulated)
 
 
 def bench_vit(args, source):
@@ -430,7 +430,7 @@ def main(argv=None):
             print(f"[{name}: {time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
-                   "cpu_bf16_supported": drl.cpu_bf16_supported(), "quick": args.quick,
+                   "cpu_bf16_supported": bf16_supported("cpu"), "quick": args.quick,
                    "gpu": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
                    "seconds": time.perf_counter() - t_start,
                    "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)}
