@@ -15,6 +15,7 @@ References:
 - OMES: Dapueto et al. 2024/2025, `omes.py` of the official Malga-Vision/disentangled_representation_microscopy.
 - Downstream / interpretability / open set: Dapueto et al. 2025, Sec. III-IV, and the same official code.
 """
+import itertools
 import math
 import warnings
 
@@ -75,13 +76,8 @@ def _labels(y, n, name="y"):
 
 def _encode(*columns):
     """Encode label columns (any dtype) jointly to integers 0..m-1 (same mapping for every column)."""
-    joined = np.concatenate([np.asarray(c).ravel() for c in columns])
-    _, codes = np.unique(joined, return_inverse=True)
-    out, start = [], 0
-    for c in columns:
-        out.append(codes[start:start + len(c)].astype(np.int64))
-        start += len(c)
-    return out
+    _, codes = np.unique(np.concatenate([np.ravel(c) for c in columns]), return_inverse=True)
+    return np.split(codes.astype(np.int64), np.cumsum([len(c) for c in columns])[:-1])
 
 
 def inactive_dims(z, threshold=INACTIVE_STD):
@@ -516,29 +512,23 @@ def correlations(z, features):
     z (n, d); features: dict name -> array (n,). Returns {dim: {feature: {"r": r, "p": p}}} (dim = column
     index of z). A constant column has no correlation: r = 0, p = 1 and a warning names it.
     """
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2 or len(z) < 3:
-        raise ValueError(f"correlations needs codes of shape (n>=3, d), got {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("correlations: codes contain NaN or inf")
-    cols = {}
-    for name, v in features.items():
-        v = np.asarray(v, dtype=np.float64).ravel()
+    z = _codes(z, "z", 1, allow_constant=True)
+    if len(z) < 3:
+        raise ValueError(f"correlations needs at least 3 codes, got {len(z)}")
+    cols = {name: np.asarray(v, dtype=np.float64).ravel() for name, v in features.items()}
+    for name, v in cols.items():
         if len(v) != len(z):
             raise ValueError(f"feature {name!r} has {len(v)} values but there are {len(z)} codes")
         if not np.all(np.isfinite(v)):
             raise ValueError(f"feature {name!r} contains NaN or inf")
-        cols[name] = v
-    out = {}
-    for d in range(z.shape[1]):
-        out[d] = {}
-        for name, v in cols.items():
-            if np.ptp(z[:, d]) == 0 or np.ptp(v) == 0:
-                warnings.warn(f"correlations: {'code dim ' + str(d) if np.ptp(z[:, d]) == 0 else name!r} "
-                              f"is constant; r set to 0, p to 1")
-                out[d][name] = {"r": 0.0, "p": 1.0}
-                continue
-            r, p = scipy.stats.pearsonr(z[:, d], v)
+    out = {d: {} for d in range(z.shape[1])}
+    for d, name in itertools.product(out, cols):
+        if np.ptp(z[:, d]) == 0 or np.ptp(cols[name]) == 0:
+            warnings.warn(f"correlations: {'code dim ' + str(d) if np.ptp(z[:, d]) == 0 else name!r} is constant; "
+                          f"r set to 0, p to 1")
+            out[d][name] = {"r": 0.0, "p": 1.0}
+        else:
+            r, p = scipy.stats.pearsonr(z[:, d], cols[name])
             out[d][name] = {"r": float(r), "p": float(p)}
     return out
 
@@ -581,8 +571,7 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
     - Where the held-out samples go: the downstream GBT (lr 0.1, depth 4, random_state=seed) trained on the
       known classes predicts them; predicted_counts = {class: count}, assigned = the most frequent class.
     - Per-dim distances: centroid_distance[c] = mean over held-out samples of |z − centroid_c| (centroids of
-      the known classes on train), centroid_distance_assigned = that row for `assigned`; spread_known[c] =
-      the same for class c's own training samples, holdout_spread = held-out samples around their own mean.
+      the known classes on train), centroid_distance_assigned = that row for `assigned` (paper Fig. 7).
     """
     z_train, y_train = _xy(z_train, y_train, "train")
     z_test, y_test = _xy(z_test, y_test, "test")
@@ -609,9 +598,7 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
     labels, counts = np.unique(pred, return_counts=True)
     assigned = labels[np.argmax(counts)]
     centroids = np.stack([z_known[y_known == c].mean(axis=0) for c in classes])
-    z_held = z_test[held]
-    dist = np.stack([np.abs(z_held - m).mean(axis=0) for m in centroids])
-    spread = np.stack([np.abs(z_known[y_known == c] - m).mean(axis=0) for c, m in zip(classes, centroids)])
+    dist = np.stack([np.abs(z_test[held] - m).mean(axis=0) for m in centroids])
     return dict(threshold=threshold,
                 detection_rate=float(np.mean(score[held] > threshold)),
                 false_alarm_rate=float(np.mean(score[known_test] > threshold)),
@@ -619,5 +606,4 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
                 predicted_counts={_py(c): int(n) for c, n in zip(labels, counts)},
                 assigned=_py(assigned), known_classes=[_py(c) for c in classes],
                 centroid_distance=dist, centroid_distance_assigned=dist[np.searchsorted(classes, assigned)],
-                spread_known=spread, holdout_spread=np.abs(z_held - z_held.mean(axis=0)).mean(axis=0),
                 n_holdout=int(held.sum()), n_known_test=int(known_test.sum()))

@@ -436,7 +436,7 @@ def test_open_set_far_cluster():
     assert sum(r["predicted_counts"].values()) == 40
     d = r["centroid_distance_assigned"]          # per-dim mean |z - centroid of class 1|
     assert d[2] == pytest.approx(8.0, abs=0.2) and d[0] < 0.5 and d[1] < 0.5
-    assert r["centroid_distance"].shape == (3, 3) and r["spread_known"][1, 2] < 0.5
+    assert r["centroid_distance"].shape == (3, 3)
     # Held-out samples inside a known cluster cannot be detected: AUROC ≈ 0.5.
     z_te2, y_te2 = clusters(40, known + [[3, 0, 0]], 1)
     r2 = metrics.open_set(z_tr, y_tr, z_te2, y_te2, holdout_label=3)
