@@ -95,9 +95,8 @@ QUICK = dict(seeds=(0, 1), betas=(1.0,), steps=500, epochs=5, n_train=2000, n_te
 
 
 def add_config_args(parser, several=()):
-    """One --flag per Config field, its help from the field; defaults stay None so that the preset
-    (paper or --quick) can fill what the command line leaves out. Fields in `several` take a list. Plus
-    --check-data, which both scripts take."""
+    """One --flag per Config field (`several`: fields that take a list), plus --check-data; defaults stay None,
+    so the preset (paper or --quick) fills what the command line leaves out."""
     for f in dataclasses.fields(Config):
         meta, flag = dict(f.metadata), "--" + f.name.replace("_", "-")
         if f.name in several:
@@ -401,12 +400,10 @@ def seed_torch(seed, device):
 
 def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
     """Adam (Kingma & Ba 2015) or AdamW (Loshchilov & Hutter 2019), PyTorch's fused kernel where there is one."""
-    if optimizer not in ("adam", "adamw"):
-        raise ValueError(f"unknown optimizer {optimizer!r} (adam or adamw)")
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
-    return (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(
-        params, lr=lr, weight_decay=weight_decay, fused=fused)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer](params, lr=lr, weight_decay=weight_decay,
+                                                                           fused=fused)
 
 
 def get_batch(x, idx):
