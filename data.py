@@ -4,21 +4,15 @@ microscopy targets (Dapueto et al. 2025, Sec. III; the official Malga-Vision/dis
 Imports only numpy, PIL, scipy and the standard library, so the file can be copied into other projects.
 Images everywhere are numpy uint8 arrays (n, H, W, 3) RGB.
 
-Contents, top to bottom:
-  1. Texture-dSprites: factors, shape masks, colours, textures, rendering.
-  2. Weak supervision (Locatello et al. 2020, k = 1): `sample_factors`, `sample_pairs`.
-  3. Image reading: `load_image`, `pad_to_square`, resizing, a small LRU cache.
-  4. synthetic-cells, the built-in target (`make_synthetic_cells`); folders.py reads the real ones.
-  5. Handcrafted features from masks: area, mean R/G/B, solidity.
+Top to bottom: 1. Texture-dSprites, 2. the k = 1 pair sampler, 3. image reading, 4. synthetic-cells, the
+built-in target (folders.py reads the real ones), 5. handcrafted features from masks.
 """
-
 import colorsys
 import functools
 import hashlib
 import os
 import warnings
 import zipfile
-from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -471,26 +465,6 @@ def resize_mask(mask, size):
     if sq.shape[0] != size:
         sq = np.asarray(Image.fromarray(sq).resize((size, size), Image.NEAREST))
     return sq > 127
-
-
-class ArrayCache:
-    """A small LRU of decoded, padded and resized arrays, up to `limit` bytes; make() on a miss. The images of
-    one dataset share one (folders.Target gives its ImageSets the same), keyed per file and size."""
-
-    def __init__(self, limit=256 * 2 ** 20):
-        self.arrays, self.limit, self.bytes = OrderedDict(), limit, 0
-
-    def get(self, key, make):
-        if key in self.arrays:
-            self.arrays.move_to_end(key)
-            return self.arrays[key]
-        value = make()
-        value.setflags(write=False)
-        self.arrays[key] = value
-        self.bytes += value.nbytes
-        while self.bytes > self.limit and len(self.arrays) > 1:
-            self.bytes -= self.arrays.popitem(last=False)[1].nbytes
-        return value
 
 
 # --- 4. synthetic-cells: a built-in, offline stand-in for the yeast-vacuole morphotypes (folders.py loads it) ----

@@ -4,18 +4,8 @@ Dapueto et al. 2025 (Sec. II): Φ(x) = CLS token of a frozen DINO ViT-B/16 on th
 ImageNet-normalised image; a VAE is trained on Φ (or on 64×64 pixels, the baseline) with the Ada-GVAE
 weak supervision of Locatello et al. 2020 on the source, then finetuned as a β-VAE on the target.
 
-Read top to bottom; the method first:
-  1. ViT-B/16 with the DINO module layout (state_dict loads the official checkpoint with strict=True).
-  2. Gaussian posteriors: KL terms (Kingma & Welling 2014, Eq. 10) and the reparameterisation.
-  3. Ada-GVAE aggregation (Locatello et al. 2020, Eq. 6-7; disentanglement_lib `group_vae_argmax`).
-  4. The VAEs: the feature MLP-VAE on Φ and the disentanglement_lib conv VAE on 64×64 pixels. Both are
-     called as model(batch, beta) -> dict(loss, recon, kl): β-VAE on images (Higgins et al. 2017, Eq. 4),
-     Ada-GVAE on a pair (x1, x2); `representation(x)` is μ. se2.SE2VAE follows the same protocol. β warm-up.
-then the machinery:
-  5. DINO weights: resolution (--dino-weights, $DRL_DINO_WEIGHTS, torch hub cache, download), loading;
-     torchvision's ImageNet classifiers as other backbones (paper Table IV), their weights the same way.
-  6. Feature extraction into an atomically written .npy cache; standardisation with source statistics.
-  7. Files: one atomic-write helper, checkpoint save/load, rebuilding a model.
+Read top to bottom: sections 1-4 are the method (the ViT, Gaussian posteriors, Ada-GVAE, the VAEs, each called as
+model(batch, beta) -> dict(loss, recon, kl) as se2.SE2VAE is), 5-7 the machinery (weights, feature extraction, files).
 The training loop lives in train.py.
 """
 import argparse

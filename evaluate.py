@@ -162,14 +162,10 @@ class Inputs:
         return train.SourceInputs(self.cfg, self.res)
 
     @functools.cached_property
-    def x_train(self):
-        return train.target_inputs(self.cfg, self.res, self.target.train, self.feature_stats,
-                                   f"{self.cfg.target}-train")
-
-    @functools.cached_property
-    def x_test(self):
-        return train.target_inputs(self.cfg, self.res, self.target.test, self.feature_stats,
-                                   f"{self.cfg.target}-test")
+    def x(self):
+        """The model inputs of the target's train and test images."""
+        return [train.target_inputs(self.cfg, self.res, getattr(self.target, part), self.feature_stats,
+                                    f"{self.cfg.target}-{part}") for part in ("train", "test")]
 
     @functools.cached_property
     def handcrafted(self):
@@ -200,7 +196,7 @@ def raw_baseline(inputs):
             x = torch.nn.functional.avg_pool2d(x, 8)
         return x.flatten(1).numpy().astype(np.float64)
     target, known = inputs.target, inputs.known
-    a, b = flat(inputs.x_train)[known["train"]], flat(inputs.x_test)[known["test"]]
+    a, b = flat(inputs.x[0])[known["train"]], flat(inputs.x[1])[known["test"]]
     result = metrics.downstream_accuracy(a, target.train.labels[known["train"]], b,
                                          target.test.labels[known["test"]], seed=0)
     result.pop("gbt_importance")
@@ -342,7 +338,7 @@ def score_models(cfg, res, target, pairs, inputs):
             if row[state] is None:
                 model = drl.load_model(path, res.device)[0]
                 z_grid = encode_grid(model, inputs.source, res.device) if dis is None else None
-                codes = [encode(model, x, res.device) for x in (inputs.x_train, inputs.x_test)]
+                codes = [encode(model, x, res.device) for x in inputs.x]
                 jobs.append((row, state, dis_parts, tgt_parts, delayed(score)(label, z_grid, dis, *codes, inputs.ctx)))
             else:
                 row[state]["disentanglement"] = dis

@@ -98,11 +98,10 @@ DATASETS = {
                             "4,049 cell crops in im_<Class>/CROPPED/")),
 }
 TARGETS = tuple(DATASETS) + ("synthetic-cells",)
-PAPER_SPLIT = "the paper's: stratified 80/20, seed 42 (the official code's train_test_split)"
-NATIVE_SPLIT = "the download's own train and test folders"
-SLIDE_SPLIT = "stratified 80/20 grouped by slide, seed 42 (--split-by-slide: no slide in both parts)"
-PROJECT_SPLIT = "stratified 80/20 per class, seed {seed} (saved and reused)"
-SPLITS = {"paper": PAPER_SPLIT, "native": NATIVE_SPLIT, "slide": SLIDE_SPLIT, "project": PROJECT_SPLIT}
+SPLITS = {"paper": "the paper's: stratified 80/20, seed 42 (the official code's train_test_split)",
+          "native": "the download's own train and test folders",
+          "slide": "stratified 80/20 grouped by slide, seed 42 (--split-by-slide: no slide in both parts)",
+          "project": "stratified 80/20 per class, seed {seed} (saved and reused)"}
 
 TEST_FRACTION = 0.2
 BAD_IMAGE_TOLERANCE = 0.01  # undecodable images skipped up to this fraction (or count, when >= 1); else an error
@@ -121,20 +120,18 @@ class ImageSet:
     """Labelled images decoded on demand: `.labels` (n,) int64, `.classes`, `.names` (paths relative to the
     target folder), `.images(idx, size)` → uint8 (n, size, size, 3) padded to a centred square and resized,
     `.masks(idx, size)` → bool (n, size, size) or None, `.has_masks`, `.digest`, `.subset(idx)`. Items are
-    files (`paths`, `masks`: a Mask or None each) or in-memory arrays (`arrays`, `mask_arrays`)."""
+    files (`paths`, `masks`: a Mask or None each) or rows of in-memory arrays (`arrays`, `mask_arrays`)."""
 
     def __init__(self, names, labels, classes, paths=None, masks=None, arrays=None,
-                 mask_arrays=None, rows=None, stamp="", content=None, cache=None):
-        self.names = list(names)
-        self._content = None if content is None else list(content)  # sha256 of each file (image + mask)
+                 mask_arrays=None, rows=None, stamp="", content=None):
+        self.names, self.classes = list(names), list(classes)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        self.classes = list(classes)
+        self._content = None if content is None else list(content)  # sha256 of each file (image + mask)
         self._paths, self._masks = paths, masks
         self._arrays, self._mask_arrays = arrays, mask_arrays
         self._rows = np.arange(len(self.names)) if rows is None else np.asarray(rows, np.int64)
         self._stamp = stamp  # identity of the in-memory arrays (their digest)
         self._digest = None
-        self._cache = cache or data.ArrayCache()  # shared with the subsets and the other split of the target
 
     def __len__(self):
         return len(self.names)
@@ -158,39 +155,30 @@ class ImageSet:
 
     def images(self, idx, size):
         """uint8 (n, size, size, 3) RGB, padded to a centred square and resized."""
-        items = [self._image(int(i), int(size)) for i in self._index(idx)]
-        return np.stack(items) if items else np.zeros((0, size, size, 3), np.uint8)
+        items = [data.resize_image(self._read(i), size) for i in self._index(idx)]
+        return np.array(items, np.uint8).reshape(-1, size, size, 3)
 
     def masks(self, idx, size):
         """bool (n, size, size) masks padded and resized like the images (nearest), or None."""
         if not self.has_masks:
             return None
-        items = [self._mask(int(i), int(size)) for i in self._index(idx)]
-        return np.stack(items) if items else np.zeros((0, size, size), bool)
+        return np.array([data.resize_mask(self._read(i, mask=True), size) for i in self._index(idx)],
+                        bool).reshape(-1, size, size)
 
-    def _image(self, i, size):
+    def _read(self, i, mask=False):
+        """Image i, uint8 (H, W, 3), or its mask, bool (H, W), as stored."""
         if self._arrays is not None:
-            r = int(self._rows[i])
-            return self._cache.get(("arr", self._stamp, r, size), lambda: data.resize_image(self._arrays[r], size))
-        p = self._paths[i]
-        return self._cache.get(("img", p, size), lambda: data.resize_image(data.load_image(p), size))
-
-    def _mask(self, i, size):
-        if self._mask_arrays is not None:
-            r = int(self._rows[i])
-            return self._cache.get(("amask", self._stamp, r, size),
-                                     lambda: data.resize_mask(self._mask_arrays[r], size))
-        m = self._masks[i]
-        return self._cache.get(("mask", m, size), lambda: data.resize_mask(read_mask(m), size))
+            return (self._mask_arrays if mask else self._arrays)[self._rows[i]]
+        return read_mask(self._masks[i]) if mask else data.load_image(self._paths[i])
 
     def subset(self, idx):
         """A new ImageSet with the items `idx` (same classes)."""
         idx = self._index(idx)
         pick = (lambda xs: None if xs is None else [xs[int(i)] for i in idx])
         return ImageSet([self.names[int(i)] for i in idx], self.labels[idx], self.classes,
-                        paths=pick(self._paths), masks=pick(self._masks),
-                        arrays=self._arrays, mask_arrays=self._mask_arrays, rows=self._rows[idx],
-                        stamp=self._stamp, content=pick(self._content), cache=self._cache)
+                        paths=pick(self._paths), masks=pick(self._masks), arrays=self._arrays,
+                        mask_arrays=self._mask_arrays, rows=self._rows[idx], stamp=self._stamp,
+                        content=pick(self._content))
 
     @property
     def digest(self):
@@ -313,14 +301,13 @@ def load_target(name, root=None, seed=0, split=None, split_name="the saved split
     for c in range(len(found.classes)):
         if not any(it.label == c for it in items):
             raise ValueError(f"class '{found.classes[c]}' in {found.top} has no readable images")
-    (masks, empty), cache = _find_masks(found, items, sizes, files), data.ArrayCache()
+    masks, empty = _find_masks(found, items, sizes, files)
 
     def make(part):
         return ImageSet([it.name for it in part], [it.label for it in part], found.classes,
                         paths=[it.path for it in part],
                         masks=None if masks is None else [masks.get(it.name) for it in part],
-                        content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part],
-                        cache=cache)
+                        content=[files[it.name] + _mask_digest(files, masks, it.name, found.top) for it in part])
 
     target = Target(name, found.classes, make(train), make(test), layout=found.layout, kind=kind, seed=seed,
                     path=found.top, bad=bad, left_out=found.left_out, ignored=ignored, files=files, empty_masks=empty)
@@ -790,11 +777,11 @@ def _synthetic_target(seed, saved, saved_name):
     names = [f"{data.SYNTHETIC_CLASSES[l]}/cell_{i:04d}" for i, l in enumerate(labels)]
     stamp = hashlib.sha256(b"synthetic-cells-v2" + images.tobytes() + masks.tobytes()).hexdigest()
     train, test = _split(names, labels, "project", seed, saved, saved_name, "synthetic-cells")
-    cache, files = data.ArrayCache(), {n: hashlib.sha256(images[k].tobytes()).hexdigest() for k, n in enumerate(names)}
+    files = {n: hashlib.sha256(images[k].tobytes()).hexdigest() for k, n in enumerate(names)}
 
     def make(idx):
         return ImageSet([names[k] for k in idx], labels[idx], data.SYNTHETIC_CLASSES, arrays=images,
-                        mask_arrays=masks, rows=idx, stamp=stamp, cache=cache)
+                        mask_arrays=masks, rows=idx, stamp=stamp)
 
     return Target("synthetic-cells", data.SYNTHETIC_CLASSES, make(train), make(test),
                   layout="built in (procedural, 4 morphology classes)", kind="project", seed=seed, files=files)

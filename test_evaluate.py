@@ -387,7 +387,7 @@ def test_evaluate_quick_on_a_fake_lensless_download(tmp_path, offline_hub, capsy
     assert "target lensless: the lensless download" in stdout and "20 train / 10 test images, 30 with a mask" in stdout
     folder = out / "eval/lensless-without-ARCELLA VULGARIS/pixels-conv-adagvae-z4-3steps-1ep"
     res = json.loads((folder / "results.json").read_text())
-    assert res["holdout_class"] == "ARCELLA VULGARIS" and res["data"]["split"] == folders.NATIVE_SPLIT
+    assert res["holdout_class"] == "ARCELLA VULGARIS" and res["data"]["split"] == folders.SPLITS["native"]
     assert res["data"]["folder"] == str(tmp_path / "dl")
     split = json.loads(open(res["data"]["split_file"]).read())                # the images tested, with their bytes
     assert res["data"]["split_file"] == str(out / "splits" / "lensless-native.json") and split["kind"] == "native"

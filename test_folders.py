@@ -73,7 +73,7 @@ def test_env_var_root(tmp_path, monkeypatch):
 def test_folder_with_native_split_and_masks(tmp_path):
     _make_folder(tmp_path, "vacuoles", ["live", "dead"], 8, native=True, masks=True)
     t = folders.load_target("vacuoles", root=str(tmp_path))
-    assert t.split_kind == folders.NATIVE_SPLIT and t.classes == ["dead", "live"] and t.kind == "native"
+    assert t.split_kind == folders.SPLITS["native"] and t.classes == ["dead", "live"] and t.kind == "native"
     assert len(t.train) == 16 and len(t.test) == 4
     assert all(n.startswith("train/") for n in t.train.names)
     assert all(n.startswith("test/") for n in t.test.names)
@@ -223,7 +223,7 @@ def test_sipakmed_download_reads_the_crops_with_their_contours_and_the_papers_sp
         t = folders.load_target("sipakmed", root=str(root))
         assert t.classes == list(folders.DATASETS["sipakmed"].classes) and t.path == str(top)
         assert len(t.train) + len(t.test) == 30 and all("/CROPPED/" in n for n in t.train.names + t.test.names)
-    assert t.split_kind == folders.PAPER_SPLIT and t.kind == "paper" and "im_<Class>/CROPPED" in t.layout
+    assert t.split_kind == folders.SPLITS["paper"] and t.kind == "paper" and "im_<Class>/CROPPED" in t.layout
     names = sorted(t.train.names + t.test.names)                   # ImageFolder's order: class, then file name
     labels = [t.classes.index(n.split("/")[0][3:]) for n in names]
     _, test = train_test_split(names, test_size=0.2, random_state=42, stratify=labels)
@@ -236,7 +236,7 @@ def test_sipakmed_download_reads_the_crops_with_their_contours_and_the_papers_sp
     assert len(folders.load_target("sipakmed", root=str(nested)).train) == 24
     _sipakmed(tmp_path / "five", slides=5)
     slides = folders.load_target("sipakmed", root=str(tmp_path / "five"), by_slide=True)
-    assert slides.split_kind == folders.SLIDE_SPLIT
+    assert slides.split_kind == folders.SPLITS["slide"]
     slide_of = lambda n: (n.split("/")[0], n.split("/")[-1][:3])  # noqa: E731 (class, slide)
     assert not {slide_of(n) for n in slides.train.names} & {slide_of(n) for n in slides.test.names}
     assert 10 <= len(slides.test) <= 20 and set(slides.test.labels) == set(range(5))   # 75 crops, ~1 slide per class
@@ -268,7 +268,7 @@ def test_whoi15_year_archive_takes_the_papers_15_classes_and_names_the_others(tm
     for root in (tmp_path, year):
         t = folders.load_target("whoi15", root=str(root))
         assert t.classes == sorted(WHOI15) and t.left_out == ["Guinardia", "ciliate_mix"]
-        assert len(t.train) == 60 and len(t.test) == 15 and t.split_kind == folders.PAPER_SPLIT
+        assert len(t.train) == 60 and len(t.test) == 15 and t.split_kind == folders.SPLITS["paper"]
     assert "2007 archive" in t.layout and "left out" not in t.layout
     assert "2 class folder(s) the paper does not use (Guinardia, ciliate_mix)" in folders.describe(t)
     os.rename(year / "Ditylum", year / "ditylum_x")
@@ -286,7 +286,7 @@ def test_whoi15_as_the_papers_code_reads_it_from_any_level(tmp_path):
     for root in (tmp_path, top, top / "2007", top / "2007" / "train"):
         t = folders.load_target("whoi15", root=str(root))
         assert t.path == str(top) and all(n.startswith("2007/train/") for n in t.train.names + t.test.names)
-        assert len(t.test) == 15 and t.split_kind == folders.PAPER_SPLIT
+        assert len(t.test) == 15 and t.split_kind == folders.SPLITS["paper"]
     with pytest.warns(UserWarning, match="another year of WHOI-Plankton"):   # another year: not the paper's
         t = folders.load_target("whoi15", root=str(top / "2008" / "train"))
     assert all(n.split("/")[0] in WHOI15 for n in t.train.names) and t.kind == "project"
@@ -314,7 +314,7 @@ def test_vacuoles_download_keeps_its_native_test_split_from_any_level(tmp_path):
     images = tmp_path / "Dataset" / "images"
     for root in (tmp_path, tmp_path / "Dataset", images, images / "train_annotated", images / "test" / "negative"):
         t = folders.load_target("vacuoles", root=str(root))
-        assert t.classes == ["condensed", "multiple", "negative", "positive"] and t.split_kind == folders.NATIVE_SPLIT
+        assert t.classes == ["condensed", "multiple", "negative", "positive"] and t.split_kind == folders.SPLITS["native"]
         assert len(t.train) == 16 and len(t.test) == 8 and t.path == str(tmp_path / "Dataset")
         assert all(n.startswith("images/train_annotated/") for n in t.train.names)
         assert all(n.startswith("images/test/") for n in t.test.names)
@@ -350,7 +350,7 @@ def test_lensless_download_with_its_jpeg_masks(tmp_path):
     with pytest.warns(UserWarning, match="1 mask.* up to 4 px off their image's size; padded or cropped"):
         t = folders.load_target("lensless", root=str(tmp_path))
     assert "PARAMECIUM BURSARIA" in t.classes and len(t.classes) == 10
-    assert len(t.train) == 30 and len(t.test) == 10 and t.split_kind == folders.NATIVE_SPLIT
+    assert len(t.train) == 30 and len(t.test) == 10 and t.split_kind == folders.SPLITS["native"]
     assert len(t.train.with_masks) == 30 and len(t.test.with_masks) == 10
     truth = _ellipse((40, 30)).sum()
     areas = [folders.read_mask(t.train._masks[i]).sum() for i in range(30)]
@@ -457,7 +457,7 @@ def test_the_papers_split_does_not_depend_on_the_spelling_of_the_class_folders(t
     a, b = (folders.load_target("whoi15", root=str(tmp_path / d)) for d in "ab")
     assert a.classes == b.classes == sorted(WHOI15)        # the official code's order of the download's spelling
     assert [n.split("/", 2)[2] for n in a.test.names] == [n.split("/", 2)[2] for n in b.test.names]
-    assert list(a.test.labels) == list(b.test.labels) and a.split_kind == b.split_kind == folders.PAPER_SPLIT
+    assert list(a.test.labels) == list(b.test.labels) and a.split_kind == b.split_kind == folders.SPLITS["paper"]
 
 
 def test_masks_that_fill_no_pixel_are_counted_apart_and_treated_as_missing(tmp_path):
@@ -505,7 +505,7 @@ def test_an_undecodable_image_leaves_the_papers_test_images_as_they_were(tmp_pat
     broken.write_bytes(b"not an image")
     t = folders.load_target("sipakmed", root=str(tmp_path / "s"), max_bad=1)
     assert t.test.names == full.test.names[1:] and t.train.names == full.train.names
-    assert t.split_kind == folders.PAPER_SPLIT and [n for n, _ in t.bad] == [full.test.names[0]]
+    assert t.split_kind == folders.SPLITS["paper"] and [n for n, _ in t.bad] == [full.test.names[0]]
 
 
 def test_every_run_records_its_split_with_a_sha256_per_image(tmp_path):
