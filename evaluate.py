@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import time
-import types
 import warnings
 
 from sklearn.utils.parallel import Parallel, delayed
@@ -75,8 +74,8 @@ def encode(model, x, device, batch=1024):
 
 
 def encode_grid(model, source, device, batch=1000):
-    """The codes of every Texture-dSprites image, rendered and encoded `batch` at a time in grid order, as
-    metrics.disentanglement_scores encodes the grid (the same batches, so the same numbers)."""
+    """The codes of every Texture-dSprites image (what metrics.disentanglement_scores scores), rendered and encoded
+    `batch` at a time in grid order."""
     grid = np.stack(np.unravel_index(np.arange(len(source.dataset)), source.factor_sizes), 1)
     return np.concatenate([encode(model, source.render(grid[i:i + batch]), device) for i in range(0, len(grid), batch)])
 
@@ -95,13 +94,12 @@ def score(label, z_grid, dis, z_train, z_test, ctx):
     """Every number of one model in one state, from its codes (this runs in a worker process): DCI, MIG and
     OMES on Texture-dSprites (Table III; `dis` when cached), then the target's (target_scores). Returns
     (dis, target scores, seconds, the warnings raised)."""
-    t0, sizes = time.time(), ctx["factor_sizes"]  # a source whose 'images' are grid indices, encoded by look-up
-    grid = types.SimpleNamespace(factor_sizes=sizes, render=lambda f: np.ravel_multi_index(np.asarray(f).T, sizes))
+    t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:  # said again by the main process
         warnings.simplefilter("always")
         if dis is None:
             dis = _attempt(label, "DCI/MIG/OMES", lambda: metrics.disentanglement_scores(
-                z_grid.__getitem__, grid, n_train=ctx["n_train"], n_test=ctx["n_test"], seed=0, n_jobs=1))
+                z_grid, ctx["factor_sizes"], n_train=ctx["n_train"], n_test=ctx["n_test"], seed=0, n_jobs=1))
         scores = target_scores(dis, z_train, z_test, ctx, label)
     return dis, scores, time.time() - t0, [str(w.message) for w in caught]
 

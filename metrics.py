@@ -337,18 +337,17 @@ def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
     return np.round(M, 4)
 
 
-# --- All three on a factor-grid source (Texture-dSprites or any other) -------------------------------------------
+# --- All three from the codes of a factor grid (Texture-dSprites or any other) ------------------------------------
 
-def disentanglement_scores(encode, source, n_train=10000, n_test=5000, seed=0, *, batch_size=1000, n_jobs=-1,
+def disentanglement_scores(z_grid, factor_sizes, n_train=10000, n_test=5000, seed=0, *, n_jobs=-1,
                            omes_pairs="resample"):
-    """DCI, MIG and OMES of one model on a factor grid (Texture-dSprites: 25,200 images), encoded whole, once.
+    """DCI, MIG and OMES of one model from the codes of its whole factor grid (Texture-dSprites: 25,200 images).
 
-    source: any object with `.factor_sizes` (tuple of ints) and `.render(factors (n, K) int) -> images`;
-    encode(images) -> array (n, d) (the deterministic code, e.g. μ). Every grid point is rendered and encoded,
-    `batch_size` (1,000) at a time in C order; the rest is look-up, so with `seed` fixed (default 0) every model
-    is scored on the same images.
+    z_grid (prod(factor_sizes), d): the deterministic code (e.g. μ) of every grid point in C order
+    (np.ndindex(*factor_sizes)). With `seed` fixed (default 0) every model is scored on the same images.
     - DCI / MIG: n_train = 10,000 and n_test = 5,000 factor rows drawn uniformly from the grid (with
-      replacement), as in disentanglement_lib's study configs. DCI: train/test; MIG: the train codes.
+      replacement), as in disentanglement_lib's study configs, their codes looked up. DCI: train/test; MIG:
+      the train codes.
     - OMES on EVERY pair of the grid (grid_relation_matrix): exact, no pair sampling, no seed noise. In a pair
       the anchor's factor f is redrawn: omes_pairs="resample" (default) uniformly over all its values (equal to
       the old one with probability 1/size), so a dim that encodes f and nothing else gives uncorrelated codes,
@@ -358,21 +357,16 @@ def disentanglement_scores(encode, source, n_train=10000, n_test=5000, seed=0, *
     n_jobs goes to `dci`. Returns dict(dci=dci(...), mig=float, omes=omes(...) + pairs "all", n_train, n_test,
     seed, omes_pairs).
     """
-    sizes = tuple(int(s) for s in getattr(source, "factor_sizes", ()))
-    if not sizes or min(sizes) < 1 or not hasattr(source, "render"):
-        raise ValueError("source must expose .factor_sizes (positive ints) and .render(factors) -> images")
-    if min(n_train, n_test) < 2 or batch_size < 1:
-        raise ValueError(f"n_train and n_test must be >= 2 (got {n_train}, {n_test})")
+    sizes = tuple(int(s) for s in factor_sizes)
+    z_grid = _codes(z_grid, "z_grid")
+    if len(z_grid) != math.prod(sizes) or min(n_train, n_test) < 2:
+        raise ValueError(f"need the codes of all {math.prod(sizes)} grid points (got {len(z_grid)}) and n_train, "
+                         f"n_test >= 2 (got {n_train}, {n_test})")
     if omes_pairs not in ("resample", "differ"):
         raise ValueError(f"omes_pairs must be 'resample' (default) or 'differ' (official), got {omes_pairs!r}")
     rng = np.random.default_rng(seed)
     f_train = np.stack([rng.integers(0, s, n_train) for s in sizes], axis=1)
     f_test = np.stack([rng.integers(0, s, n_test) for s in sizes], axis=1)
-    grid = np.stack(np.unravel_index(np.arange(math.prod(sizes)), sizes), 1)
-    z_grid = np.concatenate([np.asarray(encode(source.render(grid[i:i + batch_size])), np.float64)
-                             for i in range(0, len(grid), batch_size)])
-    if z_grid.ndim != 2 or len(z_grid) != len(grid):
-        raise ValueError(f"encode must return an array (n, d) for n images; got {z_grid.shape} for {len(grid)}")
     z_train = z_grid[np.ravel_multi_index(f_train.T, sizes)]
     z_test = z_grid[np.ravel_multi_index(f_test.T, sizes)]
     varying = [f for f, s in enumerate(sizes) if s >= 2]

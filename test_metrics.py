@@ -10,16 +10,6 @@ import metrics
 SIZES = (5, 7, 3, 6, 40)  # Texture-dSprites factor sizes
 
 
-class FakeSource:
-    """A factor grid whose 'images' are the factor rows themselves."""
-
-    def __init__(self, sizes=SIZES):
-        self.factor_sizes = tuple(sizes)
-
-    def render(self, factors):
-        return np.asarray(factors, dtype=np.float64)
-
-
 def fake_encoder(sizes, d=10, seed=0, mix=0.3, noise=0.05):
     """Nonlinear 10-dim code: dim k mostly encodes factor k, some mixing, 2 nuisance dims, 3 inactive dims."""
     rng = np.random.default_rng(seed)
@@ -306,33 +296,31 @@ def test_grid_relation_matrix_equals_all_pairs():
     np.testing.assert_allclose(M, [[0, 0.5, 0]])
 
 
-def test_disentanglement_scores_encode_the_grid_once_and_look_up_the_samples():
-    src = FakeSource((3, 4, 1, 5))   # factor 2 has a single value: skipped by DCI/MIG, no OMES pairs
-    calls = []
+def grid_codes(encoder, sizes):
+    """The codes of every point of a factor grid, in C order."""
+    return encoder(np.stack(np.unravel_index(np.arange(int(np.prod(sizes))), sizes), 1).astype(np.float64))
 
-    def enc(images):
-        calls.append(len(images))
-        return fake_encoder((3, 4, 1, 5), d=6)(images)
+
+def test_disentanglement_scores_look_up_the_samples_in_the_grid():
+    sizes = (3, 4, 1, 5)     # factor 2 has a single value: skipped by DCI/MIG, no OMES pairs
+    enc = fake_encoder(sizes, d=6)
     with pytest.warns(UserWarning, match="factor 2 is constant"):
-        r = metrics.disentanglement_scores(enc, src, n_train=700, n_test=300, seed=0, batch_size=25, n_jobs=1)
-    assert calls == [25, 25, 10]                             # the 60 grid points, encoded once
+        r = metrics.disentanglement_scores(grid_codes(enc, sizes), sizes, n_train=700, n_test=300, seed=0, n_jobs=1)
     assert r["omes"]["factors"] == [0, 1, 3] and r["omes"]["pairs"] == "all"
     assert r["dci"]["importance"].shape == (6, 4) and r["dci"]["factors_used"] == [0, 1, 3]
     assert 0.3 < r["dci"]["disentanglement"] < 1 and 0.2 < r["mig"] < 1 and 0.2 < r["omes"]["omes"] < 1
     # MIG of the seeded factor rows, looked up in the grid's codes
     rng = np.random.default_rng(0)
-    f_train = np.stack([rng.integers(0, s, 700) for s in (3, 4, 1, 5)], 1)
+    f_train = np.stack([rng.integers(0, s, 700) for s in sizes], 1)
     with pytest.warns(UserWarning, match="factor 2 is constant"):
-        assert r["mig"] == pytest.approx(metrics.mig(enc(f_train), f_train))
+        assert r["mig"] == pytest.approx(metrics.mig(enc(f_train.astype(np.float64)), f_train))
     # A permuted, rescaled copy of the model gets the same MIG and OMES.
     with pytest.warns(UserWarning):
-        r2 = metrics.disentanglement_scores(lambda x: enc(x)[:, ::-1] * 3, src, n_train=700, n_test=300, seed=0,
-                                            n_jobs=1)
+        r2 = metrics.disentanglement_scores(grid_codes(enc, sizes)[:, ::-1] * 3, sizes, n_train=700, n_test=300,
+                                            seed=0, n_jobs=1)
     assert r2["mig"] == pytest.approx(r["mig"]) and r2["omes"]["omes"] == pytest.approx(r["omes"]["omes"])
-    with pytest.raises(ValueError, match="encode must return"):
-        metrics.disentanglement_scores(lambda x: np.zeros(len(x)), src, n_train=20, n_test=10)
-    with pytest.raises(ValueError, match="factor_sizes"):
-        metrics.disentanglement_scores(enc, object())
+    with pytest.raises(ValueError, match="all 60 grid points"):
+        metrics.disentanglement_scores(grid_codes(enc, sizes)[:50], sizes, n_train=20, n_test=10)
 
 
 def test_omes_is_exact_and_the_same_for_every_seed(monkeypatch):
@@ -340,7 +328,8 @@ def test_omes_is_exact_and_the_same_for_every_seed(monkeypatch):
     out: only OMES is run)."""
     monkeypatch.setattr(metrics, "dci", lambda *a, **k: {})
     monkeypatch.setattr(metrics, "mig", lambda *a, **k: 0.0)
-    runs = [metrics.disentanglement_scores(fake_encoder(SIZES), FakeSource(), seed=s) for s in range(3)]
+    z_grid = grid_codes(fake_encoder(SIZES), SIZES)
+    runs = [metrics.disentanglement_scores(z_grid, SIZES, seed=s) for s in range(3)]
     assert max(r["omes"]["omes"] for r in runs) - min(r["omes"]["omes"] for r in runs) < 1e-12
     assert 0.3 < runs[0]["omes"]["omes"] < 0.9
 

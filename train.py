@@ -307,7 +307,7 @@ class SourceInputs:
     """The model input of every Texture-dSprites image as one tensor on the device, addressed by factors.
 
     pixels: uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch; else standardised Φ (N, D).
-    Exposes `factor_sizes` and `render(factors)` so metrics.disentanglement_scores can use it directly.
+    `render(factors)` gives the model inputs of (n, 5) factor rows.
     """
 
     def __init__(self, cfg, res):

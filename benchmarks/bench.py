@@ -295,14 +295,6 @@ def bench_sweep(args):
 
 # --- 4. DCI + MIG + OMES of one model (Φ path: features cached, so encoding is a lookup + the VAE encoder) -------
 
-class _IndexSource:
-    """A Texture-dSprites factor grid whose 'images' are flat indices into a cached feature bank."""
-    factor_sizes = data.FACTOR_SIZES
-
-    def render(self, factors):
-        return np.ravel_multi_index(np.asarray(factors).T, self.factor_sizes)
-
-
 def bench_metrics(args):
     """The feature bank stands in for cached Φ: a random linear image of the one-hot factors plus noise, so the
     codes carry the factors as a trained model's would; the random encoder's last layer is rescaled so that
@@ -320,12 +312,10 @@ def bench_metrics(args):
         last.weight[:10] /= spread[:, None]
         last.bias[:10] /= spread
 
-    def encode(idx):
-        return model.representation(bank[torch.as_tensor(idx)]).numpy()
-
     kw = dict(n_train=1000, n_test=500) if args.quick else {}
     t0 = time.perf_counter()
-    scores = metrics.disentanglement_scores(encode, _IndexSource(), seed=0, **kw)
+    z_grid = np.concatenate([model.representation(bank[i:i + 1000]).numpy() for i in range(0, len(bank), 1000)])
+    scores = metrics.disentanglement_scores(z_grid, sizes, seed=0, **kw)
     dt = time.perf_counter() - t0
     wl = workload(args, model="FeatureVAE(768,512,10), random weights, synthetic feature bank (25200,768)",
                   n_train=scores["n_train"], n_test=scores["n_test"], omes_pairs=scores["omes"]["pairs"],
