@@ -296,9 +296,8 @@ def evaluate_all(cfg, res, target, pairs, folder):
                source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
 
     def draw():
-        return timed("figures and galleries", lambda: {
-            **make_figures(folder, per_model, inputs, cfg, data.FACTOR_NAMES, shown),
-            **latent_figures(folder, res, inputs, pairs[shown][1], per_model[shown]["after"], _label(per_model[shown]))})
+        return timed("figures and galleries", lambda: make_figures(folder, res, inputs, per_model, shown,
+                                                                    pairs[shown][1]))
     figures, _ = cached(cfg, dict(key, folder=folder), draw)  # the figures' paths and the Fig. 3 numbers
     if not all(os.path.exists(os.path.join(folder, v)) for v in figures.values() if str(v).endswith(".png")):
         figures = json.loads(json.dumps(draw(), default=json_default))  # a figure was deleted: redraw
@@ -410,9 +409,7 @@ def explicitness(cfg, resolved):
     rows = []
     f_tr, f_te = dataset.index_to_factors(tr), dataset.index_to_factors(te)
     for res in resolved:
-        t0 = time.time()
         phi = np.asarray(train.features(cfg, res, name, digest, n, lambda i: dataset.images(chosen[i])))
-        t1 = time.time()
         a, b = phi[np.searchsorted(chosen, tr)], phi[np.searchsorted(chosen, te)]
         key = dict(part="explicitness", backbone=res.backbone, weights=res.weights_digest,
                    precision=res.precision, source=dataset.digest, train=tr, test=te, gbt_max_features=max_features)
@@ -420,9 +417,9 @@ def explicitness(cfg, resolved):
             f"{res.backbone}: GBT + MLP per factor on {len(tr)} + {len(te)} images", lambda: metrics.explicitness(
                 a, f_tr, b, f_te, data.FACTOR_NAMES, seed=0, gbt_max_features=max_features)))
         rows.append({"backbone": res.backbone, "weights": res.weights, "feature_dim": int(phi.shape[1]),
-                     "scores": scores, "phi_seconds": round(t1 - t0, 1), "fit_seconds": round(time.time() - t1, 1)})
+                     "scores": scores})
         say(f"explicitness: {res.backbone}: GBT all {100 * scores['all']['gbt']:.2f} %, MLP all "
-            f"{100 * scores['all']['mlp']:.2f} % (Φ {rows[-1]['phi_seconds']} s, fits {rows[-1]['fit_seconds']} s)")
+            f"{100 * scores['all']['mlp']:.2f} %")
     chance = {f: 1 / s for f, s in zip(data.FACTOR_NAMES, data.FACTOR_SIZES)}
     chance["all"] = float(np.mean(list(chance.values())))
     return {"factors": list(data.FACTOR_NAMES), "factor_sizes": list(data.FACTOR_SIZES), "quick": cfg.quick,
@@ -448,8 +445,6 @@ def explicitness_report(r):
         for clf in ("gbt", "mlp"):
             lines.append(f"| {row['backbone']} | {row['feature_dim']} | {clf.upper()} | "
                          + " | ".join(f"{100 * row['scores'][c][clf]:.2f}" for c in cols) + " |")
-    lines += ["", "Seconds (0 when cached): " + "; ".join(f"{row['backbone']} Φ {row['phi_seconds']}, fits "
-                                                       f"{row['fit_seconds']}" for row in r["backbones"]) + "."]
     lines += ["", "Weights: " + "; ".join(f"{row['backbone']} `{row['weights']}`" for row in r["backbones"]) + ".",
               "", f"Every number is in `results.json`. Run time {r['seconds']} s.", ""]
     return "\n".join(lines)
@@ -598,23 +593,45 @@ def median_model(per_model):
     return sorted(range(len(score)), key=lambda i: (score[i], i))[(len(score) - 1) // 2]
 
 
-def make_figures(folder, per_model, inputs, cfg, factor_names, shown):
-    """Paper Figs. 3-7 as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Figs. 4-7
-    show model `shown` (median_model; its seed and β are in the titles); Fig. 3 the mean over models."""
-    target = inputs.target
-    fig_dir = os.path.join(folder, "figures")
-    out = {"factor_order": list(factor_names),
-           "importance_by_factor": {s: importance_by_factor(per_model, s, factor_names) for s in STATES}}
-    out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
+GALLERY_COLUMNS = 9           # images per gallery row: the nearest to each of 9 evenly spaced quantiles of the dim
+SOURCE_GALLERY_IMAGES = 2000  # the Texture-dSprites images (a fixed random subset) the source gallery picks from
+
+
+def make_figures(folder, res, inputs, per_model, shown, path):
+    """The figures as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Fig. 3 is the mean
+    over models; the others show model `shown` (median_model; `path` its finetuned checkpoint; its seed and β
+    in the titles): the two dims the GBT relies on most (Figs. 4-5) and the class means on them, the
+    handcrafted-feature correlations (Fig. 6), the held-out class (Fig. 7), and what each active dim means in
+    images: galleries of the target's test images and of Texture-dSprites along every dim, traversals of a
+    decoded code (pixel models; a Φ model's decoder returns features)."""
+    target, cfg, fig_dir = inputs.target, inputs.cfg, os.path.join(folder, "figures")
     m, who = per_model[shown]["after"], _label(per_model[shown])
-    out["model_shown"] = who
+    out = {"factor_order": list(data.FACTOR_NAMES), "model_shown": who,
+           "importance_by_factor": {s: importance_by_factor(per_model, s, data.FACTOR_NAMES) for s in STATES}}
+    out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
     out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
-    if target.test.has_masks and len(target.test.with_masks) >= 3:
-        pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
-        if pairs:
-            out["fig6_correlation"] = _fig_correlation(fig_dir, m, *inputs.handcrafted, pairs, who)
+    out["class_means"] = _fig_class_means(fig_dir, m, target, who)
+    pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
+    if target.test.has_masks and len(target.test.with_masks) >= 3 and pairs:
+        out["fig6_correlation"] = _fig_correlation(fig_dir, m, *inputs.handcrafted, pairs, who)
     if cfg.holdout_class and m.get("open_set") and m["open_set"].get("centroid_distance_assigned") is not None:
         out["fig7_open_set"] = _fig_open_set(fig_dir, m, target, cfg.holdout_class, who)
+    model = drl.load_model(path, res.device)[0]
+    dims = m["active_dims"] or list(range(len(m["dim_names"])))
+    names = [f"z{d} {m['dim_names'][d]}" for d in dims]
+    z, src = m["_z_test"], inputs.source
+    index, values = metrics.latent_gallery(z, dims, GALLERY_COLUMNS)
+    out["gallery_dims"] = dims
+    out["gallery_target"] = _fig_gallery(fig_dir, "gallery_target.png", target.test.images(index.ravel(), 64), values,
+                                         names, f"{cfg.target} test images along each dim ({who})")
+    pick = np.sort(np.random.default_rng(0).choice(len(src.dataset), SOURCE_GALLERY_IMAGES, replace=False))
+    index, values = metrics.latent_gallery(encode(model, src.x[pick], res.device), dims, GALLERY_COLUMNS)
+    out["gallery_source"] = _fig_gallery(fig_dir, "gallery_source.png", src.dataset.images(pick[index.ravel()]),
+                                         values, names, f"Texture-dSprites along each dim ({who})")
+    swept = traversal(model, z, dims)
+    if swept is not None:
+        out["traversals"] = _fig_gallery(fig_dir, "traversals.png", *swept, names,
+                                         f"one test code, each dim swept over its mean ± 2 SD, decoded ({who})")
     return out
 
 
@@ -684,36 +701,6 @@ def _fig_open_set(fig_dir, m, target, holdout, who):
     assigned = target.classes[int(m["open_set"]["assigned"])]
     ax.set_title(f"held-out {holdout}: distance to the centroid of {assigned} ({who})", fontsize=8)
     return _save(fig, fig_dir, "fig7_open_set.png")
-
-
-GALLERY_COLUMNS = 9           # images per gallery row: the nearest to each of 9 evenly spaced quantiles of the dim
-SOURCE_GALLERY_IMAGES = 2000  # the Texture-dSprites images (a fixed random subset) the source gallery picks from
-
-
-def latent_figures(folder, res, inputs, path, m, who):
-    """What each active dim of one model (m: its scores after finetuning, `path` its checkpoint) means, in
-    images: galleries of the target's test images and of Texture-dSprites along every dim, traversals of a
-    decoded code (pixel models; a Φ model's decoder returns features), the classes on the two dims the GBT
-    relies on most."""
-    fig_dir = os.path.join(folder, "figures")
-    model = drl.load_model(path, res.device)[0]
-    dims = m["active_dims"] or list(range(len(m["dim_names"])))
-    names = [f"z{d} {m['dim_names'][d]}" for d in dims]
-    z, test, src = m["_z_test"], inputs.target.test, inputs.source
-    index, values = metrics.latent_gallery(z, dims, GALLERY_COLUMNS)
-    out = {"gallery_dims": dims, "gallery_target": _fig_gallery(
-        fig_dir, "gallery_target.png", test.images(index.ravel(), 64), values, names,
-        f"{inputs.cfg.target} test images along each dim ({who})")}
-    pick = np.sort(np.random.default_rng(0).choice(len(src.dataset), SOURCE_GALLERY_IMAGES, replace=False))
-    index, values = metrics.latent_gallery(encode(model, src.x[pick], res.device), dims, GALLERY_COLUMNS)
-    out["gallery_source"] = _fig_gallery(fig_dir, "gallery_source.png", src.dataset.images(pick[index.ravel()]),
-                                         values, names, f"Texture-dSprites along each dim ({who})")
-    swept = traversal(model, z, dims)
-    if swept is not None:
-        out["traversals"] = _fig_gallery(fig_dir, "traversals.png", *swept, names,
-                                         f"one test code, each dim swept over its mean ± 2 SD, decoded ({who})")
-    out["class_means"] = _fig_class_means(fig_dir, m, inputs.target, who)
-    return out
 
 
 def traversal(model, z, dims, n=GALLERY_COLUMNS):
