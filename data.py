@@ -43,30 +43,11 @@ _SQUARE_SIDE = 0.30   # square side at scale 1, as a fraction of the image (≈ 
 _SUPERSAMPLE = 4      # anti-aliasing: 4×4 samples per pixel
 
 
-def _lch_to_srgb(L, C, h_deg):
-    """CIELCh(ab) (D65) → sRGB in [0, 1] (clipped). Used for six hues of equal lightness L*."""
-    h = np.deg2rad(h_deg)
-    a, b = C * np.cos(h), C * np.sin(h)
-    fy = np.full_like(a, (L + 16) / 116)
-    fx, fz = fy + a / 500, fy - b / 200
-
-    def finv(t):
-        return np.where(t > 6 / 29, t ** 3, 3 * (6 / 29) ** 2 * (t - 4 / 29))
-
-    xyz = np.stack([0.95047 * finv(fx), 1.0 * finv(fy), 1.08883 * finv(fz)], -1)
-    m = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
-    lin = xyz @ m.T
-    srgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * np.clip(lin, 0, None) ** (1 / 2.4) - 0.055)
-    return np.clip(srgb, 0.0, 1.0)
-
-
-def texture_colours():
-    """(7, 3) float: white, then six hues of equal CIELAB lightness L* = 70 (chroma 40, hue 5° + 60°k).
-
-    The official code uses seaborn's husl_palette(6, l=.7); this is the same idea (equal lightness,
-    evenly spaced hues) computed without seaborn; all six are inside the sRGB gamut, so L* is exact."""
-    hues = 5.0 + 60.0 * np.arange(6)
-    return np.concatenate([np.ones((1, 3)), _lch_to_srgb(70.0, 40.0, hues)]).astype(np.float32)
+# White, then six hues of equal CIELAB lightness L* = 70 (chroma 40, hues 5° + 60°k, D65), in sRGB. The official
+# code uses seaborn's husl_palette(6, l=.7), the same idea; all six are inside the gamut, so L* is exact (tested).
+COLOURS = np.array([(1.0, 1.0, 1.0), (0.94174796, 0.55805296, 0.6521549), (0.8612951, 0.6207745, 0.41520536),
+                    (0.58843106, 0.71062756, 0.4319871), (0.18530756, 0.74665827, 0.6908398),
+                    (0.21604156, 0.7177184, 0.9258569), (0.71783686, 0.6250306, 0.90450615)], np.float32)
 
 
 def procedural_textures(size=64):
@@ -251,7 +232,7 @@ class TextureDSprites:
         self.textures_dir, self.dsprites_path = textures, dsprites
         self.textures = (procedural_textures(self.size) if textures is None
                          else load_textures(textures, self.size))          # (5, S, S) in [0, 1]
-        self.colours = texture_colours()                                    # (7, 3) in [0, 1]
+        self.colours = COLOURS                                              # (7, 3) in [0, 1]
         # fail early on a wrong dSprites file; its masks are read lazily (first render)
         self._dsprites_id = None if dsprites is None else _check_dsprites(dsprites)
         self._masks = None
