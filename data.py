@@ -235,8 +235,6 @@ class TextureDSprites:
         self.colours = COLOURS                                              # (7, 3) in [0, 1]
         # fail early on a wrong dSprites file; its masks are read lazily (first render)
         self._dsprites_id = None if dsprites is None else _check_dsprites(dsprites)
-        self._masks = None
-        self._digest = None
         # colour × texture × 255 for the 35 (texture, colour) pairs: (35, S, S, 3)
         self._coltex = (self.textures[:, None, :, :, None] * self.colours[None, :, None, None, :]
                         * 255.0).reshape(35, self.size, self.size, 3).astype(np.float32)
@@ -245,26 +243,21 @@ class TextureDSprites:
     def __len__(self):
         return int(np.prod(FACTOR_SIZES))
 
-    @property
+    @functools.cached_property
     def masks(self):
         """(720, S, S) float32 shape masks, row = shape·240 + scale·40 + orientation."""
-        if self._masks is None:
-            m = (procedural_masks(self.size) if self.dsprites_path is None
-                 else dsprites_masks(self.dsprites_path, self.size))
-            self._masks = np.ascontiguousarray(m.reshape(720, self.size, self.size))
-        return self._masks
+        m = procedural_masks(self.size) if self.dsprites_path is None else dsprites_masks(self.dsprites_path, self.size)
+        return np.ascontiguousarray(m.reshape(720, self.size, self.size))
 
-    @property
+    @functools.cached_property
     def digest(self):
         """sha256 over the version string, size, textures, colours and masks (used in cache keys).
         With a dSprites file, its arrays' CRC-32s stand for the masks (no need to read 3 GB)."""
-        if self._digest is None:
-            h = hashlib.sha256(f"{DATA_VERSION}|{self.size}|{self._dsprites_id}".encode())
-            shapes = self.masks if self._dsprites_id is None else np.zeros(0, np.float32)
-            for a in (self.textures, self.colours, shapes):
-                h.update(np.ascontiguousarray(a, np.float32).tobytes())
-            self._digest = h.hexdigest()
-        return self._digest
+        h = hashlib.sha256(f"{DATA_VERSION}|{self.size}|{self._dsprites_id}".encode())
+        shapes = self.masks if self._dsprites_id is None else np.zeros(0, np.float32)
+        for a in (self.textures, self.colours, shapes):
+            h.update(np.ascontiguousarray(a, np.float32).tobytes())
+        return h.hexdigest()
 
     def index_to_factors(self, idx):
         """Mixed-radix decode, factors in FACTOR_NAMES order: (n,) → (n, 5) int64."""

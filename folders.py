@@ -10,6 +10,7 @@ one. A plain `<class>/<image>` or `train|test/<class>/<image>` folder works for 
 
 """
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -131,7 +132,6 @@ class ImageSet:
         self._arrays, self._mask_arrays = arrays, mask_arrays
         self._rows = np.arange(len(self.names)) if rows is None else np.asarray(rows, np.int64)
         self._stamp = stamp  # identity of the in-memory arrays (their digest)
-        self._digest = None
 
     def __len__(self):
         return len(self.names)
@@ -180,18 +180,16 @@ class ImageSet:
                         mask_arrays=self._mask_arrays, rows=self._rows[idx], stamp=self._stamp,
                         content=pick(self._content))
 
-    @property
+    @functools.cached_property
     def digest(self):
         """sha256 over names (relative paths), labels, classes and each file's bytes (or the arrays'
         digest): a copied folder is the same dataset, an edited image another one."""
-        if self._digest is None:
-            h = hashlib.sha256(json.dumps([self.names, self.labels.tolist(), self.classes]).encode())
-            h.update(self._stamp.encode())
-            h.update(self._rows.tobytes() if self._arrays is not None else b"")
-            if self._content is not None:  # file-backed sets; in-memory ones are identified by the stamp
-                h.update(json.dumps(self._content).encode())
-            self._digest = h.hexdigest()
-        return self._digest
+        h = hashlib.sha256(json.dumps([self.names, self.labels.tolist(), self.classes]).encode())
+        h.update(self._stamp.encode())
+        h.update(self._rows.tobytes() if self._arrays is not None else b"")
+        if self._content is not None:  # file-backed sets; in-memory ones are identified by the stamp
+            h.update(json.dumps(self._content).encode())
+        return h.hexdigest()
 
 
 class Target:
