@@ -72,14 +72,6 @@ def procedural_textures(size=64):
     return np.stack(out).astype(np.float32)
 
 
-def _image_files(folder):
-    """Sorted non-hidden files in `folder` whose extension PIL knows."""
-    exts = IMAGE_EXTENSIONS
-    return sorted(f for f in os.listdir(folder)
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
-                  and os.path.isfile(os.path.join(folder, f)))
-
-
 IMAGE_EXTENSIONS = frozenset(e.lower() for e in Image.registered_extensions())  # every format PIL reads
 
 
@@ -93,7 +85,8 @@ def load_textures(folder, size=64):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"textures folder {folder} not found; give a folder with 5 grayscale "
                                 f"images (--textures DIR) or leave it out for procedural textures")
-    files = _image_files(folder)
+    files = sorted(f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))
+                   and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
     if len(files) < 5:
         raise ValueError(f"textures folder {folder} has {len(files)} images, need 5 grayscale images "
                          f"(--textures DIR)")
@@ -102,13 +95,10 @@ def load_textures(folder, size=64):
                       f"sorted order: {', '.join(files[:5])}")
     out = []
     for f in files[:5]:
-        rgb = load_image(os.path.join(folder, f))
-        gray = np.asarray(Image.fromarray(rgb).convert("L"))
-        h, w = gray.shape
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        gray = gray[top:top + s, left:left + s]
-        gray = Image.fromarray(gray).resize((size, size), Image.BILINEAR)
+        gray = np.asarray(Image.fromarray(load_image(os.path.join(folder, f))).convert("L"))
+        s = min(gray.shape)
+        top, left = (gray.shape[0] - s) // 2, (gray.shape[1] - s) // 2
+        gray = Image.fromarray(gray[top:top + s, left:left + s]).resize((size, size), Image.BILINEAR)
         out.append(np.asarray(gray, dtype=np.float32) / 255.0)
     return np.stack(out)
 
