@@ -363,14 +363,8 @@ def dino_state_dict(obj):
         obj = obj["teacher"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError("not a state dict of tensors")
-    sd = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if not k.startswith("head."):
-            sd[k] = v
-    return sd
+    sd = {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in obj.items()}
+    return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
 def load_dino(path=None, device="cpu", download=True, config=None):
