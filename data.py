@@ -31,7 +31,6 @@ SHAPE_NAMES = ("square", "ellipse", "heart")
 # the same image; we keep the dSprites values as they are (the factor grid stays the paper's).
 SCALES = np.linspace(0.5, 1.0, 6)
 ORIENTATIONS = np.linspace(0.0, 2 * np.pi, 40)
-PROCEDURAL_TEXTURES = ("grain", "stripes", "checker", "blobs", "dots")
 
 # dSprites' latents_classes columns: color, shape, scale, orientation, posX, posY (32 positions each,
 # values linspace(0, 1, 32)).  The grid has no exact centre (0.5): index 15 = 0.484, 16 = 0.516.

@@ -405,11 +405,6 @@ class SE2VAE(nn.Module):
         z_ori = inverse_transform_sample(log_q.exp(), torch.rand(log_q.shape[:-1], dtype=log_q.dtype, device=log_q.device))
         return z_iso, z_ori
 
-    def reconstruct(self, x):
-        """A sampled reconstruction (logits) of x."""
-        self._check_images(x)
-        return self.decode(*self.sample_latents(*self.encode(x)))
-
     def forward(self, batch, beta):
         """The training objective, as for the project's other VAEs: `loss` of a batch of images, `pair_loss`
         of a pair batch (x1, x2). (The noise of both latents is drawn inside.)"""

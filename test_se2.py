@@ -228,7 +228,7 @@ def test_se2vae_invariance_and_equivariance_90():
     x = torch.rand(4, 3, 64, 64)
     model.train()
     with torch.no_grad():
-        model.reconstruct(x)  # non-trivial running statistics
+        model.loss(x, 1.0)  # non-trivial running statistics
     model.eval()
     with torch.no_grad():
         mu, logvar, log_q = model.encode(x)
