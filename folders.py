@@ -237,9 +237,8 @@ def describe(target, short=False):
     width = max(len(c) for c in target.classes + ["class"])
     lines = [f"{target.name}: {target.layout}{where}", f"split: {target.split_kind}", "",
              f"{'class':<{width}}  {'train':>6}  {'test':>6}"]
-    for k, c in enumerate(target.classes):
-        n_train, n_test = int(np.sum(target.train.labels == k)), int(np.sum(target.test.labels == k))
-        lines.append(f"{c:<{width}}  {n_train:>6}  {n_test:>6}")
+    lines += [f"{c:<{width}}  {np.sum(target.train.labels == k):>6}  {np.sum(target.test.labels == k):>6}"
+              for k, c in enumerate(target.classes)]
     empty = f"; {len(target.empty_masks)} fill no pixel (treated as missing)" if target.empty_masks else ""
     lines += [f"{'total':<{width}}  {len(target.train):>6}  {len(target.test):>6}", "",
               f"masks: {n_masks} of {n} images have a usable one{empty}" if n_masks or empty else "masks: none"]
@@ -698,12 +697,8 @@ def read_mask(mask, fit=True):
 
 def _fit(a, size):
     """A mask padded or cropped to the image's (w, h) at the bottom and right."""
-    w, h = size
-    if a.shape == (h, w):
-        return a
-    out = np.zeros((h, w), bool)
-    out[:min(h, a.shape[0]), :min(w, a.shape[1])] = a[:h, :w]
-    return out
+    (w, h), a = size, a[:size[1], :size[0]]
+    return np.pad(a, ((0, h - a.shape[0]), (0, w - a.shape[1])))
 
 
 def _contour(path):
