@@ -314,8 +314,7 @@ def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
       r = B / σ² with B the variance of the group means (mean over f with the other factors fixed) and σ² the
       total variance, so M = 1 − r = E[Var(z_d | other factors)] / Var(z_d) ∈ [0, 1].
     - pairs="differ": x'_f ≠ x_f (the official pairs): r = (s_f·B − σ²) / ((s_f − 1)·σ²).
-    This equals relation_matrix() on the list of all those pairs (tested), i.e. the n_pairs → ∞ limit of the
-    sampled estimator. A constant dim gives M = 0. Factors of size 1 get a column of zeros. Rounded to 4
+    This equals relation_matrix() on the list of all those pairs (tested). A constant dim gives M = 0. Factors of size 1 get a column of zeros. Rounded to 4
     decimals like the official code.
     """
     sizes = tuple(int(s) for s in factor_sizes)
@@ -343,27 +342,22 @@ def disentanglement_scores(z_grid, factor_sizes, n_train=10000, n_test=5000, see
                            omes_pairs="resample"):
     """DCI, MIG and OMES of one model from the codes of its whole factor grid (Texture-dSprites: 25,200 images).
 
-    z_grid (prod(factor_sizes), d): the deterministic code (e.g. μ) of every grid point in C order
-    (np.ndindex(*factor_sizes)). With `seed` fixed (default 0) every model is scored on the same images.
+    z_grid (prod(factor_sizes), d): the deterministic code (e.g. μ) of every grid point in C order. With `seed`
+    fixed (default 0) every model is scored on the same images.
     - DCI / MIG: n_train = 10,000 and n_test = 5,000 factor rows drawn uniformly from the grid (with
-      replacement), as in disentanglement_lib's study configs, their codes looked up. DCI: train/test; MIG:
-      the train codes.
-    - OMES on EVERY pair of the grid (grid_relation_matrix): exact, no pair sampling, no seed noise. In a pair
-      the anchor's factor f is redrawn: omes_pairs="resample" (default) uniformly over all its values (equal to
-      the old one with probability 1/size), so a dim that encodes f and nothing else gives uncorrelated codes,
-      r = 0, M = 1; omes_pairs="differ" is the official construction (always a new value): then even a perfect
-      linear code of a factor with k values has r = −1/(k−1) (M = 0.5 for shape, k = 3; M = 0 for a binary
-      factor). Inactive dims (std < 0.05) are found on the train codes.
-    n_jobs goes to `dci`. Returns dict(dci=dci(...), mig=float, omes=omes(...) + pairs "all", n_train, n_test,
-    seed, omes_pairs).
+      replacement), as in disentanglement_lib's study configs. DCI: train/test; MIG: the train codes.
+    - OMES on every pair of the grid (grid_relation_matrix): exact, no seed noise. omes_pairs="resample"
+      (default) redraws the changed factor over all its values, so a dim that encodes it alone gives
+      uncorrelated codes (M = 1); with "differ", the official pairs, even a perfect linear code of a k-valued
+      factor has r = −1/(k−1) (M = 0.5 for shape). Inactive dims (std < 0.05) are found on the train codes.
+    Returns dict(dci=dci(...) (n_jobs goes there), mig, omes=omes(...) + pairs "all", n_train, n_test, seed,
+    omes_pairs).
     """
     sizes = tuple(int(s) for s in factor_sizes)
     z_grid = _codes(z_grid, "z_grid")
     if len(z_grid) != math.prod(sizes) or min(n_train, n_test) < 2:
         raise ValueError(f"need the codes of all {math.prod(sizes)} grid points (got {len(z_grid)}) and n_train, "
                          f"n_test >= 2 (got {n_train}, {n_test})")
-    if omes_pairs not in ("resample", "differ"):
-        raise ValueError(f"omes_pairs must be 'resample' (default) or 'differ' (official), got {omes_pairs!r}")
     rng = np.random.default_rng(seed)
     f_train = np.stack([rng.integers(0, s, n_train) for s in sizes], axis=1)
     f_test = np.stack([rng.integers(0, s, n_test) for s in sizes], axis=1)
