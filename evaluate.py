@@ -146,10 +146,8 @@ class Inputs:
         self.cfg, self.res, self.target = cfg, res, target
         # Φ of the target is standardised with the source's statistics (none for pixel models)
         self.feature_stats = {k: v for k, v in source_checkpoint.items() if k in ("feature_mean", "feature_std")}
-        self.known = {"train": np.ones(len(target.train), bool), "test": np.ones(len(target.test), bool)}
-        if cfg.holdout_class:
-            held = target.classes.index(cfg.holdout_class)
-            self.known = {"train": target.train.labels != held, "test": target.test.labels != held}
+        held = target.classes.index(cfg.holdout_class) if cfg.holdout_class else -1  # labels are >= 0
+        self.known = {"train": target.train.labels != held, "test": target.test.labels != held}
 
     @functools.cached_property
     def source_digest(self):
@@ -184,6 +182,7 @@ class Inputs:
 
 # Latent factor ↔ handcrafted feature pairs of the paper's Fig. 6
 CORRELATED = (("scale", "area"), ("colour", "mean_r"), ("shape", "solidity"))
+
 
 def raw_baseline(inputs):
     """Table V: the same classifiers on the raw input, no VAE: Φ (768-d), or pixels average-pooled to
