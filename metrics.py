@@ -45,12 +45,9 @@ def _codes(z, name="z", min_dims=2, allow_constant=False):
     if z.dtype == object or not np.issubdtype(z.dtype, np.number):
         raise ValueError(f"{name} must be a numeric array of codes (n, d), got dtype {z.dtype}")
     z = z.astype(np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n samples, d code dims), got shape {z.shape}")
-    if z.shape[0] < 2:
-        raise ValueError(f"{name} has {z.shape[0]} samples, need at least 2")
-    if z.shape[1] < min_dims:
-        raise ValueError(f"{name} has {z.shape[1]} code dim(s), need at least {min_dims}")
+    if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < min_dims:
+        raise ValueError(f"{name} has shape {z.shape}; codes are (n samples, d dims) and need at least 2 samples and "
+                         f"{min_dims} dim(s)")
     if not np.all(np.isfinite(z)):
         bad = np.unique(np.nonzero(~np.isfinite(z))[1])
         raise ValueError(f"{name} contains NaN or inf in code dim(s) {bad.tolist()}; check the encoder output")
@@ -63,8 +60,7 @@ def _codes(z, name="z", min_dims=2, allow_constant=False):
 def _labels(y, n, name="y"):
     """y as (n, K); raise on a length mismatch or NaN labels."""
     y = np.asarray(y)
-    if y.ndim == 1:
-        y = y[:, None]
+    y = y[:, None] if y.ndim == 1 else y
     if y.ndim != 2:
         raise ValueError(f"{name} must be (n,) or (n, K) factor labels, got shape {y.shape}")
     if len(y) != n:
