@@ -295,8 +295,8 @@ def evaluate_all(cfg, res, target, pairs, folder):
                source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
 
     def draw():
-        return timed("figures and galleries", lambda: make_figures(folder, res, inputs, per_model, shown,
-                                                                    pairs[shown][1]))
+        return timed("figures and galleries",
+                     lambda: make_figures(folder, res, inputs, per_model, shown, pairs[shown][1]))
     figures, _ = cached(cfg, dict(key, folder=folder), draw)  # the figures' paths and the Fig. 3 numbers
     if not all(os.path.exists(os.path.join(folder, v)) for v in figures.values() if str(v).endswith(".png")):
         figures = json.loads(json.dumps(draw(), default=json_default))  # a figure was deleted: redraw

@@ -310,8 +310,8 @@ def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
       r = B / σ² with B the variance of the group means (mean over f with the other factors fixed) and σ² the
       total variance, so M = 1 − r = E[Var(z_d | other factors)] / Var(z_d) ∈ [0, 1].
     - pairs="differ": x'_f ≠ x_f (the official pairs): r = (s_f·B − σ²) / ((s_f − 1)·σ²).
-    This equals relation_matrix() on the list of all those pairs (tested). A constant dim gives M = 0. Factors of size 1 get a column of zeros. Rounded to 4
-    decimals like the official code.
+    This equals relation_matrix() on the list of all those pairs (tested). A constant dim gives M = 0. Factors of
+    size 1 get a column of zeros. Rounded to 4 decimals like the official code.
     """
     sizes = tuple(int(s) for s in factor_sizes)
     z = np.asarray(z_grid, dtype=np.float64)
