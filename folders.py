@@ -7,7 +7,6 @@ paper dataset, written from the dataset pages and from the paper's official code
 under --data-root (its top, or any level that identifies it), checks the paper's classes, decodes every image
 once, and splits: the official code's split where it defines one, the download's own train/test where it has
 one. A plain `<class>/<image>` or `train|test/<class>/<image>` folder works for any other data.
-
 """
 import collections
 import functools
@@ -26,7 +25,6 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 import data
 
 # --- 1. The paper's datasets as they download --------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Layout:
