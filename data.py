@@ -227,7 +227,6 @@ class TextureDSprites:
         # colour × texture × 255 for the 35 (texture, colour) pairs: (35, S, S, 3)
         self._coltex = (self.textures[:, None, :, :, None] * self.colours[None, :, None, None, :]
                         * 255.0).reshape(35, self.size, self.size, 3).astype(np.float32)
-        self._strides = np.array([int(np.prod(FACTOR_SIZES[k + 1:])) for k in range(5)], np.int64)
 
     def __len__(self):
         return int(np.prod(FACTOR_SIZES))
@@ -253,12 +252,11 @@ class TextureDSprites:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise ValueError(f"Texture-dSprites index out of range [0, {len(self)})")
-        return (idx[:, None] // self._strides) % np.asarray(FACTOR_SIZES, np.int64)
+        return np.stack(np.unravel_index(idx, FACTOR_SIZES), 1)
 
     def factors_to_index(self, factors):
         """Mixed-radix encode: (n, 5) → (n,) int64."""
-        f = self._check_factors(factors)
-        return f @ self._strides
+        return np.ravel_multi_index(self._check_factors(factors).T, FACTOR_SIZES)
 
     def _check_factors(self, factors):
         f = np.asarray(factors, dtype=np.int64)
