@@ -464,14 +464,11 @@ def num(summary, state, key, scale=1, digits=3):
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['sd']:.{digits}f}{partial}"
 
 
-def _rows(s, keys, fmt=pct):
-    """One table row per state (finetuned no / yes) with the mean ± SD of each summary key."""
-    return [f"| {mark} | " + " | ".join(fmt(s, state, k) for k in keys) + " |"
-            for state, mark in zip(STATES, ("no", "yes"))]
-
-
-def _header(cols):
-    return ["| finetuned | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+def _table(s, columns, fmt=pct):
+    """A Markdown table of summary keys ({column: key}), one row per state (finetuned no / yes): mean ± SD."""
+    return (["| finetuned | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)] +
+            [f"| {mark} | " + " | ".join(fmt(s, state, k) for k in columns.values()) + " |"
+             for state, mark in zip(STATES, ("no", "yes"))])
 
 
 def report(results):
@@ -484,8 +481,8 @@ def report(results):
              + ", ".join(results["classes"]) + f" ({results['data']['layout']}; split: {results['data']['split']})."
              + " Values are mean ± SD over models.", "",
              "## Table II — downstream accuracy (%) on the disentangled representation", "",
-             *_header(["GBT", "MLP", "GBT balanced", "MLP balanced"]),
-             *_rows(s, ["downstream.gbt", "downstream.mlp", "downstream.gbt_balanced", "downstream.mlp_balanced"])]
+             *_table(s, {"GBT": "downstream.gbt", "MLP": "downstream.mlp", "GBT balanced": "downstream.gbt_balanced",
+                         "MLP balanced": "downstream.mlp_balanced"})]
     lines += _convergence(results)
     b = results["raw_input_baseline"]
     raw = (f"{results['backbone']} features Φ ({results['feature_dim']}-d)" if results["backbone"] != "pixels"
@@ -493,12 +490,10 @@ def report(results):
     lines += ["", "## Table V — the same classifiers on the raw input (no disentanglement)", "",
               f"Input: {raw}. GBT {100 * b['gbt']:.2f} %, MLP {100 * b['mlp']:.2f} %.", "",
               "## Table III — disentanglement on Texture-dSprites (%), before/after finetuning", "",
-              *_header(["DCI D", "DCI C", "DCI I (test)", "MIG", "OMES"]),
-              *_rows(s, [d + "dci.disentanglement", d + "dci.completeness", d + "dci.informativeness_test",
-                         d + "mig", d + "omes.omes"]),
+              *_table(s, {"DCI D": d + "dci.disentanglement", "DCI C": d + "dci.completeness",
+                          "DCI I (test)": d + "dci.informativeness_test", "MIG": d + "mig", "OMES": d + "omes.omes"}),
               "", f"## Clustering (K-Means, k = {_kmeans_k(results)}: the classes present in the test split)", "",
-              *_header(["AMI", "silhouette"]),
-              *_rows(s, ["clustering.ami", "clustering.silhouette"], num)]
+              *_table(s, {"AMI": "clustering.ami", "silhouette": "clustering.silhouette"}, num)]
     return "\n".join(lines + _interpretability(results) + _open_set(results) + _figures(results) + [
         "", f"Every number above is in `results.json` (per model). Run time {results['seconds']} s.", ""])
 
@@ -549,10 +544,9 @@ def _interpretability(results):
     lines = ["", "## Interpretability", "",
              "Each latent dim is named after the source factor it encodes best (DCI importance on Texture-dSprites;"
              " a second dim of the same factor is `factor#2`). Gini importance of the GBT per factor, summed over"
-             " its dims, mean over models:", "", *_header(order)]
-    for state, mark in zip(STATES, ("no", "yes")):
-        imp = results["figures"]["importance_by_factor"][state]
-        lines.append(f"| {mark} | " + " | ".join(f"{imp[f]:.3f}" for f in order) + " |")
+             " its dims, mean over models:", "",
+             *_table(results["figures"]["importance_by_factor"], {f: f for f in order},
+                     lambda imp, state, f: f"{imp[state][f]:.3f}")]
     keys = sorted({k for m in results["models"] for k in m["after"].get("correlation") or {} if ":" in k})
     n_masked = max((m["after"].get("correlation") or {}).get("n_images", 0) for m in results["models"])
     if keys:
@@ -570,9 +564,8 @@ def _open_set(results):
         return []
     s = results["summary"]
     lines = ["", f"## Open set: held-out class {results['holdout_class']}", "",
-             *_header(["detection rate", "false alarms", "AUROC"]),
-             *_rows(s, ["open_set.detection_rate", "open_set.false_alarm_rate"]  # AUROC is no percentage
-                    + ["open_set.auroc"], lambda s, st, k: (num if k.endswith("auroc") else pct)(s, st, k))]
+             *_table(s, {"detection rate": "open_set.detection_rate", "false alarms": "open_set.false_alarm_rate",
+                         "AUROC": "open_set.auroc"}, lambda s, st, k: (num if k.endswith("auroc") else pct)(s, st, k))]
     for state in STATES:
         counts = {}
         for m in results["models"]:
@@ -604,7 +597,8 @@ def make_figures(folder, res, inputs, per_model, shown, path):
     images: galleries of the target's test images and of Texture-dSprites along every dim, traversals of a
     decoded code (pixel models; a Φ model's decoder returns features)."""
     target, cfg, fig_dir = inputs.target, inputs.cfg, os.path.join(folder, "figures")
-    m, who = per_model[shown]["after"], _label(per_model[shown])
+    m = per_model[shown]["after"]
+    who = f"seed {per_model[shown]['seed']}, β {per_model[shown]['beta']:g}, after finetuning"
     out = {"factor_order": list(data.FACTOR_NAMES), "model_shown": who,
            "importance_by_factor": {s: importance_by_factor(per_model, s, data.FACTOR_NAMES) for s in STATES}}
     out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
@@ -632,10 +626,6 @@ def make_figures(folder, res, inputs, per_model, shown, path):
         out["traversals"] = _fig_gallery(fig_dir, "traversals.png", *swept, names,
                                          f"one test code, each dim swept over its mean ± 2 SD, decoded ({who})")
     return out
-
-
-def _label(model):
-    return f"seed {model['seed']}, β {model['beta']:g}, after finetuning"
 
 
 def importance_by_factor(per_model, state, factor_names):
