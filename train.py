@@ -402,8 +402,8 @@ def make_optimizer(params, optimizer="adam", *, lr=1e-4, weight_decay=0.0):
     """Adam (Kingma & Ba 2015) or AdamW (Loshchilov & Hutter 2019), PyTorch's fused kernel where there is one."""
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
-    adam = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
-    return adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    return kind(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def get_batch(x, idx):
