@@ -208,38 +208,38 @@ def mig(z, y, bins=MIG_BINS):
 
 # --- OMES (Dapueto et al.; the official omes.py) -----------------------------------------------------------------
 
-def _one_minus_abs_r(a, b):
-    """1 − |Pearson r| of two columns; a dim that does not move (both sides constant) gives 0."""
-    sa, sb = a.std(), b.std()
-    if sa == 0 or sb == 0:
-        return 0.0 if np.allclose(a, b) else 1.0
-    r = np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb)
-    return 1.0 - min(abs(r), 1.0)
+def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
+    """OMES relation matrix M (d, K) over EVERY pair of a full factor grid (the official code samples at most
+    100,000 pairs; this is exact, with no seed noise).
 
-
-def relation_matrix(z_a, z_b, factor):
-    """OMES relation matrix M (d, K) and the factor labels (sorted unique values of `factor`).
-
-    M[d, f] = 1 − |Pearson(z_a[:, d], z_b[:, d])| over the pairs whose changed factor is f, rounded to 4
-    decimals as in the official code (which also subsamples at most 100,000 pairs; we use all pairs).
-    M ≈ 1: dim d changes when factor f changes (it encodes f); M ≈ 0: dim d ignores f. z_a, z_b: float
-    codes (n, d) of the same shape (checked by `omes`, the public entry).
+    M[d, f] = 1 − |Pearson r of z_d(x) and z_d(x')| over the pairs (x, x') that differ in factor f alone, rounded
+    to 4 decimals as in the official code. M ≈ 1: dim d changes when factor f changes (it encodes f); M ≈ 0: dim
+    d ignores f. z_grid: codes (prod(sizes), d) of all grid points in C order (np.ndindex(*factor_sizes)); each
+    point is the anchor x of its pairs once:
+    - pairs="resample": x'_f uniform over all s_f values (x' = x included). Pearson over these pairs is
+      r = B / σ² with B the variance of the group means (mean over f with the other factors fixed) and σ² the
+      total variance, so M = 1 − r = E[Var(z_d | other factors)] / Var(z_d) ∈ [0, 1].
+    - pairs="differ": x'_f ≠ x_f (the official pairs): r = (s_f·B − σ²) / ((s_f − 1)·σ²).
+    Both equal Pearson's r on the explicit list of those pairs (tested). A constant dim gives M = 0; a factor of
+    size 1, a column of zeros.
     """
-    if z_a.shape != z_b.shape:
-        raise ValueError(f"z_a {z_a.shape} and z_b {z_b.shape} must have the same shape (one row per pair)")
-    factor = _labels(factor, len(z_a), "factor")
-    if factor.shape[1] != 1:
-        raise ValueError(f"factor must be (n,), the index/name of the factor changed in each pair, got {factor.shape}")
-    labels, f_idx = np.unique(factor[:, 0], return_inverse=True)
-    M = np.zeros((z_a.shape[1], len(labels)))
-    for f in range(len(labels)):
-        rows = f_idx.ravel() == f
-        if rows.sum() < 2:
-            raise ValueError(f"omes: factor {labels[f]!r} has {rows.sum()} pair(s), need at least 2 "
-                             f"(about 1000 for a stable score)")
-        for d in range(z_a.shape[1]):
-            M[d, f] = _one_minus_abs_r(z_a[rows, d], z_b[rows, d])
-    return np.round(M, 4), labels
+    sizes = tuple(int(s) for s in factor_sizes)
+    z = np.asarray(z_grid, dtype=np.float64)
+    if z.ndim != 2 or len(z) != int(np.prod(sizes)):
+        raise ValueError(f"z_grid must be (prod(factor_sizes) = {int(np.prod(sizes))}, d), got {z.shape}")
+    if pairs not in ("resample", "differ"):
+        raise ValueError(f"pairs must be 'resample' or 'differ', got {pairs!r}")
+    total = z.var(axis=0)
+    cube = z.reshape(*sizes, z.shape[1])
+    M = np.zeros((z.shape[1], len(sizes)))
+    for f, s in enumerate(sizes):
+        if s < 2:
+            continue
+        between = np.broadcast_to(cube.mean(axis=f, keepdims=True), cube.shape).reshape(z.shape).var(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = between / total if pairs == "resample" else (s * between - total) / ((s - 1) * total)
+        M[:, f] = np.where(total > 0, 1.0 - np.minimum(np.abs(r), 1.0), 0.0)
+    return np.round(M, 4)
 
 
 def omes_from_relation(M, alpha=0.5, pooling="avg"):
@@ -270,68 +270,6 @@ def omes_from_relation(M, alpha=0.5, pooling="avg"):
     return float(per_factor.mean()), float(os_f.mean()), float(me_f.mean()), per_factor
 
 
-def _omes_result(M, labels, z_ref, alpha, pooling, threshold):
-    """Drop inactive dims (std on z_ref below threshold), score M, pack the dict returned by omes()."""
-    active = np.setdiff1d(np.arange(M.shape[0]), inactive_dims(z_ref, threshold))
-    if len(active) == 0:
-        raise ValueError(f"omes: all {M.shape[0]} code dims are inactive (std < {threshold}); "
-                         f"the representation is collapsed")
-    score, modularity, compactness, per_factor = omes_from_relation(M[active], alpha, pooling)
-    return dict(omes=score, modularity=modularity, compactness=compactness, per_factor=per_factor,
-                relation=M, active=active, factors=list(labels))
-
-
-def omes(z_a, z_b, factor, alpha=0.5, pooling="avg", *, z=None, threshold=INACTIVE_STD):
-    """OMES (Overlap Multiple Encoding Scores) of paired codes.
-
-    z_a[i], z_b[i]: codes (n, d) of two images whose factors are equal except factor `factor[i]` (index or
-    name), which was redrawn. alpha = 0.5 and pooling = "avg" (weighted average) are the paper's settings.
-    Inactive dims (std, ddof=1, below `threshold` = 0.05) are dropped before scoring; they are found on `z`
-    (default: z_a and z_b stacked; disentanglement_scores passes the 10,000 training codes).
-
-    Returns dict(omes, modularity (mean_f OS_f, the α=1 score), compactness (mean_f ME_f, the α=0 score),
-    per_factor (K,), relation (d, K) matrix M for every dim, active (indices of the dims scored),
-    factors (labels of the columns of M)).
-    """
-    z_a, z_b = _codes(z_a, "z_a"), _codes(z_b, "z_b")
-    M, labels = relation_matrix(z_a, z_b, factor)
-    z_ref = np.vstack([z_a, z_b]) if z is None else _codes(z, "z")
-    if z_ref.shape[1] != z_a.shape[1]:
-        raise ValueError(f"z has {z_ref.shape[1]} code dims but the pairs have {z_a.shape[1]}")
-    return _omes_result(M, labels.tolist(), z_ref, alpha, pooling, threshold)
-
-
-def grid_relation_matrix(z_grid, factor_sizes, pairs="resample"):
-    """Exact OMES relation matrix over EVERY pair of a full factor grid (no pair sampling, no seed noise).
-
-    z_grid: codes (prod(sizes), d) of all grid points in C order (np.ndindex(*factor_sizes)). For factor f the
-    pairs are all (x, x') with x' = x except factor f, each grid point as anchor once:
-    - pairs="resample": x'_f uniform over all s_f values (x' = x included). Pearson over these pairs is
-      r = B / σ² with B the variance of the group means (mean over f with the other factors fixed) and σ² the
-      total variance, so M = 1 − r = E[Var(z_d | other factors)] / Var(z_d) ∈ [0, 1].
-    - pairs="differ": x'_f ≠ x_f (the official pairs): r = (s_f·B − σ²) / ((s_f − 1)·σ²).
-    This equals relation_matrix() on the list of all those pairs (tested). A constant dim gives M = 0. Factors of
-    size 1 get a column of zeros. Rounded to 4 decimals like the official code.
-    """
-    sizes = tuple(int(s) for s in factor_sizes)
-    z = np.asarray(z_grid, dtype=np.float64)
-    if z.ndim != 2 or len(z) != int(np.prod(sizes)):
-        raise ValueError(f"z_grid must be (prod(factor_sizes) = {int(np.prod(sizes))}, d), got {z.shape}")
-    if pairs not in ("resample", "differ"):
-        raise ValueError(f"pairs must be 'resample' or 'differ', got {pairs!r}")
-    total = z.var(axis=0)
-    cube = z.reshape(*sizes, z.shape[1])
-    M = np.zeros((z.shape[1], len(sizes)))
-    for f, s in enumerate(sizes):
-        if s < 2:
-            continue
-        between = np.broadcast_to(cube.mean(axis=f, keepdims=True), cube.shape).reshape(z.shape).var(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = between / total if pairs == "resample" else (s * between - total) / ((s - 1) * total)
-        M[:, f] = np.where(total > 0, 1.0 - np.minimum(np.abs(r), 1.0), 0.0)
-    return np.round(M, 4)
-
-
 # --- All three from the codes of a factor grid (Texture-dSprites or any other) ------------------------------------
 
 def disentanglement_scores(z_grid, factor_sizes, n_train=10000, n_test=5000, seed=0, *, n_jobs=-1,
@@ -346,8 +284,9 @@ def disentanglement_scores(z_grid, factor_sizes, n_train=10000, n_test=5000, see
       (default) redraws the changed factor over all its values, so a dim that encodes it alone gives
       uncorrelated codes (M = 1); with "differ", the official pairs, even a perfect linear code of a k-valued
       factor has r = −1/(k−1) (M = 0.5 for shape). Inactive dims (std < 0.05) are found on the train codes.
-    Returns dict(dci=dci(...) (n_jobs goes there), mig, omes=omes(...) + pairs "all", n_train, n_test, seed,
-    omes_pairs).
+    Returns dict(dci=dci(...) (n_jobs goes there), mig, omes=dict(omes, modularity (mean_f OS_f, the α=1 score),
+    compactness (mean_f ME_f, the α=0 score), per_factor, relation (d, K') M of the factors with >= 2 values,
+    active (the dims scored), factors (those K'), pairs "all"), n_train, n_test, seed, omes_pairs).
     """
     sizes = tuple(int(s) for s in factor_sizes)
     z_grid = _codes(z_grid, "z_grid")
@@ -361,9 +300,15 @@ def disentanglement_scores(z_grid, factor_sizes, n_train=10000, n_test=5000, see
     z_test = z_grid[np.ravel_multi_index(f_test.T, sizes)]
     varying = [f for f, s in enumerate(sizes) if s >= 2]
     M = grid_relation_matrix(z_grid, sizes, omes_pairs)[:, varying]
-    omes_scores = dict(_omes_result(M, varying, _codes(z_train, "z_train"), 0.5, "avg", INACTIVE_STD), pairs="all")
+    active = np.setdiff1d(np.arange(M.shape[0]), inactive_dims(z_train))
+    if len(active) == 0:
+        raise ValueError(f"omes: all {M.shape[0]} code dims are inactive (std < {INACTIVE_STD}) on the train codes; "
+                         f"the representation is collapsed")
+    score, modularity, compactness, per_factor = omes_from_relation(M[active])
+    omes = dict(omes=score, modularity=modularity, compactness=compactness, per_factor=per_factor, relation=M,
+                active=active, factors=varying, pairs="all")
     return dict(dci=dci(z_train, f_train, z_test, f_test, seed=seed, n_jobs=n_jobs), mig=mig(z_train, f_train),
-                omes=omes_scores, n_train=n_train, n_test=n_test, seed=seed, omes_pairs=omes_pairs)
+                omes=omes, n_train=n_train, n_test=n_test, seed=seed, omes_pairs=omes_pairs)
 
 
 # --- Target evaluation helpers (Dapueto et al. 2025, Sec. III-IV) ------------------------------------------------

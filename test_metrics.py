@@ -39,15 +39,20 @@ def standardise(y):
     return (y - y.mean(0)) / y.std(0)
 
 
-def one_factor_pairs(y_sizes, n, seed, code):
-    """OMES pairs from a small grid, one factor redrawn ("resample"): (z_a, z_b, changed factor)."""
-    rng = np.random.default_rng(seed)
-    K = len(y_sizes)
-    fa = grid(y_sizes, n * K, seed + 1)
-    changed = np.repeat(np.arange(K), n)
-    fb = fa.copy()
-    fb[np.arange(n * K), changed] = rng.integers(0, np.asarray(y_sizes)[changed])
-    return code(fa), code(fb), changed
+def full_grid(sizes):
+    """Every point of a factor grid, in C order (the order grid_relation_matrix expects)."""
+    return np.stack(np.unravel_index(np.arange(int(np.prod(sizes))), sizes), 1).astype(np.float64)
+
+
+def omes_of_grid(z, sizes):
+    return metrics.omes_from_relation(metrics.grid_relation_matrix(z, sizes))[0]
+
+
+def relation_of_pairs(za, zb, f):
+    """The official OMES relation matrix from an explicit list of pairs, the oracle of grid_relation_matrix:
+    M[d, k] = 1 − |Pearson r of za[:, d] and zb[:, d]| over the pairs whose changed factor is k."""
+    return np.array([[1 - abs(np.corrcoef(za[f == k, d], zb[f == k, d])[0, 1]) for k in np.unique(f)]
+                     for d in range(za.shape[1])])
 
 
 @pytest.mark.parametrize("R, D, C", [
@@ -89,12 +94,9 @@ def test_codes_equal_factors_score_one():
     assert d["informativeness_train"] == 1.0 and d["informativeness_test"] == 1.0
     assert np.argmax(d["importance"], axis=0).tolist() == [0, 1, 2]
     assert metrics.mig(y_tr, y_tr) == pytest.approx(1.0, abs=0.02)  # < 1 only by sampling noise
-    za, zb, f = one_factor_pairs(SMALL_GBT, 400, 0, lambda y: y.astype(float))
-    o = metrics.omes(za, zb, f)     # sampled pairs: M = 1 - |r| with r ≈ 0 ± 0.05
-    assert o["omes"] == pytest.approx(1.0, abs=0.05)
-    np.testing.assert_allclose(o["relation"], np.eye(3), atol=0.15)
-    full = np.stack(np.unravel_index(np.arange(24), SMALL_GBT), 1).astype(float)  # every grid point
-    assert metrics.omes_from_relation(metrics.grid_relation_matrix(full, SMALL_GBT))[0] == pytest.approx(1.0)
+    full = full_grid(SMALL_GBT)
+    np.testing.assert_array_equal(metrics.grid_relation_matrix(full, SMALL_GBT), np.eye(3))
+    assert omes_of_grid(full, SMALL_GBT) == 1.0
 
 
 def test_rotation_scores_clearly_lower():
@@ -108,8 +110,7 @@ def test_rotation_scores_clearly_lower():
     assert d_rot["disentanglement"] < d_id["disentanglement"] - 0.3
     assert d_rot["completeness"] < d_id["completeness"] - 0.3
     assert metrics.mig(rot(y_tr), y_tr) < 0.5
-    za, zb, f = one_factor_pairs(SMALL_GBT, 400, 0, rot)
-    assert metrics.omes(za, zb, f)["omes"] < 0.7
+    assert omes_of_grid(rot(full_grid(SMALL_GBT)), SMALL_GBT) < 0.7
 
 
 def test_independent_codes_score_near_zero():
@@ -119,12 +120,11 @@ def test_independent_codes_score_near_zero():
     d = metrics.dci(z_tr, y_tr, z_te, y_te, n_jobs=1)
     assert d["disentanglement"] < 0.15 and d["completeness"] < 0.15
     assert metrics.mig(z_tr, y_tr) < 0.03
-    # Codes that ignore every factor: both images of a pair get the same code -> M = 0 -> OMES = 0.
-    za = rng.normal(size=(600, 3))
-    assert metrics.omes(za, za.copy(), np.repeat([0, 1, 2], 200))["omes"] == 0.0
-    # Fresh noise for every image: M ≈ 1 everywhere, OMES -> its chance level (1/K + 1/d) / 2 = 1/3.
-    o = metrics.omes(rng.normal(size=(3000, 3)), rng.normal(size=(3000, 3)), np.repeat([0, 1, 2], 1000))
-    assert o["omes"] == pytest.approx(1 / 3, abs=0.04)
+    # Codes that ignore every factor: constant over the grid -> M = 0 -> OMES = 0.
+    assert omes_of_grid(np.ones((24, 3)), SMALL_GBT) == 0.0
+    # Fresh noise for every image of a 20×20×20 grid: M ≈ 1 − 1/20 everywhere, OMES near its chance level
+    # (1/K + 1/d) / 2 = 1/3.
+    assert omes_of_grid(rng.normal(size=(8000, 3)), (20, 20, 20)) == pytest.approx(0.95 / 3, abs=0.02)
 
 
 def test_invariance_to_permutation_and_positive_rescaling():
@@ -146,11 +146,11 @@ def test_invariance_to_permutation_and_positive_rescaling():
         assert b[key] == pytest.approx(a[key], abs=0.04)
     np.testing.assert_allclose(b["importance"], a["importance"][perm], atol=0.06)
     assert metrics.mig(t(z_tr), y_tr) == pytest.approx(metrics.mig(z_tr, y_tr), abs=1e-12)
-    za, zb, f = one_factor_pairs(SMALL_GBT, 500, 0, enc)
-    oa, ob = metrics.omes(za, zb, f), metrics.omes(t(za), t(zb), f)
-    assert ob["omes"] == pytest.approx(oa["omes"], abs=1e-4)
-    np.testing.assert_allclose(ob["relation"], oa["relation"][perm], atol=1e-4)
-    assert 0.2 < oa["omes"] < 0.95  # a non-trivial case
+    z = enc(full_grid(SMALL_GBT))
+    ma, mb = metrics.grid_relation_matrix(z, SMALL_GBT), metrics.grid_relation_matrix(t(z), SMALL_GBT)
+    np.testing.assert_allclose(mb, ma[perm], atol=1e-4)
+    assert omes_of_grid(t(z), SMALL_GBT) == pytest.approx(omes_of_grid(z, SMALL_GBT), abs=1e-4)
+    assert 0.2 < omes_of_grid(z, SMALL_GBT) < 0.95  # a non-trivial case
 
 
 def test_omes_relation_matrix_by_hand():
@@ -160,36 +160,33 @@ def test_omes_relation_matrix_by_hand():
     za = np.concatenate([np.stack([x, x, x], 1), np.stack([x, x, x], 1)])
     zb = np.concatenate([np.stack([r0, r06, x], 1),      # factor 0: dim0 r=0, dim1 r=.6, dim2 r=1
                          np.stack([x, x, r0], 1)])       # factor 1: dim0 r=1, dim1 r=1, dim2 r=0
-    f = np.array([0] * 4 + [1] * 4)
-    o = metrics.omes(za, zb, f)
-    np.testing.assert_allclose(o["relation"], [[1, 0], [0.4, 0], [0, 1]], atol=1e-12)
+    M = relation_of_pairs(za, zb, np.repeat([0, 1], 4))
+    np.testing.assert_allclose(M, [[1, 0], [0.4, 0], [0, 1]], atol=1e-12)
     # By hand: O = [[1,0],[.7,.3],[0,1]], E = [[13/15,1/3],[7/15,1/3],[.2,1]]
     # OS_0 = (1 + .16*.7)/1.4, ME_0 = (13/15 + .16*7/15)/1.4, OS_1 = ME_1 = 1 -> OMES = 13/15
-    assert o["modularity"] == pytest.approx((1.112 / 1.4 + 1) / 2)
-    assert o["compactness"] == pytest.approx(((13 / 15 + 0.16 * 7 / 15) / 1.4 + 1) / 2)
-    assert o["omes"] == pytest.approx(13 / 15)
-    np.testing.assert_allclose(o["per_factor"], [11 / 15, 1.0])
-    assert metrics.omes(za, zb, f, pooling="max")["omes"] == pytest.approx((0.5 * (1 + 13 / 15) + 1) / 2)
-    assert metrics.omes(za, zb, f, alpha=1.0)["omes"] == pytest.approx(o["modularity"])
-    # Factor names instead of indices give the same matrix; column order = sorted names.
-    o2 = metrics.omes(za, zb, np.where(f == 0, "a_shape", "b_scale"))
-    assert o2["factors"] == ["a_shape", "b_scale"] and o2["omes"] == pytest.approx(13 / 15)
+    score, modularity, compactness, per_factor = metrics.omes_from_relation(M)
+    assert modularity == pytest.approx((1.112 / 1.4 + 1) / 2)
+    assert compactness == pytest.approx(((13 / 15 + 0.16 * 7 / 15) / 1.4 + 1) / 2)
+    assert score == pytest.approx(13 / 15)
+    np.testing.assert_allclose(per_factor, [11 / 15, 1.0])
+    assert metrics.omes_from_relation(M, pooling="max")[0] == pytest.approx((0.5 * (1 + 13 / 15) + 1) / 2)
+    assert metrics.omes_from_relation(M, alpha=1.0)[0] == pytest.approx(modularity)
+    # A factor no dim responds to scores 0 (the official code divides by zero there).
+    assert metrics.omes_from_relation([[1, 0], [0, 0]])[0] == pytest.approx(0.5)
 
 
-def test_omes_drops_inactive_dims():
-    x = np.array([1.0, 2.0, 3.0, 4.0])
-    r0 = np.array([1.0, 2.0, 2.0, 1.0])
-    za = np.concatenate([np.stack([x, x], 1)] * 2)
-    zb = np.concatenate([np.stack([r0, x], 1), np.stack([x, r0], 1)])
-    f = np.repeat([0, 1], 4)
-    tiny = np.array([[1, 0.01]] * 4 + [[1, 0.01]] * 4)  # scale dim 1 down to std < 0.05
-    base = metrics.omes(za, zb, f)
-    assert base["omes"] == pytest.approx(1.0)
-    o = metrics.omes(za * tiny, zb * tiny, f)
-    assert o["active"].tolist() == [0]
+def test_omes_drops_inactive_dims(monkeypatch):
+    """A dim whose std is below 0.05 is left out of OMES: here the only dim that encodes factor 1."""
+    monkeypatch.setattr(metrics, "dci", lambda *a, **k: {})
+    monkeypatch.setattr(metrics, "mig", lambda *a, **k: 0.0)
+    z = full_grid((4, 3)) * [1.0, 0.01]
+    o = metrics.disentanglement_scores(z, (4, 3), n_train=100, n_test=50)["omes"]
+    assert o["active"].tolist() == [0] and o["relation"].tolist() == [[1, 0], [0, 1]]
     # Left: M = [[1, 0]] -> factor 0 scores 1, factor 1 is encoded by no active dim and scores 0.
     assert o["omes"] == pytest.approx(0.5)
-    assert metrics.inactive_dims(za * tiny).tolist() == [1]
+    assert metrics.inactive_dims(z).tolist() == [1]
+    with pytest.raises(ValueError, match="inactive"):
+        metrics.disentanglement_scores(z * 1e-3, (4, 3), n_train=100, n_test=50)
 
 
 def test_edge_cases_raise_clear_errors():
@@ -199,8 +196,6 @@ def test_edge_cases_raise_clear_errors():
         metrics.dci(z_tr, y_tr[:-1], z_te, y_te)
     with pytest.raises(ValueError, match="rows but the codes have"):
         metrics.mig(z_tr, y_tr[:-1])
-    with pytest.raises(ValueError, match="same shape"):
-        metrics.omes(z_tr[:10], z_tr[:9], np.zeros(10))
     with pytest.raises(ValueError, match="need at least 2"):
         metrics.mig(z_tr[:, :1], y_tr)
     with pytest.raises(ValueError, match="need at least 2"):
@@ -220,14 +215,12 @@ def test_edge_cases_raise_clear_errors():
     y_single[:, 2] = 0
     with pytest.raises(ValueError, match="single value in the training split"):
         metrics.dci(z_tr, y_single, z_te, y_te)
-    with pytest.raises(ValueError, match="pair"):
-        metrics.omes(z_tr[:5], z_te[:5], [0, 0, 0, 0, 1])  # factor 1 has one pair
-    with pytest.raises(ValueError, match="inactive"):
-        metrics.omes(z_tr[:20] * 1e-3, z_te[:20] * 1e-3, np.repeat([0, 1], 10))
     with pytest.raises(ValueError, match="alpha"):
-        metrics.omes(z_tr[:20], z_te[:20], np.repeat([0, 1], 10), alpha=2)
+        metrics.omes_from_relation(np.eye(2), alpha=2)
     with pytest.raises(ValueError, match="pooling"):
-        metrics.omes(z_tr[:20], z_te[:20], np.repeat([0, 1], 10), pooling="mean")
+        metrics.omes_from_relation(np.eye(2), pooling="mean")
+    with pytest.raises(ValueError, match="prod"):
+        metrics.grid_relation_matrix(z_tr[:20], SMALL_GBT)
 
 
 def test_constant_factor_is_skipped_with_warning():
@@ -273,9 +266,9 @@ def test_non_integer_labels_are_encoded():
 
 
 def test_grid_relation_matrix_equals_all_pairs():
-    """The exact grid matrix equals relation_matrix() on the explicit list of every pair of the grid."""
+    """The exact grid matrix equals the official relation matrix on the explicit list of every pair of the grid."""
     sizes = (2, 3, 4)
-    full = np.stack(np.unravel_index(np.arange(24), sizes), 1)
+    full = full_grid(sizes).astype(np.int64)
     z = fake_encoder(sizes, d=6, mix=0.8)(full)
     for pairs in ("resample", "differ"):
         za, zb, f = [], [], []
@@ -289,7 +282,7 @@ def test_grid_relation_matrix_equals_all_pairs():
                     za.append(z[i])
                     zb.append(z[np.ravel_multi_index(y, sizes)])
                     f.append(k)
-        M, _ = metrics.relation_matrix(np.array(za), np.array(zb), np.array(f))
+        M = relation_of_pairs(np.array(za), np.array(zb), np.array(f))
         np.testing.assert_allclose(metrics.grid_relation_matrix(z, sizes, pairs), M, atol=1.01e-4)
     # "differ" on a perfect linear code of a 3-valued factor: r = -1/2 -> M = 0.5 (why "resample" is default)
     M = metrics.grid_relation_matrix(full[:, [1]].astype(float), sizes, "differ")
@@ -298,7 +291,7 @@ def test_grid_relation_matrix_equals_all_pairs():
 
 def grid_codes(encoder, sizes):
     """The codes of every point of a factor grid, in C order."""
-    return encoder(np.stack(np.unravel_index(np.arange(int(np.prod(sizes))), sizes), 1).astype(np.float64))
+    return encoder(full_grid(sizes))
 
 
 def test_disentanglement_scores_look_up_the_samples_in_the_grid():
