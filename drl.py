@@ -11,7 +11,6 @@ The training loop lives in train.py.
 import argparse
 import contextlib
 import copy
-import math
 import os
 import re
 import tempfile
@@ -120,28 +119,11 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def interpolate_pos_encoding(self, n_patches, H, W):
-        """DINO's pos-embed interpolation: unchanged for the training grid and a square image, else the
-        patch grid is resized bicubically with scale_factor (H/p + 0.1)/√N, (W/p + 0.1)/√N — the +0.1
-        avoids floor errors (dino#8); passing size= instead is NOT equivalent. CLS position untouched."""
-        N = self.pos_embed.shape[1] - 1
-        if n_patches == N and H == W:
-            return self.pos_embed
-        dim = self.pos_embed.shape[-1]
-        g = int(math.sqrt(N))
-        h0, w0 = H // self.patch_size + 0.1, W // self.patch_size + 0.1
-        grid = self.pos_embed[:, 1:].reshape(1, g, g, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=(h0 / g, w0 / g), mode="bicubic")
-        assert grid.shape[-2:] == (int(h0), int(w0)), (grid.shape, H, W)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((self.pos_embed[:, :1], grid), dim=1)
-
     def prepare_tokens(self, x):
-        """[CLS; patch tokens] + positional embedding, (B, 1 + H/p·W/p, D)."""
-        B, _, H, W = x.shape
+        """[CLS; patch tokens] + positional embedding, (B, 1 + N, D). The pipeline feeds img_size × img_size
+        images only, so DINO's interpolation of the embedding to other sizes is left out."""
         x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
+        return torch.cat((self.cls_token.expand(len(x), -1, -1), x), dim=1) + self.pos_embed
 
     def forward(self, x):
         x = self.prepare_tokens(x)

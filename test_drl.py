@@ -17,7 +17,7 @@ import drl
 SMALL_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4)
 
 
-# 224 input, 14×14 grid, tiny width: for extraction (always 224) and the DINO interpolation formula.
+# 224 input, 14×14 grid, tiny width: for extraction (always 224).
 SMALL224 = dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2)
 
 
@@ -137,41 +137,6 @@ def test_last_block_cls_only_equals_full_block():
         # and the other tokens do matter: they are the keys and values of the CLS query
         tokens[:, 1:] += torch.randn(tokens[:, 1:].shape, generator=torch.Generator().manual_seed(4))
         assert (m.blocks[-1](tokens, cls_only=True) - cls).abs().max().item() > 1e-3
-
-
-def dino_interpolate(pos_embed, H, W, patch_size):
-    """Verbatim logic of DINO VisionTransformer.interpolate_pos_encoding (w,h there are dims 2,3)."""
-    N = pos_embed.shape[1] - 1
-    npatch = (H // patch_size) * (W // patch_size)
-    w, h = H, W
-    if npatch == N and w == h:
-        return pos_embed
-    class_pos_embed = pos_embed[:, 0]
-    patch_pos_embed = pos_embed[:, 1:]
-    dim = pos_embed.shape[-1]
-    w0, h0 = w // patch_size + 0.1, h // patch_size + 0.1
-    patch_pos_embed = nn.functional.interpolate(
-        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
-        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode="bicubic")
-    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
-    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
-
-
-def test_pos_embed_interpolation_matches_dino():
-    m = small_model(SMALL224)
-    with torch.no_grad():
-        m.pos_embed.normal_(generator=torch.Generator().manual_seed(2))
-        got = m.interpolate_pos_encoding(10 * 14, 160, 224)
-        want = dino_interpolate(m.pos_embed, 160, 224, 16)
-        assert got.shape == (1, 1 + 10 * 14, 32)
-        assert torch.equal(got, want)
-        assert torch.equal(got[:, 0], m.pos_embed[:, 0])              # CLS position untouched
-        # size=(10,14) is not what DINO does: the test distinguishes the two
-        naive = nn.functional.interpolate(m.pos_embed[:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2),
-                                          size=(10, 14), mode="bicubic")
-        assert (naive.permute(0, 2, 3, 1).reshape(1, -1, 32) - got[:, 1:]).abs().max() > 1e-3
-        assert m.interpolate_pos_encoding(196, 224, 224) is m.pos_embed   # identity at 224×224
-        assert m(torch.randn(2, 3, 160, 224)).shape == (2, 32)
 
 
 def write_random_checkpoint(path, wrap=lambda sd: sd, seed=0):
