@@ -420,9 +420,9 @@ class TorchvisionBackbone(nn.Module):
         super().__init__()
         self.name, self.weights = name, _default_weights(name)
         self.net = models.get_model(name, weights=None)
+        head, linear = _head(name, self.net)
         if state_dict is not None:
             _load_strict(self.net, state_dict, path, f"torchvision's {name}", os.path.basename(self.weights.url))
-        head, linear = _head(name, self.net)
         self.net.set_submodule(head, nn.Identity())
         self.embed_dim = linear.in_features
         self.transform = self.weights.transforms()
@@ -434,18 +434,6 @@ class TorchvisionBackbone(nn.Module):
         """uint8 (b,H,W,3) RGB → the float (b,3,crop,crop) input torchvision's ImageNet transform makes."""
         x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device).permute(0, 3, 1, 2)
         return self.transform(x)
-
-
-def torchvision_feature_dim(name):
-    """Φ's size without weights or memory: the builder runs on the meta device (a few builders compute
-    on tensors while they build and need real ones)."""
-    from torchvision import models
-    try:
-        with torch.device("meta"):
-            net = models.get_model(name, weights=None)
-    except (NotImplementedError, RuntimeError):
-        net = models.get_model(name, weights=None)
-    return _head(name, net)[1].in_features
 
 
 def _head(name, net):

@@ -303,7 +303,8 @@ def evaluate_all(cfg, res, target, pairs, folder):
     for m in per_model:
         for state in STATES:
             m[state].pop("_z_test")
-    return {"target": cfg.target, "backbone": res.backbone, "feature_dim": res.feature_dim,
+    feature_dim = len(inputs.feature_stats["feature_mean"]) if inputs.feature_stats else None
+    return {"target": cfg.target, "backbone": res.backbone, "feature_dim": feature_dim,
             "arch": train.vae_arch(cfg, res), "method": cfg.method,
             "classes": target.classes, "holdout_class": cfg.holdout_class, "quick": cfg.quick,
             "data": {"layout": target.layout, "folder": target.path, "split": target.split_kind},

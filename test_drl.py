@@ -278,15 +278,16 @@ def write_torchvision_checkpoint(path, name, seed=0, wrap=lambda sd: sd):
 
 def test_phi_size_of_the_papers_backbones_per_family():
     want = {"resnet152": 2048, "densenet201": 1920, "vgg19": 4096, "swin_b": 1024, "vit_l_16": 1024}
-    assert {name: drl.torchvision_feature_dim(name) for name in want} == want
-    with pytest.raises(ValueError, match="squeezenet1_1 has no final linear layer"):
-        drl.torchvision_feature_dim("squeezenet1_1")
+    with torch.device("meta"):  # no weights, no memory
+        assert {name: drl.TorchvisionBackbone(name).embed_dim for name in want} == want
+        with pytest.raises(ValueError, match="squeezenet1_1 has no final linear layer"):
+            drl.TorchvisionBackbone("squeezenet1_1")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121", "mobilenet_v3_small", "swin_t", "vit_b_16"])
 def test_phi_is_the_input_of_the_final_linear_layer(tmp_path, name):
     """Loaded from a state dict the test writes, Φ fed to the model's own last layer gives its logits, and
-    its size is the one torchvision_feature_dim reads off the meta device."""
+    its size is the backbone's embed_dim."""
     net = write_torchvision_checkpoint(tmp_path / "w.pt", name)
     backbone = drl.load_torchvision(name, str(tmp_path / "w.pt"))
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
@@ -296,7 +297,7 @@ def test_phi_is_the_input_of_the_final_linear_layer(tmp_path, name):
     with torch.inference_mode():
         phi, logits = backbone(x), net(x)
         again = head(phi)
-    assert phi.shape == (2, backbone.embed_dim) and backbone.embed_dim == drl.torchvision_feature_dim(name)
+    assert phi.shape == (2, backbone.embed_dim) and backbone.embed_dim == head.in_features
     torch.testing.assert_close(again, logits, rtol=1e-4, atol=1e-4)
     assert not any(p.requires_grad for p in backbone.parameters()) and not backbone.training
 

@@ -286,7 +286,7 @@ def test_features_are_cached_and_keyed_by_backbone_and_weights(tmp_path, monkeyp
     monkeypatch.setattr(drl, "load_backbone", lambda name, path, **k: loads.append(name) or load(name, path, **k))
 
     def phi(name, weights):
-        res = train.Resolved(name, weights, "cpu", drl.torchvision_feature_dim(name))
+        res = train.Resolved(name, weights, "cpu")
         return np.asarray(train.features(cfg, res, "images", "digest", 5, fn))
     a = phi("resnet18", resnet18_weights)
     assert a.shape == (5, 512) and np.array_equal(phi("resnet18", resnet18_weights), a) and loads == ["resnet18"]

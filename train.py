@@ -126,7 +126,6 @@ class Resolved:
     backbone: str          # "dino", a torchvision builder name or "pixels" (what "auto" became)
     weights: str = None    # the backbone's weights file
     device: str = "cpu"    # "cpu" or "cuda:N", always with its index
-    feature_dim: int = None  # size of Φ (None on pixels)
     precision: str = "fp32"  # of feature extraction (what "auto" became)
     rank: int = 0          # under torchrun this process is rank RANK of WORLD_SIZE; alone, 0 of 1
     world: int = 1
@@ -165,7 +164,7 @@ def resolve(cfg):
     if cfg.backbone not in ("auto", "dino"):
         weights, how = drl.resolve_torchvision_weights(cfg.backbone, cfg.backbone_weights)
         say(f"backbone: torchvision {cfg.backbone} from {weights} ({how})")
-        return Resolved(cfg.backbone, weights, feature_dim=drl.torchvision_feature_dim(cfg.backbone), **at)
+        return Resolved(cfg.backbone, weights, **at)
     try:
         weights, how = drl.resolve_dino_weights(cfg.backbone_weights or cfg.dino_weights)
     except FileNotFoundError as e:
@@ -174,7 +173,7 @@ def resolve(cfg):
         say(f"backbone: {e}; falling back to --backbone pixels")
         return Resolved("pixels", None, **at)
     say(f"backbone: DINO ViT-B/16 from {weights} ({how})")
-    return Resolved("dino", weights, feature_dim=drl.VIT_B16_CONFIG["embed_dim"], **at)
+    return Resolved("dino", weights, **at)
 
 
 say = functools.partial(print, flush=True)  # what a run tells its user, at once
@@ -218,9 +217,10 @@ def missing_models(cfg, res):
     return [p for p in paths if not (os.path.exists(p) and drl.load_checkpoint(p).get("done", False))]
 
 
-def new_model(cfg, res):
-    if res.backbone != "pixels":
-        return drl.FeatureVAE(in_dim=res.feature_dim, latent_dim=cfg.latent_dim)
+def new_model(cfg, x):
+    """A fresh VAE for the inputs x: an MLP on features Φ (N, D), else --arch on pixels (N, 3, 64, 64)."""
+    if x.dim() == 2:
+        return drl.FeatureVAE(in_dim=x.shape[1], latent_dim=cfg.latent_dim)
     return drl.build_model({"kind": cfg.arch, ("n_iso" if cfg.arch == "se2" else "latent_dim"): cfg.latent_dim})
 
 
@@ -560,7 +560,7 @@ def trained_already(path, settings):
 def train_source(cfg, res):
     """Train every seed × β source model of this process that is not finished yet; returns their checkpoints."""
     digest = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites).digest
-    runs, paths = [], []
+    todo, paths = [], []
     for beta, seed in my_models(cfg, res):
         config = {"stage": "source", "backbone": res.backbone, "arch": cfg.arch, "method": cfg.method,
                   "backbone_weights": res.weights_digest, "precision": res.precision if res.weights else None,
@@ -569,17 +569,17 @@ def train_source(cfg, res):
         folder = source_folder(cfg, res, beta, seed)
         paths.append(os.path.join(folder, "checkpoint.pt"))
         if not trained_already(paths[-1], config):
-            torch.manual_seed(seed)
-            runs.append(Run(new_model(cfg, res), seed, beta, folder, config))
+            todo.append((seed, beta, folder, config))
     label = f"source {model_tag(cfg, res)}"
-    if not runs:
+    if not todo:
         say(f"{label}: all {len(paths)} model(s) trained already" if paths else f"{label}: nothing to train here")
         return paths
-    src = SourceInputs(cfg, res)
+    src, runs = SourceInputs(cfg, res), []
+    for seed, beta, folder, config in todo:
+        torch.manual_seed(seed)
+        runs.append(Run(new_model(cfg, src.x), seed, beta, folder, config, src.stats))
     say(f"{label}: training {len(runs)} model(s), {cfg.steps} steps each" +
         (", stacked (--parallel-models)" if cfg.parallel_models else ""))
-    for r in runs:
-        r.extra = src.stats
     (fit_stacked if cfg.parallel_models else fit)(
         runs, src.x, src.batches(cfg.batch_size, cfg.method == "adagvae"), steps=cfg.steps, lr=cfg.lr,
         optimizer="adam", warmup_steps=cfg.warmup_steps, label=label)
