@@ -223,7 +223,6 @@ def summarise(per_model):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_config_args(p, several=("backbone",))
-    p.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
     p.add_argument("--explicitness", action="store_true", help="Table IV: classify each Texture-dSprites factor "
                    "from the frozen features of every --backbone (default: the paper's " +
                    ", ".join(PAPER_BACKBONES) + f"); --quick: {QUICK_EXPLICITNESS_IMAGES} images")
@@ -251,14 +250,9 @@ def main(argv=None):
                              f"--explicitness)")
         if args.check_data:
             return train.check_data(cfg)
-        train.check_writable(cfg.out)
         t0 = time.time()
         cfg, target, split_file = train.load_target(cfg)
         res = train.resolve(cfg)
-        missing = train.missing_models(cfg, res) if args.no_train else []
-        if missing:
-            raise ValueError(f"--no-train but {len(missing)} model(s) are missing, e.g. {missing[0]}; "
-                             "run without --no-train (or train.py) first")
         train.use_device(res)
         say(f"evaluate: {cfg.target}, backbone {res.backbone}, {len(cfg.seeds) * len(cfg.betas)} model(s)")
         pairs = train.finetune(cfg, res, target)
@@ -364,7 +358,6 @@ QUICK_GBT_MAX_FEATURES = "sqrt"  # quick: each GBT split looks at sqrt(dim Φ) r
 
 def explicitness_main(cfg, backbones):
     """Table IV for `backbones` (None: the paper's, those whose weights are not here are skipped, said so)."""
-    train.check_writable(cfg.out)
     named = bool(backbones)
     backbones = list(backbones or PAPER_BACKBONES)
     if "pixels" in backbones or "auto" in backbones:

@@ -31,9 +31,6 @@ def _report_cells(report, heading):
 
 def test_evaluate_bad_input_is_one_clear_line(tmp_path, offline_hub, capsys):
     out = str(tmp_path / "r")
-    code, _, err = run_script(evaluate.main, ["--target", "synthetic-cells", "--out", out, "--no-train"] + TINY,
-                              capsys)
-    assert_one_line_error(code, err, "--no-train", "missing")
     code, _, err = run_script(evaluate.main, ["--target", "synthetic-cells", "--holdout-class", "giant",
                                               "--out", out] + TINY, capsys)
     assert_one_line_error(code, err, "giant", "single", "negative")
@@ -129,7 +126,7 @@ def test_evaluate_end_to_end_open_set_report_matches_results(tmp_path, offline_h
         assert (width, height) == evaluate_gallery_size(len(dims)), key
     assert "## Clustering (K-Means, k = 3: the classes present in the test split)" in report  # negative held out
     # a second run trains nothing, computes nothing and writes the same report
-    code, stdout, err = run_script(evaluate.main, argv + ["--no-train"], capsys)
+    code, stdout, err = run_script(evaluate.main, argv, capsys)
     assert code == 0, err
     assert "trained already" in stdout and "finetuned already" in stdout and "steps/s" not in stdout
     assert "DCI/MIG/OMES" not in stdout and "downstream" not in stdout and "raw-input" not in stdout

@@ -259,7 +259,7 @@ def test_train_bad_input_is_one_clear_line(case, tmp_path, offline_hub, capsys):
     elif case == "unwritable-out":
         (tmp_path / "a-file").write_text("x")
         argv[argv.index("--out") + 1] = str(tmp_path / "a-file" / "runs")
-        words = ["--out"]
+        words = ["a-file/runs", "Not a directory"]
     elif case == "zero-steps":
         argv[argv.index("--steps") + 1] = "0"
         words = ["--steps"]

@@ -210,28 +210,11 @@ def finetune_folder(cfg, res, beta, seed):
                         f"beta{beta:g}-seed{seed}")
 
 
-def missing_models(cfg, res):
-    """The checkpoints of the run (each seed × β model's source and finetuned one) not fully trained yet."""
-    paths = [os.path.join(folder(cfg, res, b, s), "checkpoint.pt") for b in cfg.betas for s in cfg.seeds
-             for folder in (source_folder, finetune_folder)]
-    return [p for p in paths if not (os.path.exists(p) and drl.load_checkpoint(p).get("done", False))]
-
-
 def new_model(cfg, x):
     """A fresh VAE for the inputs x: an MLP on features Φ (N, D), else --arch on pixels (N, 3, 64, 64)."""
     if x.dim() == 2:
         return drl.FeatureVAE(in_dim=x.shape[1], latent_dim=cfg.latent_dim)
     return drl.build_model({"kind": cfg.arch, ("n_iso" if cfg.arch == "se2" else "latent_dim"): cfg.latent_dim})
-
-
-def check_writable(folder):
-    """--out must be creatable and writable; nothing is created here (a refused run leaves no folder)."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        why = "is not writable" if os.path.isdir(probe) else "is a file"
-        raise OSError(f"cannot write to --out {folder} ({probe} {why}); choose a writable folder")
 
 
 def load_target(cfg, save=True):
@@ -668,7 +651,6 @@ def main(argv=None):
             return check_data(cfg)
         if not args.stage:
             raise ValueError("--stage source or --stage finetune is required (or --check-data)")
-        check_writable(cfg.out)
         t0, res = time.time(), resolve(cfg)
         use_device(res)
         if args.stage == "source":
