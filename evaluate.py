@@ -500,7 +500,6 @@ FIGURE_HELP = {
     "gallery_target": "one row per active dim: the test images nearest to 9 evenly spaced quantiles of the dim.",
     "gallery_source": "the same on Texture-dSprites, whose factors are known.",
     "traversals": "the test code nearest the mean, one dim swept over its mean ± 2 SD, decoded.",
-    "class_means": "each class's mean ± SD on the two most important dims.",
 }
 
 
@@ -586,10 +585,10 @@ SOURCE_GALLERY_IMAGES = 2000  # the Texture-dSprites images (a fixed random subs
 def make_figures(folder, res, inputs, per_model, shown, path):
     """The figures as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Fig. 3 is the mean
     over models; the others show model `shown` (median_model; `path` its finetuned checkpoint; its seed and β
-    in the titles): the two dims the GBT relies on most (Figs. 4-5) and the class means on them, the
-    handcrafted-feature correlations (Fig. 6), the held-out class (Fig. 7), and what each active dim means in
-    images: galleries of the target's test images and of Texture-dSprites along every dim, traversals of a
-    decoded code (pixel models; a Φ model's decoder returns features)."""
+    in the titles): the two dims the GBT relies on most (Figs. 4-5), the handcrafted-feature correlations
+    (Fig. 6), the held-out class (Fig. 7), and what each active dim means in images: galleries of the target's
+    test images and of Texture-dSprites along every dim, traversals of a decoded code (pixel models; a Φ
+    model's decoder returns features)."""
     target, cfg, fig_dir = inputs.target, inputs.cfg, os.path.join(folder, "figures")
     m = per_model[shown]["after"]
     who = f"seed {per_model[shown]['seed']}, β {per_model[shown]['beta']:g}, after finetuning"
@@ -597,7 +596,6 @@ def make_figures(folder, res, inputs, per_model, shown, path):
            "importance_by_factor": {s: importance_by_factor(per_model, s, data.FACTOR_NAMES) for s in STATES}}
     out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
     out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
-    out["class_means"] = _fig_class_means(fig_dir, m, target, who)
     pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
     if target.test.has_masks and len(target.test.with_masks) >= 3 and pairs:
         out["fig6_correlation"] = _fig_correlation(fig_dir, m, *inputs.handcrafted, pairs, who)
@@ -731,22 +729,6 @@ def _fig_gallery(fig_dir, name, images, values, row_names, title):
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     return _save(fig, fig_dir, name)
-
-
-def _fig_class_means(fig_dir, m, target, who):
-    """Each class's mean ± SD on the two dims the GBT relies on most (the test split)."""
-    z, y = m["_z_test"], target.test.labels
-    present = [c for c in range(len(target.classes)) if np.any(y == c)]
-    fig = Figure(figsize=(8, 3))
-    axes = fig.subplots(1, 2)
-    for ax, d in zip(axes, np.argsort(m["gini_importance"])[::-1][:2]):
-        ax.errorbar(range(len(present)), [z[y == c, d].mean() for c in present],
-                    yerr=[z[y == c, d].std() for c in present], fmt="o", capsize=3)
-        ax.set_xticks(range(len(present)), [target.classes[c] for c in present], rotation=30, fontsize=7)
-        ax.set_title(f"z{d} ({m['dim_names'][d]})", fontsize=9)
-        ax.set_ylabel("class mean ± SD of the code", fontsize=8)
-    fig.suptitle(f"classes on the two most important dims ({who})", fontsize=9)
-    return _save(fig, fig_dir, "class_means.png")
 
 
 def _save(fig, folder, name):
