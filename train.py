@@ -478,18 +478,10 @@ def save_checkpoints(runs, weights, opt_states, step, steps, means):
 
 
 def log_interval(runs, logs, sums, n, step, betas):
-    """The mean (loss, recon, KL, grad norm) of each run over the last n steps, (M, 4) on the host: checked
-    finite, written to each run's log.csv; `sums` is zeroed for the next interval."""
+    """The mean (loss, recon, KL, grad norm) of each run over the last n steps, (M, 4) on the host, written to
+    each run's log.csv (a non-finite one raises TrainingDiverged); `sums` is zeroed for the next interval."""
     means = (sums / n).cpu().reshape(len(runs), 4)
     sums.zero_()
-    check_finite(means, step, runs)
-    for log, row, beta in zip(logs, means, betas):
-        log.write(step, row, beta)
-    return means
-
-
-def check_finite(means, step, runs):
-    """means (M, 4): loss, recon, KL and gradient norm of each run over the last log interval."""
     bad = (~torch.isfinite(means)).any(dim=1).nonzero()
     if len(bad):
         m, run = int(bad[0]), runs[int(bad[0])]
@@ -497,6 +489,9 @@ def check_finite(means, step, runs):
         raise TrainingDiverged(f"{what} became {means[m, 0 if what == 'loss' else 3].item()} by step {step} (seed "
                                f"{run.seed}, beta {run.beta}); the last good checkpoint is kept in {run.folder}; "
                                f"lower --lr or check the input data")
+    for log, row, beta in zip(logs, means, betas):
+        log.write(step, row, beta)
+    return means
 
 
 class CsvLog:
@@ -569,13 +564,6 @@ def train_source(cfg, res):
     return paths
 
 
-def train_split(cfg, target):
-    """The finetuning images: the train split, minus the held-out class if any."""
-    if not cfg.holdout_class:
-        return target.train
-    return target.train.subset(np.flatnonzero(target.train.labels != target.classes.index(cfg.holdout_class)))
-
-
 def finetune(cfg, res, target):
     """Finetune every source model on the target train split (β-VAE, whole model, AdamW, constant β);
     returns the (source, finetuned) checkpoint path pairs."""
@@ -595,7 +583,10 @@ def finetune(cfg, res, target):
         if pairs:
             say(f"finetune {cfg.target}: all {len(pairs)} model(s) finetuned already")
         return pairs
-    x = target_inputs(cfg, res, train_split(cfg, target), runs[0].extra, f"{cfg.target}-train").to(res.device)
+    images = target.train  # minus the held-out class, if any
+    if cfg.holdout_class:
+        images = images.subset(np.flatnonzero(images.labels != target.classes.index(cfg.holdout_class)))
+    x = target_inputs(cfg, res, images, runs[0].extra, f"{cfg.target}-train").to(res.device)
     steps = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
     say(f"finetune {cfg.target}: {len(runs)} model(s), {cfg.epochs} epochs of {len(x)} images ({steps} steps)")
     (fit_stacked if cfg.parallel_models else fit)(
@@ -631,11 +622,6 @@ def use_device(res):
         torch.cuda.set_device(res.device)
 
 
-def check_data(cfg):
-    """--check-data: the target read and validated as a run reads it, described; nothing written."""
-    print(folders.describe(load_target(cfg, save=False)[1]))
-
-
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["source", "finetune"])
@@ -647,8 +633,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     with one_line_errors():
         cfg = config_from_args(args)
-        if args.check_data:
-            return check_data(cfg)
+        if args.check_data:  # the target read and checked as a run reads it, described; nothing written
+            print(folders.describe(load_target(cfg, save=False)[1]))
+            return
         if not args.stage:
             raise ValueError("--stage source or --stage finetune is required (or --check-data)")
         t0, res = time.time(), resolve(cfg)
