@@ -25,7 +25,6 @@ FACTOR_NAMES = ("texture", "colour", "shape", "scale", "orientation")
 FACTOR_SIZES = (5, 7, 3, 6, 40)
 DATA_VERSION = "texture-dsprites-v1"  # bump whenever rendering changes (part of `.digest`)
 
-SHAPE_NAMES = ("square", "ellipse", "heart")
 # dSprites' latent values (Matthey et al. 2017): 6 scales linspace(0.5, 1, 6) and 40 orientations
 # linspace(0, 2π, 40).  NOTE: dSprites includes BOTH endpoints, so orientation 0 and 39 (0 and 2π) draw
 # the same image; we keep the dSprites values as they are (the factor grid stays the paper's).
@@ -213,12 +212,8 @@ class TextureDSprites:
     """
 
     def __init__(self, textures=None, dsprites=None, size=64):
-        self.size = int(size)
-        self.factor_names = FACTOR_NAMES
-        self.factor_sizes = FACTOR_SIZES
-        self.factor_values = {"texture": np.arange(5), "colour": np.arange(7), "shape": np.arange(3),
-                              "scale": SCALES.copy(), "orientation": ORIENTATIONS.copy()}
-        self.textures_dir, self.dsprites_path = textures, dsprites
+        self.size, self.dsprites_path = int(size), dsprites
+        self.factor_names, self.factor_sizes = FACTOR_NAMES, FACTOR_SIZES
         self.textures = (procedural_textures(self.size) if textures is None
                          else load_textures(textures, self.size))          # (5, S, S) in [0, 1]
         self.colours = COLOURS                                              # (7, 3) in [0, 1]

@@ -18,8 +18,8 @@ def test_factor_grid_and_values(ds):
     assert ds.factor_names == ("texture", "colour", "shape", "scale", "orientation")
     assert ds.factor_sizes == (5, 7, 3, 6, 40)
     assert len(ds) == 25200
-    np.testing.assert_allclose(ds.factor_values["scale"], [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    o = ds.factor_values["orientation"]
+    np.testing.assert_allclose(data.SCALES, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    o = data.ORIENTATIONS
     assert len(o) == 40 and o[0] == 0 and np.isclose(o[-1], 2 * np.pi)  # dSprites keeps both ends
 
 
