@@ -367,14 +367,13 @@ class SE2VAE(nn.Module):
         return dict(in_ch=self.in_ch, size=self.size, n_iso=self.n_iso, n_ori=self.n_ori, n_angles=self.n_angles,
                     kernel_size=self.kernel_size, width=list(self.width), beta_ori=self.beta_ori)
 
-    def _check_images(self, x, name="x"):
-        shape = (self.in_ch, self.size, self.size)
-        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"SE2VAE expects {name} of shape (B, {shape[0]}, {shape[1]}, {shape[2]}), got {got}; "
-                             "use channels-first float images")
-        if not x.is_floating_point():
-            raise ValueError(f"SE2VAE expects float images in [0, 1], got dtype {x.dtype}; use x.float() / 255")
+    def _check_images(self, *xs):
+        """Float images (B, in_ch, size, size), the same shape for both images of a pair: another size would be
+        encoded without an error (the encoder averages over positions), so it is refused here."""
+        shape = (xs[0].shape[0], self.in_ch, self.size, self.size)
+        if any(not x.is_floating_point() or tuple(x.shape) != shape for x in xs):
+            raise ValueError(f"SE2VAE expects float images in [0, 1] of shape (B, {self.in_ch}, {self.size}, "
+                             f"{self.size}), the same for x1 and x2; got {[(x.dtype, tuple(x.shape)) for x in xs]}")
 
     # encoder ---------------------------------------------------------------------------------
     def encode(self, x):
@@ -432,10 +431,7 @@ class SE2VAE(nn.Module):
     def pair_loss(self, x1, x2, beta):
         """Ada-GVAE loss on pairs (Locatello et al. 2020) with ada_gvae_average over z_ISO and z_ORI units:
         ½(R1 + R2) + ½(β_ISO·(KL_ISO(q̃1) + KL_ISO(q̃2)) + β_ORI·(KL_ORI(q̃1) + KL_ORI(q̃2))), batch means."""
-        self._check_images(x1, "x1")
-        self._check_images(x2, "x2")
-        if x1.shape != x2.shape:
-            raise ValueError(f"pair_loss needs x1 and x2 of the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+        self._check_images(x1, x2)
         b, x = x1.shape[0], torch.cat([x1, x2])
         mu, logvar, log_q = self.encode(x)  # one pass: batch statistics over both images of every pair
         q1, q2, _ = ada_gvae_average(mu[:b], logvar[:b], log_q[:b], mu[b:], logvar[b:], log_q[b:])

@@ -326,7 +326,7 @@ def test_bad_shapes_raise_clear_errors():
             model.loss(xb, 1.0)
     with pytest.raises(ValueError, match="float"):
         model.representation((x * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="the same for x1 and x2"):
         model.pair_loss(x, x[:1], 1.0)
     with pytest.raises(ValueError, match="odd kernel"):
         se2.GroupConv2d(4, 4, kernel_size=4)
@@ -571,7 +571,7 @@ def test_more_bad_shapes_raise_one_line_errors():
     x = torch.rand(2, 3, 64, 64)
     cases = [
         (lambda: model.representation(torch.rand(2, 3, 1, 64, 64)), r"shape \(B, 3, 64, 64\)"),
-        (lambda: model.pair_loss(x, torch.rand(2, 1, 64, 64), 1.0), r"x2 of shape \(B, 3, 64, 64\)"),
+        (lambda: model.pair_loss(x, torch.rand(2, 1, 64, 64), 1.0), r"shape \(B, 3, 64, 64\), the same for x1"),
         (lambda: se2.LiftingConv2d(3, 4, 5, N, stride=2), r"even kernel with stride 2"),
         (lambda: se2.SE2VAE(width=(2, 2)), r"width must be 3"),
         (lambda: se2.SE2VAE(kernel_size=4), r"must be odd"),
