@@ -396,9 +396,7 @@ def _match(name, spec, layout, top):
     known, where = _known(spec, train), f"{top} ({layout.name})"
     if not known:
         return None
-    if len(known) < len(spec.classes):  # classes missing here: zips never unpacked, or unpacked a level off
-        if zipped := _zipped(top):
-            raise ValueError(zipped)
+    if len(known) < len(spec.classes):  # classes missing here: unpacked a level off?
         for other in spec.layouts:
             elsewhere = set(_known(spec, _class_folders(top, other.train))) - set(known)
             if other != layout and elsewhere:
@@ -476,8 +474,7 @@ def _plain(name, spec, start):
              for p in (("train", "test") if has_train else ("",))}
     main = "train" if has_train else ""
     if not parts[main]:
-        raise ValueError(_hint(spec, start) or _zipped(start) or
-                         f"no class folders in {start}; {_where_to_put(name, start)}")
+        raise ValueError(_hint(spec, start) or f"no class folders in {start}; {_where_to_put(name, start)}")
     if has_train and not parts["test"]:
         raise ValueError(f"{start}/test is empty; a native split needs test images (or remove train/ and test/ "
                          f"to split here)")
@@ -492,9 +489,8 @@ def _plain(name, spec, start):
         warnings.warn(f"{start} looks like {other}, not the paper's {name} data; it is read as a plain folder with "
                       f"the project's split")
     if not _known(spec, parts[main]):                          # a researcher's own classes
-        hint = _hint(spec, start) or _zipped(start)
-        if hint:
-            raise ValueError(hint)
+        if _hint(spec, start):
+            raise ValueError(_hint(spec, start))
         if len(parts[main]) < 2:
             only = next(iter(parts[main].values()))
             inner = f"; if its sub-folders are the classes, point --data-root at {only}" if _subdirs(only) else ""
@@ -517,12 +513,6 @@ def _plain(name, spec, start):
     masks = {p: {c: os.path.join(start, "masks", p, os.path.basename(f)) for c, f in part.items()}
              for p, part in parts.items()} if os.path.isdir(os.path.join(start, "masks")) else {}
     return Found(layout, start, classes, parts, masks, split, (), left_out)
-
-
-def _zipped(folder):
-    zips = [f for f in _entries(folder) if f.lower().endswith(".zip")] if os.path.isdir(folder) else []
-    return (f"{folder} holds {len(zips)} zip file(s) never unpacked ({', '.join(zips[:3])}"
-            f"{', ...' if len(zips) > 3 else ''}); unzip each where it lies, then run again") if zips else ""
 
 
 def _hint(spec, start):
