@@ -136,7 +136,7 @@ def target_scores(dis, z_train, z_test, ctx, label):
                 c = metrics.correlations(z_test[rows][:, [r["dim_names"].index(f)]], {h: feats[h]})[0][h]
                 # the sign of a latent axis is arbitrary (z and -z are the same code): compare |r| across models
                 r["correlation"][f"{f}:{h}"] = dict(c, abs_r=abs(c["r"]), dim=r["dim_names"].index(f))
-    r["_z_test"] = z_test  # for figures only; dropped before writing results.json
+    r["_z_test"] = z_test  # for the figures only; evaluate_all drops it before results.json
     return r
 
 
@@ -281,24 +281,21 @@ def evaluate_all(cfg, res, target, pairs, folder):
     baseline, _ = cached(cfg, dict(part="raw", target=target.digest, backbone=res.backbone, holdout=cfg.holdout_class,
                                    weights=res.weights_digest),
                          lambda: timed("raw-input baseline (Table V)", lambda: raw_baseline(inputs)))
+    shown = median_model(per_model)
+    z = np.asarray(per_model[shown]["after"]["_z_test"])  # the figures show this model's test codes
     for m in per_model:
         for state in STATES:
-            m[state]["_z_test"] = np.asarray(m[state]["_z_test"])
-    shown = median_model(per_model)
-    key = dict(part="figures", models=[{s: {k: v for k, v in m[s].items() if k != "_z_test"} for s in STATES}
-                                       for m in per_model], shown=train.file_digest(pairs[shown][1]),
-               z=hashlib.sha256(per_model[shown]["after"]["_z_test"].tobytes()).hexdigest(), target=target.digest,
-               source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
+            del m[state]["_z_test"]
+    key = dict(part="figures", models=[{s: m[s] for s in STATES} for m in per_model],
+               shown=train.file_digest(pairs[shown][1]), z=hashlib.sha256(z.tobytes()).hexdigest(),
+               target=target.digest, source=inputs.source_digest, holdout=cfg.holdout_class, columns=GALLERY_COLUMNS)
 
     def draw():
         return timed("figures and galleries",
-                     lambda: make_figures(folder, res, inputs, per_model, shown, pairs[shown][1]))
+                     lambda: make_figures(folder, res, inputs, per_model, shown, pairs[shown][1], z))
     figures, _ = cached(cfg, dict(key, folder=folder), draw)  # the figures' paths and the Fig. 3 numbers
     if not all(os.path.exists(os.path.join(folder, v)) for v in figures.values() if str(v).endswith(".png")):
         figures = json.loads(json.dumps(draw(), default=json_default))  # a figure was deleted: redraw
-    for m in per_model:
-        for state in STATES:
-            m[state].pop("_z_test")
     feature_dim = len(inputs.feature_stats["feature_mean"]) if inputs.feature_stats else None
     return {"target": cfg.target, "backbone": res.backbone, "feature_dim": feature_dim,
             "arch": train.vae_arch(cfg, res), "method": cfg.method,
@@ -584,29 +581,29 @@ GALLERY_COLUMNS = 9           # images per gallery row: the nearest to each of 9
 SOURCE_GALLERY_IMAGES = 2000  # the Texture-dSprites images (a fixed random subset) the source gallery picks from
 
 
-def make_figures(folder, res, inputs, per_model, shown, path):
+def make_figures(folder, res, inputs, per_model, shown, path, z):
     """The figures as PNGs under folder/figures; returns their paths and the Fig. 3 numbers. Fig. 3 is the mean
-    over models; the others show model `shown` (median_model; `path` its finetuned checkpoint; its seed and β
-    in the titles): the two dims the GBT relies on most (Figs. 4-5), the handcrafted-feature correlations
-    (Fig. 6), the held-out class (Fig. 7), and what each active dim means in images: galleries of the target's
-    test images and of Texture-dSprites along every dim, traversals of a decoded code (pixel models; a Φ
-    model's decoder returns features)."""
+    over models; the others show model `shown` (median_model; `path` its finetuned checkpoint, `z` its test
+    codes; its seed and β in the titles): the two dims the GBT relies on most (Figs. 4-5), the
+    handcrafted-feature correlations (Fig. 6), the held-out class (Fig. 7), and what each active dim means in
+    images: galleries of the target's test images and of Texture-dSprites along every dim, traversals of a
+    decoded code (pixel models; a Φ model's decoder returns features)."""
     target, cfg, fig_dir = inputs.target, inputs.cfg, os.path.join(folder, "figures")
     m = per_model[shown]["after"]
     who = f"seed {per_model[shown]['seed']}, β {per_model[shown]['beta']:g}, after finetuning"
     out = {"factor_order": list(data.FACTOR_NAMES), "model_shown": who,
            "importance_by_factor": {s: importance_by_factor(per_model, s, data.FACTOR_NAMES) for s in STATES}}
     out["fig3_importance"] = _fig_importance(fig_dir, out["importance_by_factor"])
-    out["fig4_top2_dims"] = _fig_top2(fig_dir, m, target, who)
+    out["fig4_top2_dims"] = _fig_top2(fig_dir, m, z, target, who)
     pairs = [(f, h) for f, h in CORRELATED if f in m["dim_names"]]
     if target.test.has_masks and len(target.test.with_masks) >= 3 and pairs:
-        out["fig6_correlation"] = _fig_correlation(fig_dir, m, *inputs.handcrafted, pairs, who)
+        out["fig6_correlation"] = _fig_correlation(fig_dir, m, z, *inputs.handcrafted, pairs, who)
     if cfg.holdout_class and m.get("open_set") and m["open_set"].get("centroid_distance_assigned") is not None:
         out["fig7_open_set"] = _fig_open_set(fig_dir, m, target, cfg.holdout_class, who)
     model = drl.load_model(path, res.device)[0]
     dims = m["active_dims"] or list(range(len(m["dim_names"])))
     names = [f"z{d} {m['dim_names'][d]}" for d in dims]
-    z, src = m["_z_test"], inputs.source
+    src = inputs.source
     index, values = metrics.latent_gallery(z, dims, GALLERY_COLUMNS)
     out["gallery_dims"] = dims
     out["gallery_target"] = _fig_gallery(fig_dir, "gallery_target.png", target.test.images(index.ravel(), 64), values,
@@ -643,9 +640,9 @@ def _fig_importance(fig_dir, importance):
     return _save(fig, fig_dir, "fig3_importance.png")
 
 
-def _fig_top2(fig_dir, m, target, who):
+def _fig_top2(fig_dir, m, z, target, who):
     """Figs. 4-5: the two dims the GBT relies on most, the test split coloured by class."""
-    order, z = np.argsort(m["gini_importance"])[::-1][:2], m["_z_test"]
+    order = np.argsort(m["gini_importance"])[::-1][:2]
     fig = Figure(figsize=(5, 4))
     ax = fig.subplots()
     for c, name in enumerate(target.classes):
@@ -658,13 +655,13 @@ def _fig_top2(fig_dir, m, target, who):
     return _save(fig, fig_dir, "fig4_top2_dims.png")
 
 
-def _fig_correlation(fig_dir, m, rows, feats, pairs, who):
+def _fig_correlation(fig_dir, m, z, rows, feats, pairs, who):
     """Fig. 6: the latent scale / colour / shape dims against mask area / mean red / solidity."""
     fig = Figure(figsize=(4 * len(pairs), 3.5))
     axes = fig.subplots(1, len(pairs), squeeze=False)
     for ax, (f, h) in zip(axes[0], pairs):
         d = m["dim_names"].index(f)
-        ax.scatter(feats[h], m["_z_test"][rows, d], s=6, alpha=0.6)
+        ax.scatter(feats[h], z[rows, d], s=6, alpha=0.6)
         r = m.get("correlation", {}).get(f"{f}:{h}", {}).get("r", float("nan"))
         ax.set_title(f"{f} dim z{d} vs {h}: r = {r:.2f}", fontsize=9)
         ax.set_xlabel(f"handcrafted {h}" + (" (mask pixels at 224x224)" if h == "area" else ""))
