@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import train_test_split
 
 import data
 
@@ -45,7 +45,6 @@ class Dataset:
     layouts: tuple
     aliases: tuple = ()       # (folder name, class) where a download names a class otherwise
     extra: str = "error"      # class folders the paper does not use: "error", or "leave out" (named once)
-    slide: str = None         # regex whose group 1 is an image's slide in its file name (--split-by-slide)
     hint: tuple = ()          # (pattern, message): a known wrong folder, named when no layout matches
     others: tuple = ()        # (regex on a folder's path, what it is): parts of the download that are not the
                               # paper's data (a test part, another year, a derived folder); read as plain folders
@@ -86,7 +85,7 @@ DATASETS = {
     "sipakmed": Dataset(
         source="SIPaKMeD (Plissiti et al., ICIP 2018), www.cs.uoi.gr/~marina/sipakmed.html: one zip per class",
         classes=("Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"),
-        split="paper", slide=r"^(\d+)_",
+        split="paper",
         layouts=(Layout("SIPaKMeD as downloaded: im_<Class>/CROPPED/*.bmp with .dat contours",
                         train="im_{class}/CROPPED", masks="dat", exts=(".bmp",)),
                  Layout("SIPaKMeD with each zip unpacked in its own folder: im_<Class>/im_<Class>/CROPPED/*.bmp",
@@ -99,7 +98,6 @@ DATASETS = {
 TARGETS = tuple(DATASETS) + ("synthetic-cells",)
 SPLITS = {"paper": "the paper's: stratified 80/20, seed 42 (the official code's train_test_split)",
           "native": "the download's own train and test folders",
-          "slide": "stratified 80/20 grouped by slide, seed 42 (--split-by-slide: no slide in both parts)",
           "project": "stratified 80/20 per class, seed {seed} (saved and reused)"}
 
 TEST_FRACTION = 0.2
@@ -192,7 +190,7 @@ class ImageSet:
 
 class Target:
     """A target: `.name`, `.classes`, `.train`, `.test` (ImageSets), `.digest`, `.path` (None when built in),
-    `.layout`, `.kind` of split (paper, native, slide, project) and `.split_kind` in words, `.bad` (skipped
+    `.layout`, `.kind` of split (paper, native, project) and `.split_kind` in words, `.bad` (skipped
     images), `.left_out` (class folders not used), `.ignored` (other files), `.files` ({name: sha256}),
     `.empty_masks` (masks that fill no pixel)."""
 
@@ -269,27 +267,24 @@ class BadImages(ValueError):
         self.bad = bad
 
 
-def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE,
-                by_slide=False):
+def load_target(name, root=None, seed=0, split=None, split_name="the saved split", max_bad=BAD_IMAGE_TOLERANCE):
     """Load a target by name: a DATASETS layout under `root` (default $DRL_DATA or ./data), at it, below or above
     it, or a plain folder there (<class>/<image>, or train|test/<class>/<image>; masks/ mirroring the images).
 
     The paper's classes are checked and ordered as the official code orders the download's own spelling; the
     split is the paper's or the download's own, else (a plain folder, or another part of a download) 80/20 per
-    class with `seed`, or the saved `split` ({"train", "test"} names; `split_name` names it in errors);
-    `by_slide`: Sipakmed's split grouped by slide. Every image is decoded here: undecodable ones are skipped up
-    to `max_bad` (a count >= 1 or a fraction < 1) after the split, so the other test images stay the paper's;
-    above it BadImages lists them all. `synthetic-cells` is built in.
+    class with `seed`, or the saved `split` ({"train", "test"} names; `split_name` names it in errors). Every
+    image is decoded here: undecodable ones are skipped up to `max_bad` (a count >= 1 or a fraction < 1) after
+    the split, so the other test images stay the paper's; above it BadImages lists them all. `synthetic-cells`
+    is built in.
     """
     if name not in TARGETS:
         raise ValueError(f"unknown target '{name}'; valid targets: {', '.join(TARGETS)}")
-    if by_slide and (name not in DATASETS or not DATASETS[name].slide):
-        raise ValueError(f"--split-by-slide is for sipakmed, whose crops come from slides; not for {name}")
     if name == "synthetic-cells":
         return _synthetic_target(seed, split, split_name)
     found = find_layout(name, root)
     items, ignored = _collect_images(found)
-    train, test, kind = _split_items(name, found, items, seed, split, split_name, by_slide)
+    train, test, kind = _split_items(found, items, seed, split, split_name)
     sizes, files, bad = _decode_all(found.top, [it.name for it in items], max_bad)
     items = [it for it in items if it.name in sizes]   # undecodable images leave after the split: it stays the paper's
     train, test = ([it for it in part if it.name in sizes] for part in (train, test))
@@ -700,11 +695,11 @@ def _contour(path):
 
 # --- 6. Splits ---------------------------------------------------------------------------------------------------
 
-def _split_items(name, found, items, seed, split, split_name, by_slide):
+def _split_items(found, items, seed, split, split_name):
     """(train items, test items, split kind) of every image as listed, before any is decoded."""
     if found.split == "native":
         return [it for it in items if it.part == "train"], [it for it in items if it.part == "test"], "native"
-    kind = "slide" if by_slide else found.split
+    kind = found.split
     labels = np.array([it.label for it in items])
     for c in np.flatnonzero(np.bincount(labels, minlength=len(found.classes)) < 2) if kind != "project" else ():
         folder = os.path.dirname(next(it.path for it in items if it.label == c))
@@ -713,22 +708,17 @@ def _split_items(name, found, items, seed, split, split_name, by_slide):
     if kind == "paper" and -(-len(items) * TEST_FRACTION // 1) < len(found.classes):
         raise ValueError(f"{len(items)} images in {found.top} are too few for the 80/20 split of "
                          f"{len(found.classes)} classes: its test part needs an image of each class")
-    tr, te = _split([it.name for it in items], labels, kind, seed, split, split_name, found.top, DATASETS[name].slide)
+    tr, te = _split([it.name for it in items], labels, kind, seed, split, split_name, found.top)
     return [items[k] for k in tr], [items[k] for k in te], kind
 
 
-def _split(names, labels, kind, seed, saved, saved_name, where, slide=None):
+def _split(names, labels, kind, seed, saved, saved_name, where):
     """(train, test) sorted index arrays. "paper": scikit-learn's train_test_split(test_size=0.2,
     random_state=42, stratify=labels) over the images in ImageFolder order, exactly the official code's call;
-    "slide": StratifiedGroupKFold(5, shuffle, seed 42)'s first fold as test, grouped by class and slide;
     "project": stratified 80/20 per class with `seed`, or the `saved` split when it matches the images."""
     idx = np.arange(len(names))
     if kind == "paper":
         tr, te = train_test_split(idx, test_size=TEST_FRACTION, random_state=42, stratify=labels)
-        return np.sort(tr), np.sort(te)
-    if kind == "slide":
-        groups = [f"{labels[k]}/{_slide(n, slide)}" for k, n in enumerate(names)]
-        tr, te = next(StratifiedGroupKFold(5, shuffle=True, random_state=42).split(idx, labels, groups))
         return np.sort(tr), np.sort(te)
     if saved is None:
         return data.stratified_split(labels, seed)
@@ -741,14 +731,6 @@ def _split(names, labels, kind, seed, saved, saved_name, where, slide=None):
     pos = {n: k for k, n in enumerate(names)}
     return (np.array([pos[n] for n in saved["train"]], np.int64),
             np.array([pos[n] for n in saved["test"]], np.int64))
-
-
-def _slide(name, pattern):
-    m = re.match(pattern, os.path.basename(name))
-    if not m:
-        raise ValueError(f"--split-by-slide: cannot tell the slide of {name} (its file name does not match "
-                         f"{pattern!r})")
-    return m.group(1)
 
 
 # --- 7. synthetic-cells: built in, offline (data.make_synthetic_cells draws the images) --------------------------

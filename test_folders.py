@@ -1,5 +1,4 @@
 """Tests of the target datasets on disk (folders.py): layouts, classes, masks, splits, bad input."""
-import dataclasses
 import hashlib
 import json
 import os
@@ -234,14 +233,6 @@ def test_sipakmed_download_reads_the_crops_with_their_contours_and_the_papers_sp
     nested = tmp_path / "nested"
     _sipakmed(nested, nested=True)
     assert len(folders.load_target("sipakmed", root=str(nested)).train) == 24
-    _sipakmed(tmp_path / "five", slides=5)
-    slides = folders.load_target("sipakmed", root=str(tmp_path / "five"), by_slide=True)
-    assert slides.split_kind == folders.SPLITS["slide"]
-    slide_of = lambda n: (n.split("/")[0], n.split("/")[-1][:3])  # noqa: E731 (class, slide)
-    assert not {slide_of(n) for n in slides.train.names} & {slide_of(n) for n in slides.test.names}
-    assert 10 <= len(slides.test) <= 20 and set(slides.test.labels) == set(range(5))   # 75 crops, ~1 slide per class
-    with pytest.raises(ValueError, match="--split-by-slide is for sipakmed"):
-        folders.load_target("vacuoles", root=str(top), by_slide=True)
 
 
 def test_sipakmed_full_slides_without_crops_or_a_class_short_are_clear_errors(tmp_path):
@@ -517,8 +508,6 @@ def test_every_run_records_its_split_with_a_sha256_per_image(tmp_path):
     assert record["kind"] == "paper" and record["folder"] == t.path and list(record["test"]) == t.test.names
     name, digest = next(iter(record["train"].items()))
     assert digest == hashlib.sha256((tmp_path / "s" / name).read_bytes()).hexdigest()
-    by_slide = train.load_target(dataclasses.replace(cfg, split_by_slide=True))[2]
-    assert by_slide.endswith("sipakmed-slide.json") and os.path.exists(by_slide)
 
 
 def test_download_variations_are_one_line_naming_the_class_and_the_folder(tmp_path):

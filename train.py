@@ -64,7 +64,6 @@ class Config:
     target: str = _opt(None, "target dataset: " + ", ".join(folders.TARGETS))
     data_root: str = _opt(None, "the unpacked download, or a folder holding <target>/ (default $DRL_DATA or ./data)")
     holdout_class: str = _opt(None, "leave this class (or an unambiguous prefix) out of finetuning and classifiers")
-    split_by_slide: bool = _opt(False, "sipakmed: split 80/20 grouped by slide (the paper splits the crops)")
     max_bad_images: float = _opt(folders.BAD_IMAGE_TOLERANCE, "undecodable target images to skip: a count (>= 1) "
                                                               "or a fraction (< 1); more stop the run")
     # run
@@ -228,7 +227,7 @@ def load_target(cfg, save=True):
     bad_list = os.path.join(cfg.out, f"bad-images-{cfg.target}.txt")
     try:
         target = folders.load_target(cfg.target, root=cfg.data_root, split=saved, split_name=project,
-                                     max_bad=cfg.max_bad_images, by_slide=cfg.split_by_slide)
+                                     max_bad=cfg.max_bad_images)
     except folders.BadImages as e:
         _list_bad_images(e.bad, bad_list if save else None)
         raise ValueError(f"{e}" + (f"; the list is in {bad_list}" if save else "")) from None
