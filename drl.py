@@ -141,7 +141,6 @@ def vit_base(**kwargs):
 
 # --- 2. Gaussian posteriors q(z|x) = N(mu, diag(exp(logvar))) ----------------------------------------------------
 
-
 def kl_normal(mu, logvar):
     """Per-dimension KL(N(mu, σ²) ‖ N(0, 1)) = ½(μ² + σ² − ln σ² − 1) (Kingma & Welling 2014, Eq. 10)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
@@ -160,7 +159,6 @@ def reparameterise(mu, logvar, noise=None):
 
 # --- 3. Ada-GVAE (Locatello et al. 2020): the two images of a pair share every factor but one (k = 1), so the
 #    latent dims that barely move between them are forced to agree.
-
 
 def ada_gvae_shared(delta):
     """Which dims are shared, per example: δ_j < τ = ½(max_j δ_j + min_j δ_j) (Locatello et al. 2020, Eq. 7).
@@ -188,7 +186,6 @@ def ada_gvae_aggregate(mu1, logvar1, mu2, logvar2):
 
 # --- 4. VAEs. A subclass builds `encoder` (x -> [mu; logvar]) and `decoder` (z -> x_hat) and defines
 #    reconstruction(x, x_hat) -> per-example negative log-likelihood; the losses are shared.
-
 
 class GaussianVAE(nn.Module):
     """VAE with a diagonal Gaussian posterior and a N(0, I) prior.
@@ -294,7 +291,6 @@ def beta_warmup(step, beta, warmup_steps):
 # --- The machinery: weight files, other backbones, feature extraction, files. Nothing below is in the paper's
 # equations; a reader of the method can stop here.
 
-
 # --- 5. DINO weights: resolution and loading ---------------------------------------------------------------------
 
 def resolve_dino_weights(path=None, download=True):
@@ -328,14 +324,12 @@ def _resolve_weights(what, url, path, how, download, flags, hash_prefix=None):
 
 
 def one_line(e, limit=160):
-    text = str(e).strip().splitlines()
-    text = text[0] if text else type(e).__name__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _names(keys, k=3):
-    keys = sorted(keys)
-    return ", ".join(keys[:k]) + (", ..." if len(keys) > k else "")
+    return ", ".join(sorted(keys)[:k]) + (", ..." if len(keys) > k else "")
 
 
 def dino_state_dict(obj):
