@@ -482,11 +482,6 @@ def clustering_scores(z, y, seed=0):
                 silhouette_classes=float(silhouette_score(z, y, sample_size=sample, random_state=seed)))
 
 
-def _py(v):
-    """numpy scalar -> Python scalar (JSON-able dict keys)."""
-    return v.item() if hasattr(v, "item") else v
-
-
 def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95, seed=0):
     """Open-set analysis of a class left out of training (paper §IV).
 
@@ -532,7 +527,7 @@ def open_set(z_train, y_train, z_test, y_test, holdout_label, k=5, quantile=0.95
                 detection_rate=float(np.mean(score[held] > threshold)),
                 false_alarm_rate=float(np.mean(score[known_test] > threshold)),
                 auroc=float(roc_auc_score(held.astype(int), score)),
-                predicted_counts={_py(c): int(n) for c, n in zip(labels, counts)},
-                assigned=_py(assigned), known_classes=[_py(c) for c in classes],
+                predicted_counts=dict(zip(labels.tolist(), counts.tolist())),
+                assigned=assigned.item(), known_classes=classes.tolist(),
                 centroid_distance=dist, centroid_distance_assigned=dist[np.searchsorted(classes, assigned)],
                 n_holdout=int(held.sum()), n_known_test=int(known_test.sum()))
