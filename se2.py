@@ -410,23 +410,20 @@ class SE2VAE(nn.Module):
         return self.pair_loss(*batch, beta) if isinstance(batch, (tuple, list)) else self.loss(batch, beta)
 
     # Eq. 5 -----------------------------------------------------------------------------------
-    def _terms(self, x, mu, logvar, log_q):
-        """Per example: −log p_ψ(x | z) (Bernoulli, summed over pixels), KL_ISO, KL_ORI."""
+    def _terms(self, x, beta, mu, logvar, log_q):
+        """Per example, Eq. 5 negated: (recon + β_ISO·KL_ISO + β_ORI·KL_ORI, recon, KL_ISO + KL_ORI) with
+        recon = −log p_ψ(x | z) (Bernoulli, summed over pixels), β_ISO = beta, β_ORI = beta_ori (or beta)."""
         logits = self.decode(*self.sample_latents(mu, logvar, log_q))
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-        return recon, kl_normal(mu, logvar).sum(1), kl_to_uniform(log_q.exp()).sum(1)
-
-    def _betas(self, beta):
-        return beta, (beta if self.beta_ori is None else self.beta_ori)
+        kl_iso, kl_ori = kl_normal(mu, logvar).sum(1), kl_to_uniform(log_q.exp()).sum(1)
+        beta_ori = beta if self.beta_ori is None else self.beta_ori
+        return recon + beta * kl_iso + beta_ori * kl_ori, recon, kl_iso + kl_ori
 
     def loss(self, x, beta):
-        """Eq. 5 (negated, batch mean): recon + β_ISO·KL_ISO + β_ORI·KL_ORI with β_ISO = beta,
-        β_ORI = beta_ori (or beta). Returns dict(loss, recon, kl) with kl = KL_ISO + KL_ORI."""
+        """The β-VAE loss of Eq. 5, batch means: dict(loss, recon, kl)."""
         self._check_images(x)
-        recon, kl_iso, kl_ori = self._terms(x, *self.encode(x))
-        b_iso, b_ori = self._betas(beta)
-        loss = recon + b_iso * kl_iso + b_ori * kl_ori
-        return dict(loss=loss.mean(), recon=recon.mean(), kl=(kl_iso + kl_ori).mean())
+        loss, recon, kl = self._terms(x, beta, *self.encode(x))
+        return dict(loss=loss.mean(), recon=recon.mean(), kl=kl.mean())
 
     def pair_loss(self, x1, x2, beta):
         """Ada-GVAE loss on pairs (Locatello et al. 2020) with ada_gvae_average over z_ISO and z_ORI units:
@@ -436,11 +433,9 @@ class SE2VAE(nn.Module):
         mu, logvar, log_q = self.encode(x)  # one pass: batch statistics over both images of every pair
         q1, q2, _ = ada_gvae_average(mu[:b], logvar[:b], log_q[:b], mu[b:], logvar[b:], log_q[b:])
         q = [torch.cat(pair) for pair in zip(q1, q2)]  # decode q̃1 and q̃2 (independent draws) in one pass
-        recon, kl_iso, kl_ori = self._terms(x, *q)
-        b_iso, b_ori = self._betas(beta)
-        loss = recon + b_iso * kl_iso + b_ori * kl_ori  # per image; pair mean = ½(image 1 + image 2)
+        loss, recon, kl = self._terms(x, beta, *q)  # per image; pair mean = ½(image 1 + image 2)
         half = lambda t: 0.5 * (t[:b] + t[b:]).mean()
-        return dict(loss=half(loss), recon=half(recon), kl=half(kl_iso + kl_ori))
+        return dict(loss=half(loss), recon=half(recon), kl=half(kl))
 
     # representation --------------------------------------------------------------------------
     def representation(self, x):

@@ -267,7 +267,7 @@ def test_se2vae_loss_is_eq5_and_gradients_reach_angle_logits():
     # recon alone (β = 0) sends gradients through the angle sampler and re-encoding to the pmf logits
     mu, logvar, log_q = model.encode(x)
     log_q.retain_grad()
-    recon, _, _ = model._terms(x, mu, logvar, log_q)
+    _, recon, _ = model._terms(x, 0.0, mu, logvar, log_q)
     recon.mean().backward()
     assert log_q.grad is not None and float(log_q.grad.abs().sum()) > 0
 
