@@ -147,8 +147,8 @@ class Inputs:
         self.cfg, self.res, self.target = cfg, res, target
         # Φ of the target is standardised with the source's statistics (none for pixel models)
         self.feature_stats = {k: v for k, v in source_checkpoint.items() if k in ("feature_mean", "feature_std")}
-        held = target.classes.index(cfg.holdout_class) if cfg.holdout_class else -1  # labels are >= 0
-        self.known = {"train": target.train.labels != held, "test": target.test.labels != held}
+        self.held = target.classes.index(cfg.holdout_class) if cfg.holdout_class else None
+        self.known = {"train": target.train.labels != self.held, "test": target.test.labels != self.held}
 
     @functools.cached_property
     def source_digest(self):
@@ -175,8 +175,7 @@ class Inputs:
     @functools.cached_property
     def ctx(self):
         """What scoring needs besides a model's codes (small: it goes to the worker processes)."""
-        held = self.target.classes.index(self.cfg.holdout_class) if self.cfg.holdout_class else None
-        return {"known": self.known, "labels": (self.target.train.labels, self.target.test.labels), "held": held,
+        return {"known": self.known, "labels": (self.target.train.labels, self.target.test.labels), "held": self.held,
                 "handcrafted": self.handcrafted if self.target.test.has_masks else ([], {}),
                 "factor_sizes": data.FACTOR_SIZES, "n_train": self.cfg.n_train, "n_test": self.cfg.n_test}
 
@@ -444,10 +443,6 @@ def explicitness_report(r):
 
 # --- Report (every number comes from the results dict, so report.md and results.json always agree) ---------------
 
-def pct(summary, state, key):
-    return num(summary, state, key, scale=100, digits=2)
-
-
 def num(summary, state, key, scale=1, digits=3):
     """mean ± SD of one summary entry; '(n=k)' when only k of the models have the number."""
     s = summary[state].get(key)
@@ -455,6 +450,9 @@ def num(summary, state, key, scale=1, digits=3):
         return "n/a"
     partial = f" (n={s['n']})" if s["n"] < summary["n_models"] else ""
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['sd']:.{digits}f}{partial}"
+
+
+pct = functools.partial(num, scale=100, digits=2)  # a percentage
 
 
 def _table(s, columns, fmt=pct):
