@@ -484,8 +484,8 @@ def _plain(name, spec, start):
         warnings.warn(f"{start} looks like {other}, not the paper's {name} data; it is read as a plain folder with "
                       f"the project's split")
     if not _known(spec, parts[main]):                          # a researcher's own classes
-        if _hint(spec, start):
-            raise ValueError(_hint(spec, start))
+        if hint := _hint(spec, start):
+            raise ValueError(hint)
         if len(parts[main]) < 2:
             only = next(iter(parts[main].values()))
             inner = f"; if its sub-folders are the classes, point --data-root at {only}" if _subdirs(only) else ""
