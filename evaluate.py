@@ -74,13 +74,6 @@ def encode(model, x, device, batch=1024):
         return np.concatenate(list(drl.to_host(codes))).astype(np.float64)
 
 
-def encode_grid(model, source, device, batch=1000):
-    """The codes of every Texture-dSprites image (what metrics.disentanglement_scores scores), rendered and encoded
-    `batch` at a time in grid order."""
-    grid = np.stack(np.unravel_index(np.arange(len(source.dataset)), source.factor_sizes), 1)
-    return np.concatenate([encode(model, source.render(grid[i:i + batch]), device) for i in range(0, len(grid), batch)])
-
-
 def _attempt(label, name, fn):
     """fn(), or None with a warning naming the model: a score that cannot be computed for one model (e.g.
     OMES of a collapsed model whose dims are all inactive) never hides the others."""
@@ -326,7 +319,7 @@ def score_models(cfg, res, target, pairs, inputs):
             row[state], _ = cached(cfg, tgt_parts)
             if row[state] is None:
                 model = drl.load_model(path, res.device)[0]
-                z_grid = encode_grid(model, inputs.source, res.device) if dis is None else None
+                z_grid = encode(model, inputs.source.x, res.device, batch=1000) if dis is None else None  # grid order
                 codes = [encode(model, x, res.device) for x in inputs.x]
                 jobs.append((row, state, dis_parts, tgt_parts, delayed(score)(label, z_grid, dis, *codes, inputs.ctx)))
             else:

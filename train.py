@@ -286,15 +286,12 @@ def features(cfg, res, name, digest, n, images_fn):
 
 
 class SourceInputs:
-    """The model input of every Texture-dSprites image as one tensor on the device, addressed by factors.
-
-    pixels: uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch; else standardised Φ (N, D).
-    `render(factors)` gives the model inputs of (n, 5) factor rows.
+    """The model input of every Texture-dSprites image as one tensor on the device, `x`, in grid order (row i is
+    image i of TextureDSprites): uint8 images (N, 3, 64, 64), scaled to [0, 1] per batch, or standardised Φ (N, D).
     """
 
     def __init__(self, cfg, res):
         self.dataset = data.TextureDSprites(textures=cfg.textures, dsprites=cfg.dsprites)
-        self.factor_sizes, self.factor_names = self.dataset.factor_sizes, self.dataset.factor_names
         n = len(self.dataset)
         if res.backbone == "pixels":
             images = self.dataset.images(np.arange(n))
@@ -306,21 +303,17 @@ class SourceInputs:
             self.stats = {"feature_mean": torch.as_tensor(mean), "feature_std": torch.as_tensor(std)}
             self.x = torch.as_tensor(drl.standardise(phi, mean, std), dtype=torch.float32).to(res.device)
 
-    def render(self, factors):
-        idx = torch.as_tensor(self.dataset.factors_to_index(np.asarray(factors)), device=self.x.device)
-        return drl.to_model(self.x[idx])
-
     def batches(self, batch_size, paired):
         """batch_fn(seed, step) for fit: the indices into self.x of pairs that differ in one factor (Ada-GVAE),
         (2, batch_size), or of single images (batch_size,); drawn on the host, a pure function of (seed, step)."""
-        to_index = self.dataset.factors_to_index
+        to_index, sizes = self.dataset.factors_to_index, self.dataset.factor_sizes
 
         def batch_fn(seed, step):
             rng = np.random.default_rng(step_seed(seed, step))
             if paired:
-                f1, f2, _ = data.sample_pairs(self.factor_sizes, batch_size, rng)
+                f1, f2, _ = data.sample_pairs(sizes, batch_size, rng)
                 return np.stack([to_index(f1), to_index(f2)])
-            return to_index(data.sample_factors(self.factor_sizes, batch_size, rng))
+            return to_index(data.sample_factors(sizes, batch_size, rng))
         return batch_fn
 
 
