@@ -27,7 +27,6 @@ from matplotlib.figure import Figure  # figures without pyplot's global state or
 
 import data
 import drl
-import folders
 import metrics
 import se2
 import train
@@ -242,8 +241,7 @@ def main(argv=None):
             raise ValueError(f"--backbone takes one name here, got {len(backbones)} (several only with "
                              f"--explicitness)")
         if args.check_data:
-            print(folders.describe(train.load_target(cfg, save=False)[1]))  # --check-data: nothing written
-            return
+            return train.check_data(cfg)
         t0 = time.time()
         cfg, target, split_file = train.load_target(cfg)
         res = train.resolve(cfg)

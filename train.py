@@ -614,6 +614,10 @@ def use_device(res):
         torch.cuda.set_device(res.device)
 
 
+def check_data(cfg):
+    print(folders.describe(load_target(cfg, save=False)[1]))  # read and checked as a run reads it; nothing written
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["source", "finetune"])
@@ -625,9 +629,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     with one_line_errors():
         cfg = config_from_args(args)
-        if args.check_data:  # the target read and checked as a run reads it, described; nothing written
-            print(folders.describe(load_target(cfg, save=False)[1]))
-            return
+        if args.check_data:
+            return check_data(cfg)
         if not args.stage:
             raise ValueError("--stage source or --stage finetune is required (or --check-data)")
         t0, res = time.time(), resolve(cfg)
